@@ -1,0 +1,122 @@
+//! Every name kube-node writes onto Kubernetes objects or cloud machines, in one place.
+//!
+//! Users see these in `kubectl describe node` and in their cloud console, so they are part of
+//! the API: changing one is a breaking change.
+
+/// The API group of NodeClass and NodeSet.
+pub const GROUP: &str = "kube-node.io";
+/// The API version of this crate's types.
+pub const VERSION: &str = "v1alpha1";
+
+/// Annotation on a core v1 Node naming the NodeClass its machine is made from. Its presence is
+/// what makes a Node a request for a machine.
+pub const NODE_CLASS_ANNOTATION: &str = "kube-node.io/node-class";
+/// Annotation recording the provider's instance id of the Node's machine (informational; the
+/// authoritative link is `spec.providerID`).
+pub const INSTANCE_ID_ANNOTATION: &str = "kube-node.io/instance-id";
+/// Annotation recording which `metadata.generation` of the NodeClass a Node's machine was built
+/// from, so a NodeSet can report Nodes built from an older NodeClass.
+pub const NODE_CLASS_GENERATION_ANNOTATION: &str = "kube-node.io/node-class-generation";
+/// Annotation marking a Node to be removed first when its NodeSet scales down (any value but
+/// `"false"`).
+pub const DELETE_NODE_ANNOTATION: &str = "kube-node.io/delete-node";
+/// Annotation holding the name of the bootstrap-token Secret (in kube-system) created for the
+/// Node's machine. Only the token id is in the name; the secret part never leaves the Secret.
+pub const BOOTSTRAP_TOKEN_ANNOTATION: &str = "kube-node.io/bootstrap-token";
+/// Annotation with the RFC 3339 time the machine was created, used for the registration timeout.
+pub const LAUNCHED_AT_ANNOTATION: &str = "kube-node.io/launched-at";
+
+/// Label on Nodes created by a NodeSet naming it (the NodeSet's selector usually matches on it).
+pub const NODESET_LABEL: &str = "kube-node.io/nodeset";
+/// Label on Nodes naming their NodeClass, so `kubectl get nodes -l` can select by class.
+pub const NODE_CLASS_LABEL: &str = "kube-node.io/node-class";
+
+/// Finalizer that keeps a Node until its machine is confirmed gone.
+pub const MACHINE_FINALIZER: &str = "kube-node.io/machine";
+
+/// Taint kept on a Node from its creation until its kubelet reports Ready, so nothing is
+/// scheduled onto a machine that does not exist yet.
+pub const UNREGISTERED_TAINT: &str = "kube-node.io/unregistered";
+
+/// Node condition type that carries the machine's lifecycle phase as its reason.
+pub const MACHINE_READY_CONDITION: &str = "MachineReady";
+
+/// NodeClass/NodeSet condition: the summary condition.
+pub const READY_CONDITION: &str = "Ready";
+/// NodeSet condition: creating or deleting a Node (or its machine) failed.
+pub const REPLICA_FAILURE_CONDITION: &str = "ReplicaFailure";
+/// NodeSet condition: replacements are paused because too many Nodes are unhealthy.
+pub const CIRCUIT_BREAKER_CONDITION: &str = "CircuitBreakerOpen";
+/// NodeSet condition: some Nodes were built from an older generation of the NodeClass.
+pub const OUTDATED_CONDITION: &str = "NodeClassOutdated";
+
+/// Field manager name used for server-side apply by kube-node's controllers.
+pub const FIELD_MANAGER: &str = "kube-node";
+
+/// Tags every provider puts on a machine at launch (cloud tags, labels, or the equivalent).
+pub mod tags {
+    /// The cluster the machine belongs to (the `--cluster-name` of kube-node).
+    pub const CLUSTER: &str = "kube-node.io/cluster";
+    /// The name of the Node the machine serves.
+    pub const NODE_NAME: &str = "kube-node.io/node-name";
+    /// The UID of the Node the machine serves: the idempotency key of create.
+    pub const NODE_UID: &str = "kube-node.io/node-uid";
+    /// The NodeSet owning the Node, when there is one.
+    pub const NODESET: &str = "kube-node.io/nodeset";
+    /// The NodeClass the machine was made from.
+    pub const NODE_CLASS: &str = "kube-node.io/node-class";
+    /// Marks machines created by kube-node.
+    pub const MANAGED_BY: &str = "managed-by";
+    /// The value of [`MANAGED_BY`].
+    pub const MANAGED_BY_VALUE: &str = "kube-node";
+}
+
+/// The lifecycle phase of a Node's machine, carried as the reason of the `MachineReady` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum MachinePhase {
+    /// The Node exists; no machine has been requested yet (or the NodeClass is not usable).
+    Pending,
+    /// The provider accepted the create; the machine is booting.
+    Launching,
+    /// The machine runs; its kubelet has not reported Ready yet.
+    Registering,
+    /// The kubelet reported Ready.
+    Ready,
+    /// The machine failed (registration timeout, vanished machine, terminal provider error).
+    Failed,
+    /// The Node is being deleted: draining and deleting the machine.
+    Deleting,
+}
+
+impl MachinePhase {
+    /// The phase as it appears in the condition reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Launching => "Launching",
+            Self::Registering => "Registering",
+            Self::Ready => "Ready",
+            Self::Failed => "Failed",
+            Self::Deleting => "Deleting",
+        }
+    }
+
+    /// Parses a condition reason back into a phase.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "Pending" => Self::Pending,
+            "Launching" => Self::Launching,
+            "Registering" => Self::Registering,
+            "Ready" => Self::Ready,
+            "Failed" => Self::Failed,
+            "Deleting" => Self::Deleting,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for MachinePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,262 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::NodeTaint;
+
+/// Keeps `spec.replicas` Nodes of one NodeClass alive, as a ReplicaSet keeps pods. Each Node it
+/// creates asks the node-controller for a machine; scaling down drains and deletes machines.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "kube-node.io",
+    version = "v1alpha1",
+    kind = "NodeSet",
+    plural = "nodesets",
+    shortname = "nset",
+    category = "kube-node",
+    status = "NodeSetStatus",
+    doc = "NodeSet keeps spec.replicas Nodes of a NodeClass alive, the way a ReplicaSet keeps pods.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Class", type_ = "string", json_path = ".spec.template.spec.nodeClassName"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Current", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("!has(self.minSize) || !has(self.maxSize) || self.minSize <= self.maxSize").message("spec.minSize must be less than or equal to spec.maxSize").field_path(".minSize"))]
+#[x_kube(validation = Rule::new("!has(self.selector.matchLabels) || self.selector.matchLabels.all(k, has(self.template.metadata.labels) && k in self.template.metadata.labels && self.template.metadata.labels[k] == self.selector.matchLabels[k])").message("spec.template.metadata.labels must match spec.selector.matchLabels").field_path(".template.metadata.labels"))]
+#[x_kube(validation = Rule::new("!has(self.selector.matchExpressions) || self.selector.matchExpressions.all(e, e.operator == 'In' ? (has(self.template.metadata.labels) && e.key in self.template.metadata.labels && self.template.metadata.labels[e.key] in e.values) : e.operator == 'NotIn' ? (!has(self.template.metadata.labels) || !(e.key in self.template.metadata.labels) || !(self.template.metadata.labels[e.key] in e.values)) : e.operator == 'Exists' ? (has(self.template.metadata.labels) && e.key in self.template.metadata.labels) : (!has(self.template.metadata.labels) || !(e.key in self.template.metadata.labels)))").message("spec.template.metadata.labels must match spec.selector.matchExpressions").field_path(".template.metadata.labels"))]
+#[x_kube(validation = Rule::new("(has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0) || (has(self.selector.matchExpressions) && size(self.selector.matchExpressions) > 0)").message("spec.selector must not be empty").field_path(".selector"))]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSetSpec {
+    /// How many Nodes (and so machines) to keep. Default 1.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub replicas: i32,
+
+    /// Which Nodes belong to this NodeSet. Must match the template's labels; immutable in
+    /// spirit (changing it releases and adopts Nodes).
+    pub selector: NodeSelector,
+
+    /// The Node every replica is made from.
+    pub template: NodeTemplate,
+
+    /// Which Nodes go first when scaling down, after Nodes already being deleted, Nodes marked
+    /// with `kube-node.io/delete-node` or named in `removeNodes`, failed or unregistered Nodes,
+    /// and not-Ready Nodes. Default `Newest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_policy: Option<DeletePolicy>,
+
+    /// The smallest size cluster-autoscaler may shrink this NodeSet to. Setting `minSize` and
+    /// `maxSize` opts the NodeSet into autoscaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_size: Option<i32>,
+
+    /// The largest size cluster-autoscaler may grow this NodeSet to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_size: Option<i32>,
+
+    /// Names of Nodes to remove. Lower `replicas` by the same count in the same update: the
+    /// NodeSet then removes exactly these Nodes, never others. Entries are pruned once the Node
+    /// is gone; names that are not Nodes of this NodeSet are refused in a condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub remove_nodes: Vec<String>,
+
+    /// How many Nodes may be unhealthy (failed, or not Ready past registration) before
+    /// replacing them pauses: a count or a percentage of `replicas`, rounded up. Default `50%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unhealthy: Option<IntOrString>,
+
+    /// How long a Node must be Ready to count as available. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_ready_seconds: Option<i32>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// A label selector, as `metav1.LabelSelector`, with bounded sizes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSelector {
+    /// Labels a Node must carry with exactly these values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub match_labels: Option<BTreeMap<String, String>>,
+    /// Set-based requirements, all of which must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub match_expressions: Option<Vec<SelectorRequirement>>,
+}
+
+/// One set-based selector requirement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectorRequirement {
+    /// The label key.
+    #[schemars(length(min = 1, max = 316))]
+    pub key: String,
+    /// The operator.
+    pub operator: SelectorOperator,
+    /// The values for `In` and `NotIn`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub values: Vec<String>,
+}
+
+/// A set-based selector operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SelectorOperator {
+    /// The label's value is one of `values`.
+    In,
+    /// The label is absent or its value is none of `values`.
+    NotIn,
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
+}
+
+/// The Node a NodeSet creates for each replica.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTemplate {
+    /// Labels and annotations of each Node.
+    #[serde(default)]
+    pub metadata: NodeTemplateMetadata,
+    /// What each Node asks for.
+    pub spec: NodeTemplateSpec,
+}
+
+/// Labels and annotations put on each Node of a NodeSet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTemplateMetadata {
+    /// Labels; they must match the NodeSet's selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Annotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// The machine each Node of a NodeSet asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTemplateSpec {
+    /// The NodeClass that makes each Node's machine.
+    #[schemars(length(min = 1, max = 253))]
+    pub node_class_name: String,
+    /// Taints put on each Node, in addition to the NodeClass's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub taints: Vec<NodeTaint>,
+}
+
+/// Which Nodes go first when a NodeSet scales down (after the unhealthy ones).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeletePolicy {
+    /// Any Node.
+    Random,
+    /// The most recently created Nodes.
+    #[default]
+    Newest,
+    /// The oldest Nodes.
+    Oldest,
+}
+
+/// The observed state of a NodeSet.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSetStatus {
+    /// How many Nodes the NodeSet has (including ones being created or deleted).
+    #[serde(default)]
+    pub replicas: i32,
+    /// How many of them have a Ready kubelet.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// How many have been Ready for at least `minReadySeconds`.
+    #[serde(default)]
+    pub available_replicas: i32,
+    /// How many are Failed or otherwise unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_replicas: Option<i32>,
+    /// How many were built from an older generation of the NodeClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outdated_replicas: Option<i32>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The selector in string form, for the scale subresource (`kubectl scale`, HPA,
+    /// cluster-autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// `Ready`, `ReplicaFailure`, `CircuitBreakerOpen`, `NodeClassOutdated`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+impl NodeSelector {
+    /// The selector in the string form of `kubectl get -l` and the scale subresource.
+    pub fn to_selector_string(&self) -> String {
+        let mut parts = Vec::new();
+        for (k, v) in self.match_labels.iter().flatten() {
+            parts.push(format!("{k}={v}"));
+        }
+        for e in self.match_expressions.iter().flatten() {
+            parts.push(match e.operator {
+                SelectorOperator::In => format!("{} in ({})", e.key, e.values.join(",")),
+                SelectorOperator::NotIn => format!("{} notin ({})", e.key, e.values.join(",")),
+                SelectorOperator::Exists => e.key.clone(),
+                SelectorOperator::DoesNotExist => format!("!{}", e.key),
+            });
+        }
+        parts.join(",")
+    }
+
+    /// Whether a Node with these labels matches. An empty selector matches nothing, as for
+    /// ReplicaSets.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let ml = self.match_labels.as_ref().filter(|m| !m.is_empty());
+        let me = self.match_expressions.as_ref().filter(|m| !m.is_empty());
+        if ml.is_none() && me.is_none() {
+            return false;
+        }
+        ml.into_iter()
+            .flatten()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && me.into_iter().flatten().all(|e| match e.operator {
+                SelectorOperator::In => labels.get(&e.key).is_some_and(|v| e.values.contains(v)),
+                SelectorOperator::NotIn => labels.get(&e.key).is_none_or(|v| !e.values.contains(v)),
+                SelectorOperator::Exists => labels.contains_key(&e.key),
+                SelectorOperator::DoesNotExist => !labels.contains_key(&e.key),
+            })
+    }
+}
+
+impl NodeSetSpec {
+    /// The delete policy, defaulted.
+    pub fn delete_policy(&self) -> DeletePolicy {
+        self.delete_policy.unwrap_or_default()
+    }
+
+    /// Whether cluster-autoscaler may drive this NodeSet.
+    pub fn autoscaling_enabled(&self) -> bool {
+        self.min_size.is_some() && self.max_size.is_some()
+    }
+}

@@ -1,0 +1,1 @@
+//! kube-node-embedded-api

@@ -1,0 +1,1 @@
+//! nodeset-controller
