@@ -143,6 +143,22 @@ fn a_provider_block_that_does_not_match_the_type_is_rejected() {
     let nc = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
         "spec": {"provider": {"type": "simulated", "simulated": {"bootDelay": "1s"}}}});
     assert_eq!(cel_errors(&schema, &nc), Vec::<String>::new());
+
+    let mismatched = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
+        "spec": {"provider": {"type": "simulated", "exec": {"command": ["/bin/true"]}}}});
+    let errors = cel_errors(&schema, &mismatched);
+    assert!(errors.iter().any(|e| e.contains("spec.provider.exec")), "{errors:?}");
+
+    let missing = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
+        "spec": {"provider": {"type": "aws"}}});
+    let errors = cel_errors(&schema, &missing);
+    assert!(errors.iter().any(|e| e.contains("spec.provider.aws is required")), "{errors:?}");
+
+    let both_images = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
+        "spec": {"provider": {"type": "aws", "aws": {"region": "eu-west-1", "instanceType": "m7i.large",
+            "ami": "ami-1", "amiSsmParameter": "/x", "subnetIds": ["subnet-1"]}}}});
+    let errors = cel_errors(&schema, &both_images);
+    assert!(errors.iter().any(|e| e.contains("ami and amiSsmParameter")), "{errors:?}");
 }
 
 #[test]
@@ -162,5 +178,5 @@ fn structural_constraints_name_their_fields() {
     assert_eq!(tspec["properties"]["nodeClassName"]["minLength"], json!(1));
     let nc = schema_of(&NodeClass::crd());
     let ty = &nc["properties"]["spec"]["properties"]["provider"]["properties"]["type"];
-    assert_eq!(ty["enum"], json!(["simulated"]));
+    assert_eq!(ty["enum"], json!(["simulated", "aws", "exec"]));
 }

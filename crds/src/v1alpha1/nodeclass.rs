@@ -75,14 +75,27 @@ pub struct NodeClassSpec {
 #[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.simulated) || self.type == 'simulated'").message("spec.provider.simulated may be set only when spec.provider.type is simulated").field_path(".simulated"))]
+#[x_kube(validation = Rule::new("!has(self.aws) || self.type == 'aws'").message("spec.provider.aws may be set only when spec.provider.type is aws").field_path(".aws"))]
+#[x_kube(validation = Rule::new("self.type != 'aws' || has(self.aws)").message("spec.provider.aws is required when spec.provider.type is aws").field_path(".aws"))]
+#[x_kube(validation = Rule::new("!has(self.exec) || self.type == 'exec'").message("spec.provider.exec may be set only when spec.provider.type is exec").field_path(".exec"))]
+#[x_kube(validation = Rule::new("self.type != 'exec' || has(self.exec)").message("spec.provider.exec is required when spec.provider.type is exec").field_path(".exec"))]
 pub struct ProviderSpec {
-    /// The backend: `simulated` (in-process machines, no cloud).
+    /// The backend: `simulated` (in-process machines, no cloud), `aws` (EC2 instances) or
+    /// `exec` (a program of yours that speaks the exec provider protocol).
     #[serde(rename = "type")]
     pub type_: ProviderType,
 
     /// Configuration of the `simulated` backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulated: Option<SimulatedProviderSpec>,
+
+    /// Configuration of the `aws` backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsProviderSpec>,
+
+    /// Configuration of the `exec` backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecProviderSpec>,
 }
 
 /// The backends kube-node knows.
@@ -92,6 +105,10 @@ pub enum ProviderType {
     /// In-process machines that boot after a delay and play the kubelet: for tests, demos and
     /// the `kube-node simulate` command.
     Simulated,
+    /// Amazon EC2 instances.
+    Aws,
+    /// A user-supplied program speaking the exec provider protocol (providers/exec/PROTOCOL.md).
+    Exec,
 }
 
 impl ProviderType {
@@ -99,8 +116,148 @@ impl ProviderType {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Simulated => "simulated",
+            Self::Aws => "aws",
+            Self::Exec => "exec",
         }
     }
+}
+
+/// Configuration of the AWS EC2 backend.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.ami) != has(self.amiSsmParameter)").message("spec.provider.aws: set exactly one of ami and amiSsmParameter").field_path(".ami"))]
+pub struct AwsProviderSpec {
+    /// The region, e.g. `eu-west-1`.
+    #[schemars(length(min = 1, max = 32))]
+    pub region: String,
+    /// The instance type, e.g. `m7i.large`.
+    #[schemars(length(min = 1, max = 64))]
+    pub instance_type: String,
+    /// Instance types to try, in order, when EC2 has no capacity for `instanceType`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub alternative_instance_types: Vec<String>,
+    /// The AMI id (`ami-...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub ami: Option<String>,
+    /// An SSM parameter holding the AMI id, resolved at launch (e.g. the EKS-optimized AMI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub ami_ssm_parameter: Option<String>,
+    /// Subnets to launch into; machines are spread across them (and so their zones).
+    #[schemars(length(min = 1, max = 32))]
+    pub subnet_ids: Vec<String>,
+    /// Security groups of the machines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub security_group_ids: Vec<String>,
+    /// The IAM instance profile name or ARN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub iam_instance_profile: Option<String>,
+    /// An EC2 key pair name for SSH (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub key_name: Option<String>,
+    /// The root volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<AwsRootVolume>,
+    /// `on-demand` (default) or `spot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_type: Option<AwsCapacityType>,
+    /// Extra tags on every instance and volume.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 40))]
+    pub tags: BTreeMap<String, String>,
+    /// An EC2 endpoint URL override (for emulators and private endpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub endpoint_url: Option<String>,
+}
+
+/// The root EBS volume of an EC2 machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsRootVolume {
+    /// Size in GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub size_gib: Option<i32>,
+    /// The volume type (`gp3`, `gp2`, `io2`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub volume_type: Option<String>,
+    /// The device name. Default `/dev/xvda`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub device_name: Option<String>,
+}
+
+/// How an EC2 machine is bought.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AwsCapacityType {
+    /// On-demand instances.
+    #[default]
+    #[serde(rename = "on-demand")]
+    OnDemand,
+    /// Spot instances.
+    #[serde(rename = "spot")]
+    Spot,
+}
+
+/// Configuration of the exec backend: a program run once per provider operation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecProviderSpec {
+    /// The program and its arguments (no shell: user data is never interpolated).
+    #[schemars(length(min = 1, max = 64))]
+    pub command: Vec<String>,
+    /// The working directory of the program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub working_dir: Option<String>,
+    /// Environment of the program: plain values or keys of the credentials Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<ExecEnvVar>,
+    /// How long one operation may run before the program is killed. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// How many operations of this NodeClass may run at once. Default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_concurrency: Option<u32>,
+    /// Free-form configuration handed to the program in every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve_unknown_object")]
+    pub config: Option<serde_json::Value>,
+}
+
+/// One environment variable of an exec program.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.value) != has(self.secretKey)").message("spec.provider.exec.env: set exactly one of value and secretKey").field_path(".value"))]
+pub struct ExecEnvVar {
+    /// The variable's name.
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    /// A plain value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// A key of the NodeClass's credentials Secret whose value becomes the variable's value
+    /// (redacted from everything the program prints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_key: Option<String>,
+}
+
+fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "x-kubernetes-preserve-unknown-fields": true
+    })
 }
 
 /// Configuration of the simulated backend. Every field is optional.
