@@ -68,3 +68,23 @@ pub struct SecretReference {
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
 }
+
+/// Schema of a label map as the API server knows it: values are at most 63 characters. The
+/// bounds also keep the CEL rules that compare labels within the API server's cost budget.
+pub(crate) fn label_map_schema(max: u32) -> impl Fn(&mut schemars::SchemaGenerator) -> schemars::Schema {
+    move |_| {
+        schemars::json_schema!({
+            "type": "object",
+            "maxProperties": max,
+            "additionalProperties": {"type": "string", "maxLength": 63}
+        })
+    }
+}
+
+pub(crate) fn labels_16(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    label_map_schema(16)(g)
+}
+
+pub(crate) fn labels_32(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    label_map_schema(32)(g)
+}

@@ -1,3 +1,7 @@
+// `printcolumn(type_ = ...)` repeats per column by design; clippy reads the repeats as
+// duplicated attributes of one item.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -41,7 +45,7 @@ pub struct NodeClassSpec {
     /// Labels put on every Node of this class (a kubelet joining an existing Node ignores its
     /// own `--node-labels`, so kube-node applies them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(schema_with = "super::common::labels_32")]
     pub labels: BTreeMap<String, String>,
 
     /// Taints put on every Node of this class.

@@ -1,3 +1,7 @@
+// `printcolumn(type_ = ...)` repeats per column by design; clippy reads the repeats as
+// duplicated attributes of one item.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -94,11 +98,11 @@ fn default_replicas() -> i32 {
 pub struct NodeSelector {
     /// Labels a Node must carry with exactly these values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(schema_with = "super::common::labels_16")]
     pub match_labels: Option<BTreeMap<String, String>>,
     /// Set-based requirements, all of which must hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 8))]
     pub match_expressions: Option<Vec<SelectorRequirement>>,
 }
 
@@ -113,7 +117,7 @@ pub struct SelectorRequirement {
     pub operator: SelectorOperator,
     /// The values for `In` and `NotIn`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), inner(length(max = 63)))]
     pub values: Vec<String>,
 }
 
@@ -147,7 +151,7 @@ pub struct NodeTemplate {
 pub struct NodeTemplateMetadata {
     /// Labels; they must match the NodeSet's selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(schema_with = "super::common::labels_32")]
     pub labels: Option<BTreeMap<String, String>>,
     /// Annotations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
