@@ -82,8 +82,12 @@ impl ApiError {
     }
 
     pub fn not_found_path() -> Self {
-        Self::new(404, "NotFound", "the server could not find the requested resource")
-            .with_details(json!({}))
+        Self::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+        .with_details(json!({}))
     }
 
     pub fn not_found(def: &ResourceDef, name: &str) -> Self {
@@ -128,11 +132,20 @@ impl ApiError {
 
     /// 422 Invalid with a single field cause. `cause_reason` is e.g. `FieldValueForbidden`
     /// and `detail` the text after the field path, e.g. `Forbidden: ...`.
-    pub fn invalid(def: &ResourceDef, name: &str, field: &str, cause_reason: &str, detail: &str) -> Self {
+    pub fn invalid(
+        def: &ResourceDef,
+        name: &str,
+        field: &str,
+        cause_reason: &str,
+        detail: &str,
+    ) -> Self {
         Self::new(
             422,
             "Invalid",
-            format!("{} \"{}\" is invalid: {}: {}", def.kind, name, field, detail),
+            format!(
+                "{} \"{}\" is invalid: {}: {}",
+                def.kind, name, field, detail
+            ),
         )
         .with_details(json!({
             "name": name,
