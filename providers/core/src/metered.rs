@@ -71,18 +71,28 @@ impl ProviderMetrics {
     /// How many calls of `method` have been made, whatever their result (for tests and
     /// benchmarks that count calls per Node lifecycle).
     pub fn calls(&self, provider: &str, method: &str) -> u64 {
-        ["Ok", "NotFound", "InsufficientCapacity", "QuotaExceeded", "Throttled", "InvalidConfig", "Unauthorized", "Transient", "Unimplemented"]
-            .iter()
-            .map(|result| {
-                self.requests
-                    .get_or_create(&CallLabels {
-                        provider: provider.to_string(),
-                        method: method.to_string(),
-                        result: (*result).to_string(),
-                    })
-                    .get()
-            })
-            .sum()
+        [
+            "Ok",
+            "NotFound",
+            "InsufficientCapacity",
+            "QuotaExceeded",
+            "Throttled",
+            "InvalidConfig",
+            "Unauthorized",
+            "Transient",
+            "Unimplemented",
+        ]
+        .iter()
+        .map(|result| {
+            self.requests
+                .get_or_create(&CallLabels {
+                    provider: provider.to_string(),
+                    method: method.to_string(),
+                    result: (*result).to_string(),
+                })
+                .get()
+        })
+        .sum()
     }
 
     fn record<T>(&self, provider: &str, method: &str, started: Instant, result: &Result<T>) {

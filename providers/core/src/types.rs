@@ -25,7 +25,10 @@ impl fmt::Debug for ResolvedClass {
             .field("name", &self.name)
             .field("generation", &self.generation)
             .field("provider", &self.spec.provider.type_)
-            .field("credentials", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -48,7 +51,11 @@ impl Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials({:?} = <redacted>)", self.0.keys().collect::<Vec<_>>())
+        write!(
+            f,
+            "Credentials({:?} = <redacted>)",
+            self.0.keys().collect::<Vec<_>>()
+        )
     }
 }
 
