@@ -1,1 +1,299 @@
-//! node-controller
+//! The node-controller: a core v1 Node annotated `kube-node.io/node-class: <name>` becomes a
+//! real machine whose kubelet joins that very Node, and deleting the Node drains it and
+//! deletes the machine.
+//!
+//! [`run`] starts three loops on one client:
+//! - the Node controller (one pass = read → pure [`plan::plan`] → one action → record),
+//! - the NodeClass controller (builds each class's provider once per generation and
+//!   credentials version, validates it, writes the NodeClass `Ready` condition),
+//! - the orphan collector (machines tagged for this cluster without a Node), which also
+//!   refreshes the per-class inventory that lets Ready Nodes be checked without a provider
+//!   call each.
+
+pub mod bootstrap;
+mod error;
+mod gc;
+mod metrics;
+mod node;
+mod nodeclass;
+pub mod orphan;
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Secret};
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use kube_node_crds::NodeClass;
+use kube_node_crds::names::NODE_CLASS_ANNOTATION;
+use kube_node_provider::{Credentials, Provider, ProviderError, ProviderRegistry, ResolvedClass};
+
+pub use error::{Backoff, Error, WAIT_FOR_CHANGE, error_delay};
+pub use metrics::Metrics;
+pub use orphan::{OrphanDecision, select_orphans};
+
+/// The reporter name on every event this controller writes.
+pub const REPORTER: &str = "kube-node-node-controller";
+
+/// How the node-controller runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The cluster name: tags every machine and scopes the orphan collector.
+    pub cluster_name: String,
+    /// The join endpoint (`host:port`) when a NodeClass has no `bootstrap.apiServerEndpoint`.
+    pub api_server_endpoint: Option<String>,
+    /// A machine without a Node must be at least this old to be collected.
+    pub orphan_min_age: Duration,
+    /// The orphan collector pauses when more than this share of a listing would go.
+    pub orphan_max_fraction: f64,
+    /// How often the orphan collector (and the inventory refresh) runs.
+    pub orphan_gc_interval: Duration,
+    /// How many Nodes are reconciled at once.
+    pub concurrency: u16,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cluster_name: "kubernetes".to_string(),
+            api_server_endpoint: None,
+            orphan_min_age: Duration::from_secs(600),
+            orphan_max_fraction: 0.2,
+            orphan_gc_interval: Duration::from_secs(60),
+            concurrency: 32,
+        }
+    }
+}
+
+/// A provider built for one NodeClass generation and credentials version.
+struct CachedProvider {
+    generation: i64,
+    secret_version: Option<String>,
+    provider: Arc<dyn Provider>,
+    /// The result of `validate()`, once it gave a lasting answer.
+    validated: Option<Result<(), ProviderError>>,
+}
+
+/// What the last provider listing of a NodeClass showed.
+pub(crate) struct Inventory {
+    pub(crate) listed_at: jiff::Timestamp,
+    pub(crate) provider_ids: HashSet<String>,
+}
+
+/// State shared by the controllers and the orphan collector.
+pub(crate) struct Context {
+    pub(crate) client: Client,
+    pub(crate) providers: ProviderRegistry,
+    pub(crate) config: Config,
+    pub(crate) metrics: Metrics,
+    pub(crate) recorder: Recorder,
+    pub(crate) nodes: Store<Node>,
+    pub(crate) backoff: Backoff,
+    cache: Mutex<HashMap<String, CachedProvider>>,
+    pub(crate) inventory: Mutex<HashMap<String, Inventory>>,
+    attempts: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// The provider of a NodeClass. `refresh` re-reads the credentials Secret (the NodeClass
+    /// controller does, on every resync); Node reconciles reuse the cached provider while the
+    /// generation is unchanged, so a Ready Node costs no Secret read.
+    pub(crate) async fn provider_for(
+        &self,
+        nc: &NodeClass,
+        refresh: bool,
+    ) -> Result<Arc<dyn Provider>, Error> {
+        let name = nc.name_any();
+        let generation = nc.metadata.generation.unwrap_or_default();
+        if !refresh && let Some(p) = self.cached(&name, generation, None) {
+            return Ok(p);
+        }
+        let (credentials, secret_version) = match &nc.spec.credentials_secret_ref {
+            None => (None, None),
+            Some(r) => {
+                let secret = Api::<Secret>::namespaced(self.client.clone(), &r.namespace)
+                    .get_opt(&r.name)
+                    .await?
+                    .ok_or_else(|| Error::CredentialsNotFound {
+                        namespace: r.namespace.clone(),
+                        name: r.name.clone(),
+                    })?;
+                let data = secret
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect();
+                (Some(Credentials(data)), secret.metadata.resource_version)
+            }
+        };
+        if let Some(p) = self.cached(&name, generation, Some(&secret_version)) {
+            return Ok(p);
+        }
+        let provider = self.providers.build(&ResolvedClass {
+            name: name.clone(),
+            generation,
+            spec: nc.spec.clone(),
+            credentials,
+            cluster_name: self.config.cluster_name.clone(),
+        })?;
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(
+                name,
+                CachedProvider {
+                    generation,
+                    secret_version,
+                    provider: provider.clone(),
+                    validated: None,
+                },
+            );
+        }
+        Ok(provider)
+    }
+
+    fn cached(
+        &self,
+        name: &str,
+        generation: i64,
+        secret_version: Option<&Option<String>>,
+    ) -> Option<Arc<dyn Provider>> {
+        let cache = self.cache.lock().ok()?;
+        let c = cache.get(name)?;
+        (c.generation == generation && secret_version.is_none_or(|v| *v == c.secret_version))
+            .then(|| c.provider.clone())
+    }
+
+    /// The cached validation result of the current provider of `name`.
+    pub(crate) fn validation(&self, name: &str) -> Option<Result<(), ProviderError>> {
+        self.cache.lock().ok()?.get(name)?.validated.clone()
+    }
+
+    pub(crate) fn set_validation(&self, name: &str, result: Result<(), ProviderError>) {
+        if let Ok(mut cache) = self.cache.lock()
+            && let Some(c) = cache.get_mut(name)
+        {
+            c.validated = Some(result);
+        }
+    }
+
+    pub(crate) fn forget_provider(&self, name: &str) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(name);
+        }
+        if let Ok(mut inv) = self.inventory.lock() {
+            inv.remove(name);
+        }
+    }
+
+    /// The next retry number of an object (and counts this failure).
+    pub(crate) fn next_attempt(&self, key: &str) -> u32 {
+        let Ok(mut a) = self.attempts.lock() else {
+            return 0;
+        };
+        let n = a.entry(key.to_string()).or_insert(0);
+        let cur = *n;
+        *n = n.saturating_add(1);
+        cur
+    }
+
+    pub(crate) fn reset_attempts(&self, key: &str) {
+        if let Ok(mut a) = self.attempts.lock() {
+            a.remove(key);
+        }
+    }
+}
+
+/// Runs the Node controller, the NodeClass controller and the orphan collector until
+/// `shutdown` completes.
+pub async fn run(
+    client: Client,
+    providers: ProviderRegistry,
+    config: Config,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let concurrency = config.concurrency.max(1);
+    let node_ctrl = Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(concurrency));
+    let store = node_ctrl.store();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: REPORTER.to_string(),
+            instance: None,
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        providers,
+        config,
+        metrics,
+        recorder,
+        nodes: store.clone(),
+        backoff: Backoff::default(),
+        cache: Mutex::default(),
+        inventory: Mutex::default(),
+        attempts: Mutex::default(),
+    });
+
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<Node>>();
+    let class_nodes = store.clone();
+    let nodes = node_ctrl
+        .watches(
+            Api::<NodeClass>::all(client.clone()),
+            watcher::Config::default(),
+            move |nc: NodeClass| {
+                let name = nc.name_any();
+                class_nodes
+                    .state()
+                    .into_iter()
+                    .filter(|n| n.annotations().get(NODE_CLASS_ANNOTATION) == Some(&name))
+                    .map(|n| ObjectRef::from_obj(n.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .reconcile_on(trigger_rx)
+        .graceful_shutdown_on(stopped())
+        .run(node::reconcile, node::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "node reconcile failed");
+            }
+        });
+
+    let classes = Controller::new(
+        Api::<NodeClass>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .graceful_shutdown_on(stopped())
+    .run(nodeclass::reconcile, nodeclass::error_policy, ctx.clone())
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "nodeclass reconcile failed");
+        }
+    });
+
+    let collector = gc::run(ctx.clone(), trigger_tx, stopped());
+    tracing::info!("node-controller started");
+    tokio::join!(nodes, classes, collector);
+    tracing::info!("node-controller stopped");
+    Ok(())
+}

@@ -1,0 +1,175 @@
+use std::time::Duration;
+
+use kube_node_provider::ProviderError;
+
+/// Why a reconcile failed. Messages never carry credentials or bootstrap tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A provider call failed.
+    #[error("{0}")]
+    Provider(#[from] ProviderError),
+    /// The Node names a NodeClass that does not exist.
+    #[error("NodeClass {0:?} not found")]
+    NodeClassNotFound(String),
+    /// The NodeClass exists but its provider rejected its configuration or credentials.
+    #[error("NodeClass {name:?} is not ready: {message}")]
+    NodeClassNotReady {
+        /// The NodeClass.
+        name: String,
+        /// Its Ready condition's message.
+        message: String,
+    },
+    /// The credentials Secret of a NodeClass does not exist.
+    #[error("credentials Secret {namespace}/{name} not found")]
+    CredentialsNotFound {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// The cluster CA ConfigMap is missing or unusable.
+    #[error("cluster CA: {0}")]
+    CaCertificate(String),
+    /// No API server endpoint to join (neither the NodeClass nor the controller has one).
+    #[error("no API server endpoint: set spec.bootstrap.apiServerEndpoint on the NodeClass")]
+    NoApiServerEndpoint,
+    /// The Node object is unusable (no name or UID).
+    #[error("invalid Node: {0}")]
+    InvalidNode(String),
+    /// Rendering the join payload failed.
+    #[error("rendering the join payload: {0}")]
+    Render(String),
+}
+
+impl Error {
+    /// PascalCase reason for conditions, events and metrics labels (bounded set).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
+            Self::Kube(_) => "KubeApiError",
+            Self::Provider(e) => e.reason(),
+            Self::NodeClassNotFound(_) => "NodeClassNotFound",
+            Self::NodeClassNotReady { .. } => "NodeClassNotReady",
+            Self::CredentialsNotFound { .. } => "CredentialsNotFound",
+            Self::CaCertificate(_) => "CaCertificateNotFound",
+            Self::NoApiServerEndpoint => "NoApiServerEndpoint",
+            Self::InvalidNode(_) => "InvalidNode",
+            Self::Render(_) => "RenderFailed",
+        }
+    }
+
+    /// Whether only a change (of the NodeClass, its Secret, the Node) can fix this, so the
+    /// controller waits for that change rather than retrying soon.
+    pub fn needs_change(&self) -> bool {
+        match self {
+            Self::Provider(e) => matches!(
+                e,
+                ProviderError::InvalidConfig(_) | ProviderError::Unauthorized(_)
+            ),
+            Self::NodeClassNotFound(_)
+            | Self::NodeClassNotReady { .. }
+            | Self::CredentialsNotFound { .. }
+            | Self::NoApiServerEndpoint
+            | Self::InvalidNode(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The wait the cloud asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Provider(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+}
+
+/// How long a reconcile waits after an error that only a change can fix. The NodeClass watch
+/// re-triggers the Node as soon as its class changes; this is only a safety net.
+pub const WAIT_FOR_CHANGE: Duration = Duration::from_secs(10 * 60);
+
+/// Per-object exponential backoff: 1 s doubling up to 5 min.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The cap.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (0-based), at least `floor` (a cloud's
+    /// retry-after).
+    pub fn delay(&self, attempt: u32, floor: Option<Duration>) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(30)).unwrap_or(u32::MAX);
+        let d = self.initial.saturating_mul(factor).min(self.max);
+        floor.map_or(d, |f| d.max(f))
+    }
+}
+
+/// What to do after a failed reconcile.
+pub fn error_delay(err: &Error, attempt: u32, backoff: &Backoff) -> Duration {
+    if err.needs_change() {
+        WAIT_FOR_CHANGE
+    } else {
+        backoff.delay(attempt, err.retry_after())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_cap() {
+        let b = Backoff::default();
+        let secs: Vec<u64> = (0..12).map(|a| b.delay(a, None).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(b.delay(u32::MAX, None), b.max);
+    }
+
+    #[test]
+    fn backoff_respects_retry_after() {
+        let b = Backoff::default();
+        assert_eq!(
+            b.delay(0, Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            b.delay(9, Some(Duration::from_secs(30))),
+            Duration::from_secs(300)
+        );
+        let throttled = Error::Provider(ProviderError::Throttled {
+            message: "slow down".into(),
+            retry_after: Some(Duration::from_secs(20)),
+        });
+        assert_eq!(error_delay(&throttled, 0, &b), Duration::from_secs(20));
+    }
+
+    #[test]
+    fn config_errors_wait_for_change() {
+        let b = Backoff::default();
+        for e in [
+            Error::Provider(ProviderError::InvalidConfig("x".into())),
+            Error::Provider(ProviderError::Unauthorized("x".into())),
+            Error::NodeClassNotFound("c".into()),
+        ] {
+            assert_eq!(error_delay(&e, 0, &b), WAIT_FOR_CHANGE, "{e}");
+        }
+        let transient = Error::Provider(ProviderError::Transient("x".into()));
+        assert_eq!(error_delay(&transient, 0, &b), Duration::from_secs(1));
+        assert_eq!(transient.reason(), "Transient");
+    }
+}

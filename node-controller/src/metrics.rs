@@ -1,0 +1,192 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kube_node_crds::names::MachinePhase;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `controller` and `result` (`ok` / `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `node` or `nodeclass`.
+    pub controller: String,
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// `controller`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    /// `node` or `nodeclass`.
+    pub controller: String,
+}
+
+/// `controller` and the error's reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// `node` or `nodeclass`.
+    pub controller: String,
+    /// The error's `reason()`.
+    pub reason: String,
+}
+
+/// A machine phase.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// The phase.
+    pub phase: String,
+}
+
+/// An orphan-collector action (`deleted` / `paused`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// The action.
+    pub action: String,
+}
+
+/// The node-controller's metrics. All labels are bounded (no node or machine names).
+#[derive(Clone)]
+pub struct Metrics {
+    pub(crate) reconciles: Family<ResultLabels, Counter>,
+    pub(crate) duration: Family<ControllerLabels, Histogram>,
+    pub(crate) errors: Family<ErrorLabels, Counter>,
+    pub(crate) nodes: Family<PhaseLabels, Gauge>,
+    pub(crate) orphan_actions: Family<ActionLabels, Counter>,
+    pub(crate) circuit_open: Gauge,
+    phases: Arc<Mutex<HashMap<String, MachinePhase>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            reconciles: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            }),
+            errors: Family::default(),
+            nodes: Family::default(),
+            orphan_actions: Family::default(),
+            circuit_open: Gauge::default(),
+            phases: Arc::default(),
+        }
+    }
+}
+
+const PHASES: [MachinePhase; 6] = [
+    MachinePhase::Pending,
+    MachinePhase::Launching,
+    MachinePhase::Registering,
+    MachinePhase::Ready,
+    MachinePhase::Failed,
+    MachinePhase::Deleting,
+];
+
+impl Metrics {
+    /// New metrics registered into `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "kube_node_reconcile",
+            "Reconciles by controller and result",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "kube_node_reconcile_duration_seconds",
+            "Duration of reconciles",
+            m.duration.clone(),
+        );
+        registry.register(
+            "kube_node_reconcile_errors",
+            "Failed reconciles by controller and reason",
+            m.errors.clone(),
+        );
+        registry.register(
+            "kube_node_nodes",
+            "Nodes managed by kube-node by machine phase",
+            m.nodes.clone(),
+        );
+        registry.register(
+            "kube_node_orphan_gc_actions",
+            "Orphan collector actions (deleted machines, paused waves)",
+            m.orphan_actions.clone(),
+        );
+        registry.register(
+            "kube_node_orphan_gc_circuit_open",
+            "1 while the orphan collector's circuit breaker holds",
+            m.circuit_open.clone(),
+        );
+        m
+    }
+
+    pub(crate) fn reconciled(&self, controller: &str, secs: f64, err: Option<&'static str>) {
+        let result = if err.is_some() { "error" } else { "ok" };
+        self.reconciles
+            .get_or_create(&ResultLabels {
+                controller: controller.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&ControllerLabels {
+                controller: controller.to_string(),
+            })
+            .observe(secs);
+        if let Some(reason) = err {
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    controller: controller.to_string(),
+                    reason: reason.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    /// Records a Node's phase (None: no longer managed) and refreshes the gauge.
+    pub(crate) fn set_phase(&self, uid: &str, phase: Option<MachinePhase>) {
+        let Ok(mut phases) = self.phases.lock() else {
+            return;
+        };
+        match phase {
+            Some(p) => phases.insert(uid.to_string(), p),
+            None => phases.remove(uid),
+        };
+        for p in PHASES {
+            let n = phases.values().filter(|v| **v == p).count();
+            self.nodes
+                .get_or_create(&PhaseLabels {
+                    phase: p.as_str().to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub(crate) fn orphan_action(&self, action: &str, n: u64) {
+        self.orphan_actions
+            .get_or_create(&ActionLabels {
+                action: action.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// How many Nodes are in `phase` (for tests and the simulator).
+    pub fn nodes_in_phase(&self, phase: MachinePhase) -> i64 {
+        self.nodes
+            .get_or_create(&PhaseLabels {
+                phase: phase.as_str().to_string(),
+            })
+            .get()
+    }
+
+    /// How many orphan-collector actions of this kind happened (`deleted`, `paused`).
+    pub fn orphan_actions(&self, action: &str) -> u64 {
+        self.orphan_actions
+            .get_or_create(&ActionLabels {
+                action: action.to_string(),
+            })
+            .get()
+    }
+}

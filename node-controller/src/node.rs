@@ -1,0 +1,968 @@
+//! The Node controller: one pass reads the Node, its NodeClass and its machine, asks the pure
+//! [`plan`](crate::plan::plan) for the next step, takes it, and records the result.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeCondition, Pod, Secret, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use kube_node_crds::NodeClass;
+use kube_node_crds::names::{
+    BOOTSTRAP_TOKEN_ANNOTATION, INSTANCE_ID_ANNOTATION, LAUNCHED_AT_ANNOTATION, MACHINE_FINALIZER,
+    MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
+    NODE_CLASS_LABEL, READY_CONDITION, UNREGISTERED_TAINT, tags,
+};
+use kube_node_crds::v1alpha1::{NodeSet, find_condition};
+use kube_node_provider::{CreateRequest, Instance, ListFilter, Provider, ProviderError};
+use tracing::Instrument;
+
+use crate::bootstrap::{self, BootstrapToken, JoinParams};
+use crate::plan::{self, Action, MachineObs, Observed};
+use crate::{Context, Error, error_delay};
+
+/// How long a Ready Node waits between looks when nothing happens.
+const RESYNC: Duration = Duration::from_secs(300);
+/// How often a deletion step polls.
+const DELETE_POLL: Duration = Duration::from_secs(1);
+/// How often a drain blocked by a PodDisruptionBudget retries.
+const DRAIN_POLL: Duration = Duration::from_secs(2);
+
+fn is_managed(node: &Node) -> bool {
+    node.annotations().contains_key(NODE_CLASS_ANNOTATION) || has_finalizer(node)
+}
+
+fn has_finalizer(node: &Node) -> bool {
+    node.finalizers().iter().any(|f| f == MACHINE_FINALIZER)
+}
+
+fn machine_condition(node: &Node) -> Option<&NodeCondition> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == MACHINE_READY_CONDITION)
+}
+
+fn current_phase(node: &Node) -> Option<MachinePhase> {
+    machine_condition(node).and_then(|c| c.reason.as_deref().and_then(MachinePhase::parse))
+}
+
+fn kubelet_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == READY_CONDITION && c.status == "True")
+        })
+}
+
+fn provider_id(node: &Node) -> Option<&str> {
+    node.spec
+        .as_ref()?
+        .provider_id
+        .as_deref()
+        .filter(|p| !p.is_empty())
+}
+
+fn nodeset_owner(node: &Node) -> Option<String> {
+    node.owner_references()
+        .iter()
+        .find(|o| o.kind == "NodeSet" && o.api_version.starts_with("kube-node.io/"))
+        .map(|o| o.name.clone())
+}
+
+/// One reconcile pass over a Node: the freshest copy of it and what was recorded so far.
+struct Pass {
+    node: Node,
+    name: String,
+    uid: String,
+    phase: Option<MachinePhase>,
+}
+
+pub(crate) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    if !is_managed(&node) {
+        // Not ours: cheap exit, no API calls, no metrics.
+        return Ok(Requeue::await_change());
+    }
+    let started = std::time::Instant::now();
+    let name = node.name_any();
+    let span = tracing::info_span!(
+        "reconcile",
+        node = %name,
+        nodeclass = node.annotations().get(NODE_CLASS_ANNOTATION).map(String::as_str).unwrap_or(""),
+        nodeset = nodeset_owner(&node).unwrap_or_default(),
+        provider_id = provider_id(&node).unwrap_or(""),
+    );
+    let uid = node.uid().unwrap_or_default();
+    let mut pass = Pass {
+        node: node.as_ref().clone(),
+        name,
+        uid,
+        phase: current_phase(&node),
+    };
+    let result = reconcile_pass(&mut pass, &ctx)
+        .instrument(span.clone())
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    match result {
+        Ok(r) => {
+            ctx.reset_attempts(&pass.uid);
+            ctx.metrics.reconciled("node", secs, None);
+            Ok(r)
+        }
+        Err(e) => {
+            ctx.metrics.reconciled("node", secs, Some(e.reason()));
+            record_error(&mut pass, &ctx, &e).instrument(span).await;
+            Err(e)
+        }
+    }
+}
+
+pub(crate) fn error_policy(node: Arc<Node>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    let attempt = ctx.next_attempt(&node.uid().unwrap_or_default());
+    Requeue::requeue(error_delay(err, attempt, &ctx.backoff))
+}
+
+/// Puts a failure on the Node: the condition (phase kept; Pending when no machine can exist
+/// yet) and a Warning event. Conflicts are only retried: they are not failures anyone must see.
+async fn record_error(pass: &mut Pass, ctx: &Context, err: &Error) {
+    if matches!(err.reason(), "Conflict")
+        || matches!(err, Error::Kube(kube::Error::Api(s)) if s.code == 404 || s.code == 422)
+    {
+        tracing::debug!(error = %err, "retrying after a conflicting write");
+        return;
+    }
+    tracing::warn!(reason = err.reason(), error = %err, "reconcile failed");
+    let deleting = pass.node.metadata.deletion_timestamp.is_some();
+    let phase = if deleting {
+        MachinePhase::Deleting
+    } else if provider_id(&pass.node).is_none()
+        && (err.needs_change() || pass.phase.is_none_or(|p| p == MachinePhase::Pending))
+    {
+        // Nothing was created: a configuration error stops before the provider's create.
+        MachinePhase::Pending
+    } else {
+        pass.phase.unwrap_or(MachinePhase::Pending)
+    };
+    let message = format!("{}: {err}", err.reason());
+    if let Err(e) = set_condition(pass, ctx, phase, &message).await {
+        tracing::debug!(error = %e, "cannot record the failure on the node");
+    }
+    event(ctx, &pass.node, EventType::Warning, err.reason(), &message).await;
+    if let Some(p) = pass.phase {
+        ctx.metrics.set_phase(&pass.uid, Some(p));
+    }
+}
+
+async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error> {
+    if pass.uid.is_empty() || pass.name.is_empty() {
+        return Err(Error::InvalidNode(
+            "the Node has no name or UID".to_string(),
+        ));
+    }
+    let deleting = pass.node.metadata.deletion_timestamp.clone();
+    if deleting.is_some() && !has_finalizer(&pass.node) {
+        ctx.metrics.set_phase(&pass.uid, None);
+        return Ok(Requeue::await_change());
+    }
+    if deleting.is_none() && !has_finalizer(&pass.node) {
+        add_finalizer(pass, ctx).await?;
+        tracing::info!("added finalizer");
+    }
+    if pass.phase.is_none() && deleting.is_none() {
+        set_condition(pass, ctx, MachinePhase::Pending, "waiting for a machine").await?;
+    }
+
+    // Read the NodeClass and its provider.
+    let class_name = pass.node.annotations().get(NODE_CLASS_ANNOTATION).cloned();
+    let class = match &class_name {
+        Some(n) => Api::<NodeClass>::all(ctx.client.clone()).get_opt(n).await?,
+        None => None,
+    };
+    let pid = provider_id(&pass.node).map(str::to_string);
+    // Nothing can have been created while the phase never got past Pending: the Launching
+    // condition is written before every create call.
+    let never_launched = pid.is_none() && pass.phase.is_none_or(|p| p == MachinePhase::Pending);
+
+    let class = match class {
+        Some(c) => c,
+        None => {
+            if deleting.is_some() && never_launched {
+                return finalize(pass, ctx, false).await;
+            }
+            // Taints still go on, so nothing schedules onto a Node without a machine.
+            sync_labels_and_taints(pass, ctx, None, None, false).await?;
+            return Err(Error::NodeClassNotFound(class_name.unwrap_or_default()));
+        }
+    };
+    let provider = match ctx.provider_for(&class, false).await {
+        Ok(p) => p,
+        Err(e) => {
+            if deleting.is_some() && never_launched {
+                return finalize(pass, ctx, false).await;
+            }
+            if deleting.is_none() {
+                sync_labels_and_taints(pass, ctx, Some(&class), None, false).await?;
+            }
+            return Err(e);
+        }
+    };
+
+    // Observe the machine.
+    let now = Timestamp::now();
+    let launched_at: Option<Timestamp> = pass
+        .node
+        .annotations()
+        .get(LAUNCHED_AT_ANNOTATION)
+        .and_then(|s| s.parse().ok());
+    let mut instance: Option<Instance> = None;
+    let mut adopted_pid = None;
+    let machine = match (&pid, deleting.is_some()) {
+        (Some(p), _) => {
+            if needs_get(
+                pass,
+                ctx,
+                &class.name_any(),
+                p,
+                launched_at,
+                deleting.is_some(),
+            ) {
+                match provider.get(p).await {
+                    Ok(i) => {
+                        let s = i.state;
+                        instance = Some(i);
+                        MachineObs::Present(s)
+                    }
+                    Err(ProviderError::NotFound(_)) => MachineObs::Gone,
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                MachineObs::NotChecked
+            }
+        }
+        (None, true) if never_launched => MachineObs::Gone,
+        (None, true) => {
+            // A create may have happened before the providerID write: find it by its tag.
+            let filter = ListFilter {
+                cluster: ctx.config.cluster_name.clone(),
+                node_class: Some(class.name_any()),
+            };
+            let found = provider
+                .list(&filter)
+                .await?
+                .into_iter()
+                .find(|i| i.node_uid() == Some(pass.uid.as_str()));
+            match found {
+                Some(i) => {
+                    let s = i.state;
+                    adopted_pid = Some(i.provider_id.clone());
+                    instance = Some(i);
+                    MachineObs::Present(s)
+                }
+                None => MachineObs::Gone,
+            }
+        }
+        (None, false) => MachineObs::NotChecked,
+    };
+    let machine_pid = pid.clone().or(adopted_pid);
+
+    let cordoned = pass
+        .node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    let evictable = if deleting.is_some()
+        && cordoned
+        && matches!(machine, MachineObs::Present(s) if s != kube_node_provider::InstanceState::Terminating)
+    {
+        Some(pods_to_evict(ctx, &pass.name).await?)
+    } else {
+        None
+    };
+    let observed = Observed {
+        has_finalizer: has_finalizer(&pass.node),
+        deleting_since: deleting.as_ref().map(|t| t.0),
+        has_provider_id: pid.is_some(),
+        phase: pass.phase,
+        kubelet_ready: kubelet_ready(&pass.node),
+        machine,
+        launched_at,
+        registration_timeout: class.spec.registration_timeout(),
+        drain_timeout: class.spec.drain_timeout(),
+        cordoned,
+        pods_to_evict: evictable.as_ref().map(Vec::len),
+    };
+    let action = plan::plan(&observed, now);
+    tracing::debug!(?action, "planned");
+
+    if deleting.is_none() {
+        let nodeset = if pass.phase != Some(MachinePhase::Ready) {
+            match nodeset_owner(&pass.node) {
+                Some(n) => Api::<NodeSet>::all(ctx.client.clone()).get_opt(&n).await?,
+                None => None,
+            }
+        } else {
+            None
+        };
+        sync_labels_and_taints(
+            pass,
+            ctx,
+            Some(&class),
+            instance.as_ref(),
+            observed.kubelet_ready,
+        )
+        .await?;
+        if let Some(ns) = nodeset {
+            sync_template_taints(pass, ctx, &ns).await?;
+        }
+    }
+
+    act(
+        pass,
+        ctx,
+        &class,
+        provider.as_ref(),
+        action,
+        machine_pid,
+        evictable.unwrap_or_default(),
+    )
+    .await
+}
+
+/// Whether this pass must ask the provider about the machine. Ready Nodes are checked against
+/// the inventory the orphan collector refreshes with one list per class, so a resync of many
+/// Ready Nodes costs no provider calls.
+fn needs_get(
+    pass: &Pass,
+    ctx: &Context,
+    class: &str,
+    pid: &str,
+    launched_at: Option<Timestamp>,
+    deleting: bool,
+) -> bool {
+    if deleting {
+        return true;
+    }
+    match pass.phase {
+        Some(MachinePhase::Failed) => false,
+        Some(MachinePhase::Ready) => {
+            let Ok(inv) = ctx.inventory.lock() else {
+                return false;
+            };
+            inv.get(class).is_some_and(|i| {
+                // A listing older than the launch says nothing. A listing that lags behind a
+                // create only costs one `get`, which decides.
+                let fresh_enough = launched_at.is_none_or(|l| i.listed_at > l);
+                fresh_enough && !i.provider_ids.contains(pid)
+            })
+        }
+        _ => true,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn act(
+    pass: &mut Pass,
+    ctx: &Context,
+    class: &NodeClass,
+    provider: &dyn Provider,
+    action: Action,
+    machine_pid: Option<String>,
+    evictable: Vec<Pod>,
+) -> Result<Requeue, Error> {
+    let phase_before = pass.phase;
+    let long = Requeue::requeue(RESYNC);
+    match action {
+        Action::Ignore => Ok(Requeue::await_change()),
+        Action::AddFinalizer => Ok(Requeue::requeue(Duration::ZERO)),
+        Action::Steady => {
+            if pass.phase == Some(MachinePhase::Ready) {
+                cleanup_tokens(pass, ctx).await?;
+            }
+            ctx.metrics.set_phase(&pass.uid, pass.phase);
+            Ok(long)
+        }
+        Action::Create => create(pass, ctx, class, provider).await,
+        Action::WaitForRegistration { phase, requeue } => {
+            let msg = match phase {
+                MachinePhase::Launching => "the machine is booting",
+                _ => "the machine runs; waiting for its kubelet to report Ready",
+            };
+            set_condition(pass, ctx, phase, msg).await?;
+            transition_event(
+                ctx,
+                pass,
+                phase_before,
+                EventType::Normal,
+                phase.as_str(),
+                msg,
+            )
+            .await;
+            Ok(Requeue::requeue(requeue))
+        }
+        Action::MarkReady => {
+            cleanup_tokens(pass, ctx).await?;
+            set_condition(pass, ctx, MachinePhase::Ready, "the kubelet reported Ready").await?;
+            tracing::info!("node registered");
+            transition_event(
+                ctx,
+                pass,
+                phase_before,
+                EventType::Normal,
+                "Registered",
+                "the machine's kubelet joined the Node and reported Ready",
+            )
+            .await;
+            Ok(long)
+        }
+        Action::Fail { reason, message } => {
+            set_condition(pass, ctx, MachinePhase::Failed, &message).await?;
+            tracing::warn!(reason, "machine failed");
+            event(ctx, &pass.node, EventType::Warning, reason, &message).await;
+            Ok(long)
+        }
+        Action::Cordon => {
+            set_condition(pass, ctx, MachinePhase::Deleting, "cordoned; draining").await?;
+            transition_event(
+                ctx,
+                pass,
+                phase_before,
+                EventType::Normal,
+                "Deleting",
+                "the Node is being deleted: cordoning, draining, deleting the machine",
+            )
+            .await;
+            let patch = serde_json::json!({"spec": {"unschedulable": true}});
+            pass.node = node_api(ctx)
+                .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            tracing::info!("node cordoned");
+            Ok(Requeue::requeue(Duration::ZERO))
+        }
+        Action::Drain => {
+            set_condition(pass, ctx, MachinePhase::Deleting, "draining").await?;
+            let (evicted, blocked) = drain(ctx, &evictable).await?;
+            let msg = format!(
+                "draining: {} pods left, {blocked} blocked by a PodDisruptionBudget",
+                evictable.len().saturating_sub(evicted)
+            );
+            set_condition(pass, ctx, MachinePhase::Deleting, &msg).await?;
+            tracing::info!(evicted, blocked, "evicted pods");
+            Ok(Requeue::requeue(DRAIN_POLL))
+        }
+        Action::DeleteMachine { drain_timed_out } => {
+            transition_event(
+                ctx,
+                pass,
+                phase_before,
+                EventType::Normal,
+                "Deleting",
+                "the Node is being deleted: deleting the machine",
+            )
+            .await;
+            if drain_timed_out {
+                let msg = format!(
+                    "drain did not finish within {}s; deleting the machine anyway",
+                    class.spec.drain_timeout().as_secs()
+                );
+                event(ctx, &pass.node, EventType::Warning, "DrainTimeout", &msg).await;
+                tracing::warn!("drain timed out");
+            }
+            let Some(pid) = machine_pid else {
+                return finalize(pass, ctx, false).await;
+            };
+            provider.delete(&pid).await?;
+            set_condition(pass, ctx, MachinePhase::Deleting, "deleting the machine").await?;
+            tracing::info!(provider_id = %pid, "deleted machine");
+            Ok(Requeue::requeue(DELETE_POLL))
+        }
+        Action::WaitForGone => {
+            set_condition(
+                pass,
+                ctx,
+                MachinePhase::Deleting,
+                "waiting for the machine to be gone",
+            )
+            .await?;
+            Ok(Requeue::requeue(DELETE_POLL))
+        }
+        Action::Finalize => finalize(pass, ctx, machine_pid.is_some()).await,
+    }
+}
+
+/// Creates the machine (idempotent on the Node UID) and writes its providerID right away.
+async fn create(
+    pass: &mut Pass,
+    ctx: &Context,
+    class: &NodeClass,
+    provider: &dyn Provider,
+) -> Result<Requeue, Error> {
+    let class_name = class.name_any();
+    if let Some(c) = class
+        .status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, READY_CONDITION))
+        && c.status == "False"
+        && c.observed_generation == class.metadata.generation
+    {
+        return Err(Error::NodeClassNotReady {
+            name: class_name,
+            message: c.message.clone(),
+        });
+    }
+    // Everything the join payload needs, before anything is created.
+    let endpoint = class
+        .spec
+        .bootstrap
+        .as_ref()
+        .and_then(|b| b.api_server_endpoint.clone())
+        .or_else(|| ctx.config.api_server_endpoint.clone())
+        .ok_or(Error::NoApiServerEndpoint)?;
+    let ca = Api::<ConfigMap>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE)
+        .get_opt(bootstrap::CA_CONFIGMAP)
+        .await?
+        .and_then(|cm| cm.data.and_then(|mut d| d.remove(bootstrap::CA_KEY)))
+        .ok_or_else(|| {
+            Error::CaCertificate(format!(
+                "ConfigMap {}/{} with key {} not found",
+                bootstrap::TOKEN_NAMESPACE,
+                bootstrap::CA_CONFIGMAP,
+                bootstrap::CA_KEY
+            ))
+        })?;
+    let hash = bootstrap::ca_cert_hash(&ca).map_err(|e| Error::CaCertificate(e.to_string()))?;
+    let token = ensure_token(pass, ctx, class).await?;
+    let user_data = bootstrap::render_user_data(&JoinParams {
+        node_name: &pass.name,
+        api_server_endpoint: &endpoint,
+        token: &token,
+        ca_cert_hashes: &[hash],
+    })
+    .map_err(|e| Error::Render(e.to_string()))?;
+
+    // From here on a machine may exist: the Launching phase tells a later deletion to look
+    // for it by its tag even if the providerID write below never happens.
+    let before = pass.phase;
+    set_condition(pass, ctx, MachinePhase::Launching, "creating the machine").await?;
+    let mut tags_map = BTreeMap::from([
+        (tags::CLUSTER.to_string(), ctx.config.cluster_name.clone()),
+        (tags::NODE_NAME.to_string(), pass.name.clone()),
+        (tags::NODE_UID.to_string(), pass.uid.clone()),
+        (tags::NODE_CLASS.to_string(), class_name.clone()),
+        (
+            tags::MANAGED_BY.to_string(),
+            tags::MANAGED_BY_VALUE.to_string(),
+        ),
+    ]);
+    if let Some(ns) = nodeset_owner(&pass.node) {
+        tags_map.insert(tags::NODESET.to_string(), ns);
+    }
+    let request = CreateRequest {
+        idempotency_key: pass.uid.clone(),
+        node_name: pass.name.clone(),
+        tags: tags_map,
+        user_data: Some(user_data),
+    };
+    let instance = provider.create(&request).await?;
+    tracing::info!(provider_id = %instance.provider_id, "created machine");
+    let launched = instance
+        .created_unix
+        .and_then(|s| Timestamp::from_second(s).ok())
+        .unwrap_or_else(Timestamp::now);
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {
+            INSTANCE_ID_ANNOTATION: instance.id,
+            LAUNCHED_AT_ANNOTATION: launched.to_string(),
+            NODE_CLASS_GENERATION_ANNOTATION: class.metadata.generation.unwrap_or_default().to_string(),
+            BOOTSTRAP_TOKEN_ANNOTATION: token.secret_name(),
+        }},
+        "spec": {"providerID": instance.provider_id},
+    });
+    pass.node = node_api(ctx)
+        .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    transition_event(
+        ctx,
+        pass,
+        before,
+        EventType::Normal,
+        "Launching",
+        &format!("created machine {}", instance.id),
+    )
+    .await;
+    ctx.metrics.set_phase(&pass.uid, pass.phase);
+    Ok(Requeue::requeue(Duration::from_millis(500)))
+}
+
+/// The Node's bootstrap token: the existing unexpired one (a retry after a failed create must
+/// not pile up tokens), else a new one.
+async fn ensure_token(
+    pass: &Pass,
+    ctx: &Context,
+    class: &NodeClass,
+) -> Result<BootstrapToken, Error> {
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
+    let lp = ListParams::default().labels(&format!("{}={}", tags::NODE_UID, pass.uid));
+    let now = Timestamp::now();
+    let margin = jiff::SignedDuration::from_secs(300);
+    for s in api.list(&lp).await? {
+        let usable =
+            bootstrap::secret_expiration(&s).is_some_and(|e| e.duration_since(now) > margin);
+        match BootstrapToken::from_secret(&s) {
+            Some(t) if usable => return Ok(t),
+            _ => {
+                let _ = api.delete(&s.name_any(), &DeleteParams::default()).await;
+            }
+        }
+    }
+    let token = BootstrapToken::generate();
+    let ttl = jiff::SignedDuration::try_from(class.spec.token_ttl())
+        .unwrap_or(jiff::SignedDuration::from_secs(3600));
+    let expiration = now.checked_add(ttl).unwrap_or(now);
+    let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
+    api.create(&PostParams::default(), &secret).await?;
+    tracing::info!(secret = %token.secret_name(), "created bootstrap token");
+    Ok(token)
+}
+
+/// Deletes the Node's bootstrap token Secrets and the annotation naming them.
+async fn cleanup_tokens(pass: &mut Pass, ctx: &Context) -> Result<(), Error> {
+    if !pass
+        .node
+        .annotations()
+        .contains_key(BOOTSTRAP_TOKEN_ANNOTATION)
+    {
+        return Ok(());
+    }
+    delete_tokens(ctx, &pass.uid).await?;
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {BOOTSTRAP_TOKEN_ANNOTATION: null}}});
+    pass.node = node_api(ctx)
+        .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    tracing::info!("deleted bootstrap token");
+    Ok(())
+}
+
+async fn delete_tokens(ctx: &Context, uid: &str) -> Result<(), Error> {
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
+    let lp = ListParams::default().labels(&format!("{}={uid}", tags::NODE_UID));
+    for s in api.list(&lp).await? {
+        match api.delete(&s.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The machine is gone (or never existed): delete the token, then let the Node go.
+async fn finalize(pass: &mut Pass, ctx: &Context, had_machine: bool) -> Result<Requeue, Error> {
+    delete_tokens(ctx, &pass.uid).await?;
+    if had_machine {
+        event(
+            ctx,
+            &pass.node,
+            EventType::Normal,
+            "MachineDeleted",
+            "the machine is gone",
+        )
+        .await;
+    }
+    let finalizers = pass.node.finalizers();
+    if let Some(i) = finalizers.iter().position(|f| f == MACHINE_FINALIZER) {
+        let patch = json_patch(serde_json::json!([
+            {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": MACHINE_FINALIZER},
+            {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+        ]))?;
+        node_api(ctx)
+            .patch(
+                &pass.name,
+                &PatchParams::default(),
+                &Patch::Json::<()>(patch),
+            )
+            .await?;
+        tracing::info!("removed finalizer");
+    }
+    ctx.metrics.set_phase(&pass.uid, None);
+    Ok(Requeue::await_change())
+}
+
+async fn add_finalizer(pass: &mut Pass, ctx: &Context) -> Result<(), Error> {
+    let rv = pass.node.resource_version().unwrap_or_default();
+    let ops = if pass.node.metadata.finalizers.is_none() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/metadata/finalizers", "value": [MACHINE_FINALIZER]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": MACHINE_FINALIZER},
+        ])
+    };
+    pass.node = node_api(ctx)
+        .patch(
+            &pass.name,
+            &PatchParams::default(),
+            &Patch::Json::<()>(json_patch(ops)?),
+        )
+        .await?;
+    Ok(())
+}
+
+fn json_patch(v: serde_json::Value) -> Result<json_patch::Patch, Error> {
+    serde_json::from_value(v).map_err(|e| Error::Render(format!("json patch: {e}")))
+}
+
+fn node_api(ctx: &Context) -> Api<Node> {
+    Api::all(ctx.client.clone())
+}
+
+/// Applies the NodeClass's labels and taints, the instance's type and zone, and the
+/// unregistered taint (present until the kubelet reports Ready).
+async fn sync_labels_and_taints(
+    pass: &mut Pass,
+    ctx: &Context,
+    class: Option<&NodeClass>,
+    instance: Option<&Instance>,
+    kubelet_ready: bool,
+) -> Result<(), Error> {
+    let mut want_labels = BTreeMap::new();
+    if let Some(c) = class {
+        want_labels.extend(c.spec.labels.clone());
+        want_labels.insert(NODE_CLASS_LABEL.to_string(), c.name_any());
+    }
+    if let Some(i) = instance {
+        if let Some(t) = &i.instance_type {
+            want_labels.insert("node.kubernetes.io/instance-type".to_string(), t.clone());
+        }
+        if let Some(z) = &i.zone {
+            want_labels.insert("topology.kubernetes.io/zone".to_string(), z.clone());
+        }
+    }
+    let labels = pass.node.labels();
+    let missing: BTreeMap<&String, &String> = want_labels
+        .iter()
+        .filter(|(k, v)| labels.get(*k) != Some(*v))
+        .collect();
+    if !missing.is_empty() {
+        let patch = serde_json::json!({"metadata": {"labels": missing}});
+        pass.node = node_api(ctx)
+            .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+
+    let mut add: Vec<Taint> = class
+        .map(|c| c.spec.taints.iter().map(|t| t.to_core()).collect())
+        .unwrap_or_default();
+    // The unregistered taint goes on while the machine is being made and comes off once the
+    // kubelet is Ready; a Node that was Ready never gets it back.
+    let provisioning = pass.phase.is_none_or(|p| {
+        matches!(
+            p,
+            MachinePhase::Pending | MachinePhase::Launching | MachinePhase::Registering
+        )
+    });
+    let unregistered = Taint {
+        key: UNREGISTERED_TAINT.to_string(),
+        value: None,
+        effect: "NoExecute".to_string(),
+        time_added: None,
+    };
+    let remove_unregistered = kubelet_ready;
+    if !kubelet_ready && provisioning {
+        add.push(unregistered);
+    }
+    update_taints(pass, ctx, &add, remove_unregistered).await
+}
+
+/// Adds the NodeSet template's taints (the nodeset-controller copies them at creation; a Node
+/// made before the template changed, or by hand, still gets them while provisioning).
+async fn sync_template_taints(pass: &mut Pass, ctx: &Context, ns: &NodeSet) -> Result<(), Error> {
+    let add: Vec<Taint> = ns
+        .spec
+        .template
+        .spec
+        .taints
+        .iter()
+        .map(|t| t.to_core())
+        .collect();
+    update_taints(pass, ctx, &add, false).await
+}
+
+/// Adds missing taints (by key and effect), optionally drops the unregistered taint; a JSON
+/// patch guarded by the resourceVersion, so a concurrent change is retried, not overwritten.
+async fn update_taints(
+    pass: &mut Pass,
+    ctx: &Context,
+    add: &[Taint],
+    remove_unregistered: bool,
+) -> Result<(), Error> {
+    let current: Vec<Taint> = pass
+        .node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    let mut want = current.clone();
+    if remove_unregistered {
+        want.retain(|t| t.key != UNREGISTERED_TAINT);
+    }
+    for t in add {
+        if !want.iter().any(|w| w.key == t.key && w.effect == t.effect) {
+            want.push(t.clone());
+        }
+    }
+    if want == current {
+        return Ok(());
+    }
+    let rv = pass.node.resource_version().unwrap_or_default();
+    let has_spec_taints = pass
+        .node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some();
+    let op = if has_spec_taints { "replace" } else { "add" };
+    let mut ops =
+        vec![serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv})];
+    if pass.node.spec.is_none() {
+        ops.push(serde_json::json!({"op": "add", "path": "/spec", "value": {}}));
+    }
+    ops.push(serde_json::json!({"op": op, "path": "/spec/taints", "value": want}));
+    pass.node = node_api(ctx)
+        .patch(
+            &pass.name,
+            &PatchParams::default(),
+            &Patch::Json::<()>(json_patch(serde_json::Value::Array(ops))?),
+        )
+        .await?;
+    tracing::debug!("updated taints");
+    Ok(())
+}
+
+/// Writes the MachineReady condition (strategic merge keyed on `type`, so the kubelet's own
+/// conditions are untouched), unless nothing but time would change.
+async fn set_condition(
+    pass: &mut Pass,
+    ctx: &Context,
+    phase: MachinePhase,
+    message: &str,
+) -> Result<(), Error> {
+    let status = if phase == MachinePhase::Ready {
+        "True"
+    } else {
+        "False"
+    };
+    let existing = machine_condition(&pass.node);
+    if let Some(c) = existing
+        && c.status == status
+        && c.reason.as_deref() == Some(phase.as_str())
+        && c.message.as_deref() == Some(message)
+    {
+        pass.phase = Some(phase);
+        return Ok(());
+    }
+    let now = Time(Timestamp::now());
+    let transition = existing
+        .filter(|c| c.status == status)
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    let cond = NodeCondition {
+        type_: MACHINE_READY_CONDITION.to_string(),
+        status: status.to_string(),
+        reason: Some(phase.as_str().to_string()),
+        message: Some(message.to_string()),
+        last_heartbeat_time: Some(now),
+        last_transition_time: Some(transition),
+    };
+    let patch = serde_json::json!({"status": {"conditions": [cond]}});
+    pass.node = node_api(ctx)
+        .patch_status(
+            &pass.name,
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await?;
+    pass.phase = Some(phase);
+    ctx.metrics.set_phase(&pass.uid, Some(phase));
+    Ok(())
+}
+
+async fn event(ctx: &Context, node: &Node, type_: EventType, reason: &str, note: &str) {
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &node.object_ref(&())).await {
+        tracing::debug!(error = %e, "cannot publish event");
+    }
+}
+
+/// A Normal event, only when the phase changed.
+async fn transition_event(
+    ctx: &Context,
+    pass: &Pass,
+    before: Option<MachinePhase>,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    if before != pass.phase {
+        event(ctx, &pass.node, type_, reason, note).await;
+    }
+}
+
+/// Pods the drain must evict: not DaemonSet-owned, not mirror pods, not already terminating
+/// or finished.
+async fn pods_to_evict(ctx: &Context, node: &str) -> Result<Vec<Pod>, Error> {
+    let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
+    let pods = Api::<Pod>::all(ctx.client.clone()).list(&lp).await?;
+    Ok(pods
+        .items
+        .into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|p| !p.owner_references().iter().any(|o| o.kind == "DaemonSet"))
+        .filter(|p| !p.annotations().contains_key("kubernetes.io/config.mirror"))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .collect())
+}
+
+/// Evicts each pod; a 429 means a PodDisruptionBudget blocks it for now.
+async fn drain(ctx: &Context, pods: &[Pod]) -> Result<(usize, usize), Error> {
+    let mut evicted = 0;
+    let mut blocked = 0;
+    for p in pods {
+        let ns = p.namespace().unwrap_or_else(|| "default".to_string());
+        match Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+            .evict(&p.name_any(), &EvictParams::default())
+            .await
+        {
+            Ok(_) => evicted += 1,
+            Err(kube::Error::Api(e)) if e.code == 429 => blocked += 1,
+            Err(kube::Error::Api(e)) if e.code == 404 => evicted += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((evicted, blocked))
+}
