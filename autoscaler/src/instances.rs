@@ -1,0 +1,103 @@
+//! The instances of a node group, as cluster-autoscaler's `NodeGroupNodes` wants them.
+//!
+//! Pure: built from the NodeSet and the Nodes (the nodeset-controller decides which Nodes are
+//! the NodeSet's and in which state they are, so both agree).
+
+use k8s_openapi::api::core::v1::Node;
+use kube_node_crds::names::REPLICA_FAILURE_CONDITION;
+use kube_node_crds::v1alpha1::{NodeSet, find_condition};
+use nodeset_controller::{InstanceState, NodeInstance, nodeset_instances};
+
+use crate::proto::{Instance, InstanceErrorInfo, InstanceStatus, instance_status};
+
+/// cluster-autoscaler's `cloudprovider.OutOfResourcesErrorClass`: the group cannot grow now,
+/// so CA backs off from it and tries another group.
+pub const OUT_OF_RESOURCES_ERROR_CLASS: i32 = 1;
+/// cluster-autoscaler's `cloudprovider.OtherErrorClass`.
+pub const OTHER_ERROR_CLASS: i32 = 99;
+
+/// The prefix of the instance id of a Node whose machine has no provider ID yet.
+/// cluster-autoscaler matches instances to Nodes by `spec.providerID`, so such an instance
+/// counts as not registered yet, which is what it is.
+pub const PENDING_ID_PREFIX: &str = "kube-node://";
+
+const OUT_OF_RESOURCES_REASONS: &[&str] = &["InsufficientCapacity", "QuotaExceeded"];
+
+fn mentions_out_of_resources(s: &str) -> bool {
+    OUT_OF_RESOURCES_REASONS.iter().any(|r| s.contains(r))
+}
+
+/// The reason of the NodeSet's `ReplicaFailure` condition, when it is True.
+fn replica_failure(nodeset: &NodeSet) -> Option<&str> {
+    let conditions = nodeset.status.as_ref().map(|s| s.conditions.as_slice())?;
+    find_condition(conditions, REPLICA_FAILURE_CONDITION)
+        .filter(|c| c.status == "True")
+        .map(|c| c.reason.as_str())
+}
+
+/// The instance id of a Node of the group.
+pub fn instance_id(name: &str, provider_id: Option<&str>) -> String {
+    match provider_id {
+        Some(p) if !p.is_empty() => p.to_string(),
+        _ => format!("{PENDING_ID_PREFIX}{name}"),
+    }
+}
+
+fn to_proto(i: &NodeInstance, set_failure: Option<&str>) -> Instance {
+    let state = match i.state {
+        InstanceState::Creating => instance_status::InstanceState::InstanceCreating,
+        InstanceState::Running => instance_status::InstanceState::InstanceRunning,
+        InstanceState::Deleting => instance_status::InstanceState::InstanceDeleting,
+    };
+    let error_info = i.error.as_ref().map(|e| {
+        // Tolerant on purpose: the node-controller writes "Reason: message" into the
+        // MachineReady condition; older or other writers may only mention the reason, or
+        // the NodeSet's ReplicaFailure condition may be the only place naming it.
+        let out_of_resources = e.out_of_resources
+            || mentions_out_of_resources(&e.reason)
+            || mentions_out_of_resources(&e.message)
+            || (matches!(e.reason.as_str(), "" | "MachinePending" | "MachineFailed")
+                && set_failure.is_some_and(|r| OUT_OF_RESOURCES_REASONS.contains(&r)));
+        InstanceErrorInfo {
+            error_code: if e.reason.is_empty() {
+                "MachineFailed".to_string()
+            } else {
+                e.reason.clone()
+            },
+            error_message: e.message.clone(),
+            instance_error_class: if out_of_resources {
+                OUT_OF_RESOURCES_ERROR_CLASS
+            } else {
+                OTHER_ERROR_CLASS
+            },
+        }
+    });
+    Instance {
+        id: instance_id(&i.name, i.provider_id.as_deref()),
+        status: Some(InstanceStatus {
+            instance_state: state as i32,
+            error_info,
+        }),
+    }
+}
+
+/// The instances of a NodeSet, one per Node it owns, sorted by Node name.
+pub fn instances<'a>(
+    nodeset: &NodeSet,
+    nodes: impl IntoIterator<Item = &'a Node>,
+) -> Vec<Instance> {
+    let failure = replica_failure(nodeset);
+    nodeset_instances(nodeset, nodes)
+        .iter()
+        .map(|i| to_proto(i, failure))
+        .collect()
+}
+
+/// How many Nodes of the NodeSet are registered (Running, not being deleted): the floor of
+/// `NodeGroupDecreaseTargetSize`.
+pub fn registered<'a>(nodeset: &NodeSet, nodes: impl IntoIterator<Item = &'a Node>) -> usize {
+    nodeset_instances(nodeset, nodes)
+        .iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .count()
+}
