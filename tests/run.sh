@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test of kube-node: unit, property, integration (embedded API, simulated provider)
+# and the end-to-end suite (which skips, saying so, unless KUBE_NODE_E2E_KUBECONFIG is set).
+# Anything a test needs is installed and started here, bounded in time, and stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  echo "cargo-nextest not found; installing it" >&2
+  cargo install --locked cargo-nextest
+fi
+
+# The moto EC2 emulator for the AWS provider's tests: loopback only, bounded start, stopped on
+# exit (also on failure).
+tests/emulators/moto.sh install
+eval "$(tests/emulators/moto.sh start)"
+trap 'tests/emulators/moto.sh stop' EXIT
+
+# Integration tests use the debug build; no release builds in the test loop.
+cargo nextest run --config-file tests/nextest.toml --profile ci --workspace --all-targets --no-fail-fast "$@"
