@@ -11,8 +11,11 @@ const COMMITTED: &str = include_str!("../crds.yaml");
 fn committed_crd_yaml_matches_the_types() {
     let generated = crd_yaml().expect("CRDs serialize");
     if std::env::var_os("UPDATE_CRDS").is_some() {
-        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/crds.yaml"), &generated)
-            .expect("write crds.yaml");
+        std::fs::write(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/crds.yaml"),
+            &generated,
+        )
+        .expect("write crds.yaml");
         return;
     }
     assert!(
@@ -21,7 +24,9 @@ fn committed_crd_yaml_matches_the_types() {
     );
 }
 
-fn schema_of(crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) -> Value {
+fn schema_of(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Value {
     let v = &crd.spec.versions[0];
     serde_json::to_value(
         v.schema
@@ -59,10 +64,18 @@ fn crds_are_cluster_scoped_with_subresources_and_columns() {
     for crd in [NodeClass::crd(), NodeSet::crd()] {
         assert_eq!(crd.spec.scope, "Cluster");
         assert_eq!(crd.spec.group, "kube-node.io");
-        assert_eq!(crd.spec.names.categories.as_deref(), Some(&["kube-node".to_string()][..]));
+        assert_eq!(
+            crd.spec.names.categories.as_deref(),
+            Some(&["kube-node".to_string()][..])
+        );
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
-        assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(
+            v.subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
     }
     let ns = NodeSet::crd();
     let scale = ns.spec.versions[0]
@@ -72,7 +85,10 @@ fn crds_are_cluster_scoped_with_subresources_and_columns() {
         .expect("scale subresource");
     assert_eq!(scale.spec_replicas_path, ".spec.replicas");
     assert_eq!(scale.status_replicas_path, ".status.replicas");
-    assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+    assert_eq!(
+        scale.label_selector_path.as_deref(),
+        Some(".status.selector")
+    );
     let cols: Vec<String> = ns.spec.versions[0]
         .additional_printer_columns
         .iter()
@@ -89,14 +105,23 @@ fn crds_are_cluster_scoped_with_subresources_and_columns() {
         .collect();
     assert_eq!(cols, ["PROVIDER", "READY", "AGE"]);
     // Short names must not clash with built-in kinds (ns = namespaces, no = nodes).
-    assert_eq!(nc.spec.names.short_names.as_deref(), Some(&["nc".to_string()][..]));
-    assert_eq!(ns.spec.names.short_names.as_deref(), Some(&["nset".to_string()][..]));
+    assert_eq!(
+        nc.spec.names.short_names.as_deref(),
+        Some(&["nc".to_string()][..])
+    );
+    assert_eq!(
+        ns.spec.names.short_names.as_deref(),
+        Some(&["nset".to_string()][..])
+    );
 }
 
 #[test]
 fn a_good_nodeset_passes_the_cel_rules() {
     let schema = schema_of(&NodeSet::crd());
-    assert_eq!(cel_errors(&schema, &nodeset(good_nodeset_spec())), Vec::<String>::new());
+    assert_eq!(
+        cel_errors(&schema, &nodeset(good_nodeset_spec())),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -116,14 +141,20 @@ fn template_labels_that_do_not_match_the_selector_are_rejected() {
     spec["template"]["metadata"]["labels"] = json!({"pool": "other"});
     let errors = cel_errors(&schema, &nodeset(spec));
     assert!(
-        errors.iter().any(|e| e.contains("spec.template.metadata.labels")),
+        errors
+            .iter()
+            .any(|e| e.contains("spec.template.metadata.labels")),
         "{errors:?}"
     );
 
     let mut spec = good_nodeset_spec();
-    spec["selector"] = json!({"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a", "b"]}]});
+    spec["selector"] =
+        json!({"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a", "b"]}]});
     let errors = cel_errors(&schema, &nodeset(spec.clone()));
-    assert!(errors.iter().any(|e| e.contains("matchExpressions")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("matchExpressions")),
+        "{errors:?}"
+    );
     spec["template"]["metadata"]["labels"] = json!({"pool": "b"});
     assert_eq!(cel_errors(&schema, &nodeset(spec)), Vec::<String>::new());
 }
@@ -134,7 +165,10 @@ fn an_empty_selector_is_rejected() {
     let mut spec = good_nodeset_spec();
     spec["selector"] = json!({});
     let errors = cel_errors(&schema, &nodeset(spec));
-    assert!(errors.iter().any(|e| e.contains("spec.selector")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("spec.selector")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -147,18 +181,29 @@ fn a_provider_block_that_does_not_match_the_type_is_rejected() {
     let mismatched = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
         "spec": {"provider": {"type": "simulated", "exec": {"command": ["/bin/true"]}}}});
     let errors = cel_errors(&schema, &mismatched);
-    assert!(errors.iter().any(|e| e.contains("spec.provider.exec")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("spec.provider.exec")),
+        "{errors:?}"
+    );
 
     let missing = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
         "spec": {"provider": {"type": "aws"}}});
     let errors = cel_errors(&schema, &missing);
-    assert!(errors.iter().any(|e| e.contains("spec.provider.aws is required")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("spec.provider.aws is required")),
+        "{errors:?}"
+    );
 
     let both_images = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
         "spec": {"provider": {"type": "aws", "aws": {"region": "eu-west-1", "instanceType": "m7i.large",
             "ami": "ami-1", "amiSsmParameter": "/x", "subnetIds": ["subnet-1"]}}}});
     let errors = cel_errors(&schema, &both_images);
-    assert!(errors.iter().any(|e| e.contains("ami and amiSsmParameter")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("ami and amiSsmParameter")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -166,7 +211,10 @@ fn structural_constraints_name_their_fields() {
     // Checked by the API server's OpenAPI validation (not CEL): the schema carries them.
     let schema = schema_of(&NodeSet::crd());
     let spec = &schema["properties"]["spec"];
-    assert_eq!(spec["properties"]["replicas"]["minimum"].as_f64(), Some(0.0));
+    assert_eq!(
+        spec["properties"]["replicas"]["minimum"].as_f64(),
+        Some(0.0)
+    );
     assert!(
         spec["required"]
             .as_array()
@@ -174,7 +222,12 @@ fn structural_constraints_name_their_fields() {
             .contains(&json!("template"))
     );
     let tspec = &spec["properties"]["template"]["properties"]["spec"];
-    assert!(tspec["required"].as_array().expect("required").contains(&json!("nodeClassName")));
+    assert!(
+        tspec["required"]
+            .as_array()
+            .expect("required")
+            .contains(&json!("nodeClassName"))
+    );
     assert_eq!(tspec["properties"]["nodeClassName"]["minLength"], json!(1));
     let nc = schema_of(&NodeClass::crd());
     let ty = &nc["properties"]["spec"]["properties"]["provider"]["properties"]["type"];

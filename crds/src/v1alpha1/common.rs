@@ -71,7 +71,9 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
 
 /// Schema of a label map as the API server knows it: values are at most 63 characters. The
 /// bounds also keep the CEL rules that compare labels within the API server's cost budget.
-pub(crate) fn label_map_schema(max: u32) -> impl Fn(&mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(crate) fn label_map_schema(
+    max: u32,
+) -> impl Fn(&mut schemars::SchemaGenerator) -> schemars::Schema {
     move |_| {
         schemars::json_schema!({
             "type": "object",

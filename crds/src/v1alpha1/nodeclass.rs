@@ -29,8 +29,16 @@ use super::{NodeTaint, SecretReference};
     status = "NodeClassStatus",
     doc = "NodeClass describes how to make a machine for a Node: provider, machine type, image, zone and credentials.",
     printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider.type"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeClassSpec {
@@ -368,7 +376,8 @@ pub struct NodeClassStatus {
 }
 
 /// Default registration timeout.
-pub const DEFAULT_REGISTRATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+pub const DEFAULT_REGISTRATION_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(15 * 60);
 /// Default drain timeout.
 pub const DEFAULT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 /// Default bootstrap token lifetime.
