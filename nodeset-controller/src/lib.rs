@@ -1,1 +1,262 @@
-//! nodeset-controller
+//! The NodeSet controller: keeps exactly `spec.replicas` Nodes of a NodeClass, the way the
+//! ReplicaSet controller keeps pods.
+//!
+//! It owns the Node *objects* of a NodeSet: it creates them (the node-controller then makes
+//! their machines), deletes them in a defined order when scaling down or replacing Failed
+//! ones, adopts matching orphans, releases Nodes whose labels stop matching, and writes the
+//! NodeSet's status. It never talks to a cloud.
+//!
+//! Never overshooting is the point (see [`plan`] for the arithmetic):
+//!
+//! * every create or delete is decided from a consistent read of the children (a fresh
+//!   `list` from the API server), never from the watch cache alone;
+//! * the controller records the names it is about to create or delete ([`expectations`]) and
+//!   does not scale a NodeSet again until its watch has seen them, as kube-controller-manager's
+//!   ReplicaSet controller does;
+//! * creates go in slow-start batches (1, 2, 4, …, at most [`Config::max_create_batch`] per
+//!   pass) and stop at the first failure.
+//!
+//! A healthy Node costs this controller exactly two writes over its life: its create (with the
+//! finalizer, taints, labels, annotations and owner reference all in it) and its delete.
+//! Events are aggregated per batch and the NodeSet status is written at most once per pass,
+//! only when it changed.
+
+pub mod error;
+pub mod expectations;
+pub mod metrics;
+pub mod observe;
+pub mod plan;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::PostParams;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use kube_node_crds::v1alpha1::{NodeClass, NodeSet};
+
+pub use error::Error;
+pub use metrics::Metrics;
+pub use observe::{InstanceError, InstanceState, NodeInstance, nodeset_instances};
+
+use crate::expectations::Expectations;
+use crate::observe::nodeset_owner;
+use crate::reconcile::Context;
+
+/// The name events are reported under.
+pub const REPORTER: &str = "kube-node-nodeset-controller";
+
+/// How the controller runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// How many NodeSets are reconciled at once.
+    pub concurrency: u16,
+    /// The most Nodes one pass creates (the slow-start series 1, 2, 4, … stops there), like
+    /// the ReplicaSet controller's `burstReplicas`.
+    pub max_create_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_create_batch: 500,
+        }
+    }
+}
+
+/// Runs the NodeSet controller until `shutdown` completes (then finishes the passes in
+/// flight and returns).
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let nodesets: Api<NodeSet> = Api::all(client.clone());
+    let expectations = Arc::new(Expectations::default());
+
+    // Nodes: one watch feeds the cache, the expectations (as events arrive, after the cache
+    // has them, like an informer's event handler) and the reconcile triggers.
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let observer = expectations.clone();
+    let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(observe::trim_node)
+        .reflect(node_writer)
+        .inspect_ok(move |event| observer.observe_event(event))
+        .touched_objects();
+
+    let (class_store, class_writer) = reflector::store::<NodeClass>();
+    let class_events = watcher(
+        Api::<NodeClass>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(class_writer)
+    .touched_objects();
+
+    let controller = Controller::new(nodesets, watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(config.concurrency));
+    let by_node = controller.store();
+    let by_class = controller.store();
+
+    // A shutdown future the runtime can hold (it wants `Sync`).
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    });
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        nodes: node_store,
+        classes: class_store,
+        expectations,
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: REPORTER.to_string(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        metrics,
+        config,
+        failures: Mutex::new(HashMap::new()),
+        create_failures: Mutex::new(HashMap::new()),
+        create_backoff: Mutex::new(HashMap::new()),
+        written: Mutex::new(HashMap::new()),
+    });
+
+    controller
+        .watches_stream(node_events, move |node: Node| {
+            nodesets_of_node(&by_node, &node)
+        })
+        .watches_stream(class_events, move |class: NodeClass| {
+            nodesets_of_class(&by_class, &class)
+        })
+        .graceful_shutdown_on(async move {
+            let _ = stop_rx.await;
+        })
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+/// The NodeSets a Node event concerns: its controller (a NodeSet), every NodeSet that could
+/// adopt it (it has no controller and matches the selector), and any NodeSet naming it in
+/// `spec.removeNodes`.
+fn nodesets_of_node(nodesets: &Store<NodeSet>, node: &Node) -> Vec<ObjectRef<NodeSet>> {
+    let mut out = Vec::new();
+    let owner = nodeset_owner(node).map(|(name, _)| name.to_string());
+    if let Some(name) = &owner {
+        out.push(ObjectRef::new(name));
+    }
+    let has_controller = node
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true));
+    let name = node.name_any();
+    for ns in nodesets.state() {
+        if owner.as_deref() == ns.metadata.name.as_deref() {
+            continue;
+        }
+        if (!has_controller && ns.spec.selector.matches(node.labels()))
+            || ns.spec.remove_nodes.contains(&name)
+        {
+            out.push(ObjectRef::from_obj(ns.as_ref()));
+        }
+    }
+    out
+}
+
+/// The NodeSets using a NodeClass (its generation drives the outdated count).
+fn nodesets_of_class(nodesets: &Store<NodeSet>, class: &NodeClass) -> Vec<ObjectRef<NodeSet>> {
+    let name = class.name_any();
+    nodesets
+        .state()
+        .iter()
+        .filter(|ns| ns.spec.template.spec.node_class_name == name)
+        .map(|ns| ObjectRef::from_obj(ns.as_ref()))
+        .collect()
+}
+
+/// Removes exactly the named Nodes from a NodeSet in one write: a single update of the
+/// NodeSet (with its resourceVersion as precondition) that appends the names to
+/// `spec.removeNodes` and lowers `spec.replicas` by the number of them that are live Nodes of
+/// the NodeSet not already being removed. The controller then deletes exactly these Nodes.
+///
+/// Refuses names that are not Nodes of this NodeSet (another NodeSet's, unowned, or
+/// nonexistent) and removals that would take `replicas` below `spec.minSize`. Names already in
+/// `spec.removeNodes` are accepted and ignored, so a retry is harmless. On a conflict the
+/// NodeSet is read again and the update retried (a few times).
+pub async fn remove_nodes(client: &Client, nodeset: &str, names: &[String]) -> Result<(), Error> {
+    let api: Api<NodeSet> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    for _ in 0..5 {
+        let mut ns = api.get(nodeset).await?;
+        let uid = ns
+            .metadata
+            .uid
+            .clone()
+            .ok_or(Error::MissingField("metadata.uid"))?;
+        let mut add: Vec<String> = Vec::new();
+        let mut refused: Vec<String> = Vec::new();
+        for name in names {
+            if ns.spec.remove_nodes.contains(name) || add.contains(name) {
+                continue;
+            }
+            match nodes.get_opt(name).await? {
+                Some(node) if nodeset_owner(&node).is_some_and(|(_, u)| u == uid) => {
+                    if node.metadata.deletion_timestamp.is_none() {
+                        add.push(name.clone());
+                    }
+                }
+                _ => refused.push(name.clone()),
+            }
+        }
+        if !refused.is_empty() {
+            return Err(Error::NotChildren {
+                nodeset: nodeset.to_string(),
+                names: refused,
+            });
+        }
+        if add.is_empty() {
+            return Ok(());
+        }
+        let count = i32::try_from(add.len()).unwrap_or(i32::MAX);
+        let replicas = ns.spec.replicas.saturating_sub(count).max(0);
+        if let Some(min_size) = ns.spec.min_size
+            && replicas < min_size
+        {
+            return Err(Error::BelowMinSize {
+                nodeset: nodeset.to_string(),
+                count: add.len(),
+                min_size,
+            });
+        }
+        ns.spec.remove_nodes.extend(add);
+        ns.spec.replicas = replicas;
+        // `replace` sends metadata.resourceVersion: a concurrent change gets a 409.
+        match api.replace(nodeset, &PostParams::default(), &ns).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.is_conflict() => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Conflict(nodeset.to_string()))
+}

@@ -1,0 +1,759 @@
+//! The pure planner: what a NodeSet must do, given what it wants and the Nodes that exist.
+//!
+//! Nothing here touches the cluster, so every rule of scaling, replacement, removal and
+//! adoption is tested here, most of it with property tests.
+//!
+//! # Nodes being deleted
+//!
+//! A Node with a `deletionTimestamp` still has a machine until the node-controller removes its
+//! finalizer, so it still costs money. The planner therefore treats it in two ways:
+//!
+//! * it does **not** count toward the replicas kept: scaling down only looks at the Nodes that
+//!   are not being deleted, so a slow machine teardown never stalls a scale-down (and a Node
+//!   already on its way out is, in effect, the first victim);
+//! * it **does** count toward the cap on creates: creates are `replicas − (alive + deleting)`,
+//!   so the number of Nodes (with a machine) never exceeds `max(replicas, Nodes that already
+//!   exist)`. A replacement (of a Failed or named Node) is made only once the old Node is gone.
+
+use std::collections::{BTreeSet, HashMap};
+
+use jiff::{SignedDuration, Timestamp};
+use kube_node_crds::v1alpha1::DeletePolicy;
+
+/// Who controls a Node, seen from one NodeSet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ownership {
+    /// Its controller owner reference is this NodeSet (by UID).
+    Ours,
+    /// It has no controller owner reference.
+    Orphan,
+    /// Another object controls it.
+    Other,
+}
+
+/// The health of a Node, as the NodeSet ranks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Health {
+    /// Its `MachineReady` condition says `Failed` (registration timeout, vanished machine, …).
+    Failed,
+    /// Its kubelet has never reported Ready (the machine is pending, launching or registering).
+    Unregistered,
+    /// It registered once but its kubelet is not Ready now.
+    NotReady,
+    /// Its kubelet reports Ready.
+    Ready,
+}
+
+/// A failure reported on a Node (the `MachineReady` condition of a Node that is not Ready).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// PascalCase reason (the provider's error reason when the node-controller gave one).
+    pub reason: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// What the planner needs to know about one Node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildNode {
+    /// The Node's name.
+    pub name: String,
+    /// Who controls it.
+    pub ownership: Ownership,
+    /// Whether its labels match the NodeSet's selector.
+    pub matches_selector: bool,
+    /// Whether its `kube-node.io/node-class` annotation names the template's class.
+    pub class_matches: bool,
+    /// Whether it has a `deletionTimestamp`.
+    pub deleting: bool,
+    /// Whether it carries the `kube-node.io/delete-node` annotation (any value but `false`).
+    pub delete_marked: bool,
+    /// How healthy it is.
+    pub health: Health,
+    /// Since when its kubelet is Ready (when it is).
+    pub ready_since: Option<Timestamp>,
+    /// Its creation time (`None` sorts as the newest).
+    pub created: Option<Timestamp>,
+    /// The NodeClass generation it was built from.
+    pub class_generation: Option<i64>,
+    /// The failure its `MachineReady` condition reports, if any.
+    pub failure: Option<Failure>,
+}
+
+/// What the NodeSet wants, resolved from its spec and its NodeClass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    /// `spec.replicas`.
+    pub replicas: usize,
+    /// `spec.removeNodes`.
+    pub remove_nodes: Vec<String>,
+    /// `spec.deletePolicy`, defaulted.
+    pub delete_policy: DeletePolicy,
+    /// `spec.maxUnhealthy` resolved to a count.
+    pub max_unhealthy: usize,
+    /// `spec.minReadySeconds`.
+    pub min_ready: SignedDuration,
+    /// The current NodeClass generation, when the class exists.
+    pub class_generation: Option<i64>,
+    /// Seed of the `Random` delete policy.
+    pub seed: u64,
+}
+
+/// The counts a NodeSet's status reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Nodes of the NodeSet, including the ones being deleted.
+    pub replicas: usize,
+    /// Nodes (not being deleted) whose kubelet is Ready.
+    pub ready: usize,
+    /// Ready Nodes that have been Ready for `minReadySeconds`.
+    pub available: usize,
+    /// Failed Nodes plus registered Nodes whose kubelet is not Ready.
+    pub unhealthy: usize,
+    /// Nodes built from an older NodeClass generation.
+    pub outdated: usize,
+}
+
+/// What to do. Applying all of it and planning again yields [`Plan::is_idle`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Orphans to adopt (owner reference added).
+    pub adopt: Vec<String>,
+    /// Nodes to release (owner reference removed): ours, but their labels no longer match.
+    pub release: Vec<String>,
+    /// How many Nodes to create.
+    pub creates: usize,
+    /// Nodes to delete: named removals, then scale-down victims in victim order, then Failed
+    /// Nodes being replaced (the last `replacements` entries).
+    pub deletes: Vec<String>,
+    /// How many of `deletes` are Failed Nodes being replaced.
+    pub replacements: usize,
+    /// Names in `spec.removeNodes` that are Nodes, but not of this NodeSet.
+    pub refused_removals: Vec<String>,
+    /// Names in `spec.removeNodes` whose Node is gone: to drop from the spec.
+    pub prune_removals: Vec<String>,
+    /// Whether more Nodes are unhealthy than `maxUnhealthy` (replacements paused).
+    pub circuit_breaker_open: bool,
+    /// `maxUnhealthy` as a count.
+    pub max_unhealthy: usize,
+    /// Status counts (before the plan is applied).
+    pub counts: Counts,
+    /// The most relevant Node failure, with how many Nodes report one.
+    pub failure: Option<(Failure, usize)>,
+    /// When the next Ready Node becomes available (for the requeue).
+    pub next_available_in: Option<SignedDuration>,
+}
+
+impl Plan {
+    /// Whether the plan writes nothing to Nodes and nothing to the spec.
+    pub fn is_idle(&self) -> bool {
+        self.adopt.is_empty()
+            && self.release.is_empty()
+            && self.creates == 0
+            && self.deletes.is_empty()
+            && self.prune_removals.is_empty()
+    }
+
+    /// Whether the plan creates or deletes Nodes (the actions that need a consistent read).
+    pub fn scales(&self) -> bool {
+        self.creates > 0 || !self.deletes.is_empty()
+    }
+}
+
+/// Whether a child is a member of the NodeSet once the plan's adoptions are done.
+fn member(c: &ChildNode) -> bool {
+    match c.ownership {
+        Ownership::Ours => c.matches_selector,
+        Ownership::Orphan => adoptable(c),
+        Ownership::Other => false,
+    }
+}
+
+fn adoptable(c: &ChildNode) -> bool {
+    c.ownership == Ownership::Orphan && c.matches_selector && c.class_matches && !c.deleting
+}
+
+/// The scale-down rank of a Node (lower goes first) after named removals.
+fn rank(c: &ChildNode) -> u8 {
+    if c.delete_marked {
+        0
+    } else {
+        match c.health {
+            Health::Failed | Health::Unregistered => 1,
+            Health::NotReady => 2,
+            Health::Ready => 3,
+        }
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a, then a splitmix finaliser) so `Random` is reproducible from
+/// the seed.
+fn mix(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Orders two Nodes of the same rank by the delete policy (the one to delete first is Less).
+fn policy_order(
+    policy: DeletePolicy,
+    seed: u64,
+    a: &ChildNode,
+    b: &ChildNode,
+) -> std::cmp::Ordering {
+    // `None` is a Node just created: the newest.
+    let newest_first = || match (a.created, b.created) {
+        (None, None) => std::cmp::Ordering::Equal,
+        (None, Some(_)) => std::cmp::Ordering::Less,
+        (Some(_), None) => std::cmp::Ordering::Greater,
+        (Some(x), Some(y)) => y.cmp(&x),
+    };
+    match policy {
+        DeletePolicy::Newest => newest_first().then_with(|| b.name.cmp(&a.name)),
+        DeletePolicy::Oldest => newest_first().reverse().then_with(|| a.name.cmp(&b.name)),
+        DeletePolicy::Random => mix(seed, &a.name)
+            .cmp(&mix(seed, &b.name))
+            .then_with(|| a.name.cmp(&b.name)),
+    }
+}
+
+/// The full victim order for scale-down among the given Nodes.
+pub fn victim_order(
+    policy: DeletePolicy,
+    seed: u64,
+    a: &ChildNode,
+    b: &ChildNode,
+) -> std::cmp::Ordering {
+    rank(a)
+        .cmp(&rank(b))
+        .then_with(|| policy_order(policy, seed, a, b))
+}
+
+/// Resolves `maxUnhealthy` (a count, or a percentage of replicas rounded up; default 50%).
+pub fn resolve_max_unhealthy(
+    value: Option<&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    replicas: usize,
+) -> Result<usize, String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let percent = |p: u64| -> usize {
+        let r = replicas as u64;
+        usize::try_from((r * p).div_ceil(100)).unwrap_or(usize::MAX)
+    };
+    match value {
+        None => Ok(percent(50)),
+        Some(IntOrString::Int(n)) => {
+            usize::try_from(*n).map_err(|_| format!("maxUnhealthy {n} is negative"))
+        }
+        Some(IntOrString::String(s)) => {
+            let digits = s
+                .trim()
+                .strip_suffix('%')
+                .ok_or_else(|| format!("maxUnhealthy {s:?} is neither a count nor a percentage"))?;
+            let p: u64 = digits
+                .trim()
+                .parse()
+                .map_err(|_| format!("maxUnhealthy {s:?} is not a valid percentage"))?;
+            Ok(percent(p.min(100_000)))
+        }
+    }
+}
+
+/// Plans one pass of a NodeSet. Pure: the same input always gives the same plan.
+pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
+    let mut out = Plan::default();
+    let r = desired.replicas;
+
+    let by_name: HashMap<&str, &ChildNode> =
+        children.iter().map(|c| (c.name.as_str(), c)).collect();
+
+    for c in children {
+        if adoptable(c) {
+            out.adopt.push(c.name.clone());
+        } else if c.ownership == Ownership::Ours && !c.matches_selector && !c.deleting {
+            out.release.push(c.name.clone());
+        }
+    }
+    out.adopt.sort();
+    out.release.sort();
+
+    let members: Vec<&ChildNode> = children.iter().filter(|c| member(c)).collect();
+    let alive: Vec<&ChildNode> = members.iter().copied().filter(|c| !c.deleting).collect();
+    let total = members.len();
+
+    // Status counts.
+    out.counts.replicas = total;
+    let mut next_available: Option<SignedDuration> = None;
+    for c in &alive {
+        if c.health == Health::Ready {
+            out.counts.ready += 1;
+            let since = c.ready_since.unwrap_or(now);
+            let ready_for = now.duration_since(since);
+            if ready_for >= desired.min_ready {
+                out.counts.available += 1;
+            } else {
+                let left = desired.min_ready - ready_for;
+                next_available = Some(next_available.map_or(left, |n| n.min(left)));
+            }
+        }
+        if matches!(c.health, Health::Failed | Health::NotReady) {
+            out.counts.unhealthy += 1;
+        }
+        if let (Some(current), Some(built)) = (desired.class_generation, c.class_generation)
+            && built < current
+        {
+            out.counts.outdated += 1;
+        }
+    }
+    out.next_available_in = next_available;
+
+    // The most relevant failure: Failed Nodes first, then by name, for a stable message.
+    let mut failing: Vec<&&ChildNode> = alive.iter().filter(|c| c.failure.is_some()).collect();
+    failing.sort_by(|a, b| a.health.cmp(&b.health).then_with(|| a.name.cmp(&b.name)));
+    if let Some(first) = failing.first()
+        && let Some(f) = &first.failure
+    {
+        out.failure = Some((f.clone(), failing.len()));
+    }
+
+    // Named removals.
+    let mut doomed: BTreeSet<&str> = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    for name in &desired.remove_nodes {
+        if !seen.insert(name.as_str()) {
+            continue;
+        }
+        match by_name.get(name.as_str()) {
+            None => out.prune_removals.push(name.clone()),
+            Some(c) if member(c) => {
+                if !c.deleting && doomed.insert(c.name.as_str()) {
+                    out.deletes.push(c.name.clone());
+                }
+            }
+            // Ours but leaving anyway (being deleted, or being released): wait until gone.
+            Some(c) if c.ownership == Ownership::Ours => {}
+            Some(_) => out.refused_removals.push(name.clone()),
+        }
+    }
+
+    // Scale down among the Nodes that stay; unhealthy ones go first.
+    let mut rest: Vec<&ChildNode> = alive
+        .iter()
+        .copied()
+        .filter(|c| !doomed.contains(c.name.as_str()))
+        .collect();
+    rest.sort_by(|a, b| victim_order(desired.delete_policy, desired.seed, a, b));
+    let extra = rest.len().saturating_sub(r);
+    for c in rest.iter().take(extra) {
+        out.deletes.push(c.name.clone());
+    }
+    let survivors = &rest[extra..];
+
+    // Failed survivors are replaced unless too many of the survivors are unhealthy. Judging the
+    // breaker on the survivors (not on the Nodes a scale-down removes anyway) keeps the plan
+    // stable: planning again after this one is applied gives the same verdict.
+    out.max_unhealthy = desired.max_unhealthy;
+    let unhealthy = survivors
+        .iter()
+        .filter(|c| matches!(c.health, Health::Failed | Health::NotReady))
+        .count();
+    out.circuit_breaker_open = unhealthy > desired.max_unhealthy;
+    if !out.circuit_breaker_open {
+        let mut failed: Vec<&&ChildNode> = survivors
+            .iter()
+            .filter(|c| c.health == Health::Failed)
+            .collect();
+        failed.sort_by(|a, b| a.name.cmp(&b.name));
+        for c in failed {
+            out.deletes.push(c.name.clone());
+            out.replacements += 1;
+        }
+    }
+
+    // Scale up, never above `replicas` counting the Nodes still being deleted.
+    out.creates = r.saturating_sub(total);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ts(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).expect("valid timestamp")
+    }
+
+    fn node(name: &str, created: i64) -> ChildNode {
+        ChildNode {
+            name: name.to_string(),
+            ownership: Ownership::Ours,
+            matches_selector: true,
+            class_matches: true,
+            deleting: false,
+            delete_marked: false,
+            health: Health::Ready,
+            ready_since: Some(ts(created)),
+            created: Some(ts(created)),
+            class_generation: Some(1),
+            failure: None,
+        }
+    }
+
+    fn desired(replicas: usize) -> Desired {
+        Desired {
+            replicas,
+            remove_nodes: vec![],
+            delete_policy: DeletePolicy::Newest,
+            max_unhealthy: replicas.div_ceil(2),
+            min_ready: SignedDuration::ZERO,
+            class_generation: Some(1),
+            seed: 7,
+        }
+    }
+
+    fn now() -> Timestamp {
+        ts(10_000)
+    }
+
+    #[test]
+    fn creates_missing_replicas() {
+        let p = plan(&desired(3), &[node("a", 1)], now());
+        assert_eq!(p.creates, 2);
+        assert!(p.deletes.is_empty());
+    }
+
+    #[test]
+    fn scale_down_deletes_newest_by_default() {
+        let kids = [node("a", 1), node("b", 3), node("c", 2)];
+        let p = plan(&desired(1), &kids, now());
+        assert_eq!(p.deletes, vec!["b", "c"]);
+        let mut d = desired(1);
+        d.delete_policy = DeletePolicy::Oldest;
+        assert_eq!(plan(&d, &kids, now()).deletes, vec!["a", "c"]);
+    }
+
+    #[test]
+    fn victim_order_follows_the_issue() {
+        let mut marked = node("marked", 1);
+        marked.delete_marked = true;
+        let mut failed = node("failed", 2);
+        failed.health = Health::Failed;
+        let mut unregistered = node("unregistered", 3);
+        unregistered.health = Health::Unregistered;
+        let mut not_ready = node("notready", 4);
+        not_ready.health = Health::NotReady;
+        let old = node("old", 0);
+        let new = node("new", 9);
+        let named = node("named", -5);
+        let kids = [
+            old.clone(),
+            new.clone(),
+            not_ready,
+            unregistered,
+            failed,
+            marked,
+            named,
+        ];
+        let mut d = desired(0);
+        d.remove_nodes = vec!["named".into()];
+        d.max_unhealthy = 0;
+        let p = plan(&d, &kids, now());
+        assert_eq!(
+            p.deletes,
+            vec![
+                "named",
+                "marked",
+                "unregistered",
+                "failed",
+                "notready",
+                "new",
+                "old"
+            ]
+        );
+    }
+
+    #[test]
+    fn deleting_nodes_do_not_count_as_kept_but_cap_creates() {
+        let mut gone = node("x", 1);
+        gone.deleting = true;
+        // 50 → 5: the deleting Node does not stop the scale-down.
+        let mut kids: Vec<_> = (0..6).map(|i| node(&format!("n{i}"), i)).collect();
+        kids.push(gone.clone());
+        let p = plan(&desired(5), &kids, now());
+        assert_eq!(p.deletes.len(), 1);
+        assert_eq!(p.creates, 0);
+        // 2 alive + 1 deleting with replicas 3: no create until the deleting one is gone.
+        let p = plan(&desired(3), &[node("a", 1), node("b", 2), gone], now());
+        assert_eq!(p.creates, 0);
+        assert!(p.deletes.is_empty());
+        let p = plan(&desired(3), &[node("a", 1), node("b", 2)], now());
+        assert_eq!(p.creates, 1);
+    }
+
+    #[test]
+    fn failed_nodes_are_replaced_until_the_breaker_opens() {
+        let mut f1 = node("f1", 1);
+        f1.health = Health::Failed;
+        let mut f2 = node("f2", 2);
+        f2.health = Health::Failed;
+        let kids = [f1.clone(), f2.clone(), node("a", 3), node("b", 4)];
+        let mut d = desired(4);
+        d.max_unhealthy = 2;
+        let p = plan(&d, &kids, now());
+        assert!(!p.circuit_breaker_open);
+        assert_eq!(p.deletes, vec!["f1", "f2"]);
+        assert_eq!(p.replacements, 2);
+        assert_eq!(p.creates, 0, "replacements wait for the failed Nodes to go");
+        d.max_unhealthy = 1;
+        let p = plan(&d, &kids, now());
+        assert!(p.circuit_breaker_open);
+        assert!(p.deletes.is_empty());
+    }
+
+    #[test]
+    fn removals_refuse_foreign_nodes_and_prune_gone_ones() {
+        let mut foreign = node("foreign", 1);
+        foreign.ownership = Ownership::Other;
+        let kids = [node("a", 1), node("b", 2), foreign];
+        let mut d = desired(1);
+        d.remove_nodes = vec!["a".into(), "foreign".into(), "gone".into()];
+        let p = plan(&d, &kids, now());
+        assert_eq!(p.deletes, vec!["a"]);
+        assert_eq!(p.refused_removals, vec!["foreign"]);
+        assert_eq!(p.prune_removals, vec!["gone"]);
+    }
+
+    #[test]
+    fn adoption_and_release() {
+        let mut orphan = node("orphan", 1);
+        orphan.ownership = Ownership::Orphan;
+        let mut wrong_class = node("wrongclass", 1);
+        wrong_class.ownership = Ownership::Orphan;
+        wrong_class.class_matches = false;
+        let mut other = node("other", 1);
+        other.ownership = Ownership::Other;
+        let mut relabelled = node("relabelled", 1);
+        relabelled.matches_selector = false;
+        let p = plan(
+            &desired(2),
+            &[orphan, wrong_class, other, relabelled, node("a", 1)],
+            now(),
+        );
+        assert_eq!(p.adopt, vec!["orphan"]);
+        assert_eq!(p.release, vec!["relabelled"]);
+        assert_eq!(p.creates, 0);
+        assert_eq!(p.counts.replicas, 2);
+    }
+
+    #[test]
+    fn counts_availability_and_outdated() {
+        let mut a = node("a", 9_990);
+        a.class_generation = Some(0);
+        let b = node("b", 1);
+        let mut d = desired(2);
+        d.min_ready = SignedDuration::from_secs(30);
+        let p = plan(&d, &[a, b], now());
+        assert_eq!(p.counts.ready, 2);
+        assert_eq!(p.counts.available, 1);
+        assert_eq!(p.counts.outdated, 1);
+        assert_eq!(p.next_available_in, Some(SignedDuration::from_secs(20)));
+    }
+
+    #[test]
+    fn max_unhealthy_resolution() {
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        assert_eq!(resolve_max_unhealthy(None, 5), Ok(3));
+        assert_eq!(resolve_max_unhealthy(Some(&IntOrString::Int(2)), 5), Ok(2));
+        assert_eq!(
+            resolve_max_unhealthy(Some(&IntOrString::String("10%".into())), 5),
+            Ok(1)
+        );
+        assert!(resolve_max_unhealthy(Some(&IntOrString::String("x".into())), 5).is_err());
+        assert!(resolve_max_unhealthy(Some(&IntOrString::Int(-1)), 5).is_err());
+    }
+
+    /// Applies a plan the way the controller and the cluster would (deletes only set the
+    /// deletionTimestamp: the machine teardown may take a while).
+    fn apply(desired: &mut Desired, children: &mut Vec<ChildNode>, p: &Plan) {
+        for c in children.iter_mut() {
+            if p.adopt.contains(&c.name) {
+                c.ownership = Ownership::Ours;
+            }
+            if p.release.contains(&c.name) {
+                c.ownership = Ownership::Orphan;
+            }
+            if p.deletes.contains(&c.name) {
+                c.deleting = true;
+            }
+        }
+        for i in 0..p.creates {
+            let mut n = node(&format!("new-{i}-{}", children.len()), 0);
+            n.created = None;
+            n.health = Health::Unregistered;
+            n.ready_since = None;
+            children.push(n);
+        }
+        desired
+            .remove_nodes
+            .retain(|n| !p.prune_removals.contains(n));
+    }
+
+    fn arb_child() -> impl Strategy<Value = ChildNode> {
+        (
+            0u8..3,
+            any::<bool>(),
+            any::<bool>(),
+            prop::bool::weighted(0.2),
+            prop::bool::weighted(0.2),
+            0u8..4,
+            0i64..50,
+            0i64..3,
+        )
+            .prop_map(
+                |(own, matches, class, deleting, marked, health, created, generation)| ChildNode {
+                    name: String::new(),
+                    ownership: match own {
+                        0 => Ownership::Ours,
+                        1 => Ownership::Orphan,
+                        _ => Ownership::Other,
+                    },
+                    matches_selector: matches || own == 0,
+                    class_matches: class,
+                    deleting,
+                    delete_marked: marked,
+                    health: match health {
+                        0 => Health::Failed,
+                        1 => Health::Unregistered,
+                        2 => Health::NotReady,
+                        _ => Health::Ready,
+                    },
+                    ready_since: Some(ts(created)),
+                    created: Some(ts(created)),
+                    class_generation: Some(generation),
+                    failure: None,
+                },
+            )
+    }
+
+    fn arb_case() -> impl Strategy<Value = (Desired, Vec<ChildNode>)> {
+        (
+            prop::collection::vec(arb_child(), 0..30),
+            0usize..30,
+            0usize..10,
+            0u8..3,
+            prop::collection::vec(0usize..40, 0..5),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(mut kids, replicas, max_unhealthy, policy, removes, seed)| {
+                    for (i, k) in kids.iter_mut().enumerate() {
+                        k.name = format!("n{i:02}");
+                    }
+                    let d = Desired {
+                        replicas,
+                        remove_nodes: removes.iter().map(|i| format!("n{i:02}")).collect(),
+                        delete_policy: match policy {
+                            0 => DeletePolicy::Newest,
+                            1 => DeletePolicy::Oldest,
+                            _ => DeletePolicy::Random,
+                        },
+                        max_unhealthy,
+                        min_ready: SignedDuration::ZERO,
+                        class_generation: Some(2),
+                        seed,
+                    };
+                    (d, kids)
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn creates_never_exceed_missing_replicas((d, kids) in arb_case()) {
+            let p = plan(&d, &kids, now());
+            let members = kids.iter().filter(|c| member(c)).count();
+            let alive = kids.iter().filter(|c| member(c) && !c.deleting).count();
+            prop_assert!(p.creates <= d.replicas.saturating_sub(alive));
+            // Never more Nodes than max(replicas, Nodes that exist).
+            prop_assert!(members + p.creates <= d.replicas.max(members));
+            if p.creates > 0 {
+                prop_assert!(members + p.creates == d.replicas);
+            }
+        }
+
+        #[test]
+        fn deletes_never_go_below_replicas((d, kids) in arb_case()) {
+            let p = plan(&d, &kids, now());
+            let alive = kids.iter().filter(|c| member(c) && !c.deleting).count();
+            let named = p.deletes.iter().filter(|n| d.remove_nodes.contains(n)).count();
+            let left = alive - p.deletes.len();
+            // Scale-down keeps `replicas` (or all that are not named); only Failed Nodes being
+            // replaced (re-created once gone) take it lower.
+            prop_assert!(left + p.replacements >= d.replicas.min(alive - named));
+            // Every delete is a live member, each at most once.
+            let set: BTreeSet<_> = p.deletes.iter().collect();
+            prop_assert_eq!(set.len(), p.deletes.len());
+            for n in &p.deletes {
+                let c = kids.iter().find(|c| &c.name == n).expect("deleted Node exists");
+                prop_assert!(member(c) && !c.deleting);
+            }
+        }
+
+        #[test]
+        fn victims_are_ordered((d, kids) in arb_case()) {
+            let p = plan(&d, &kids, now());
+            let named: Vec<_> = p.deletes.iter().filter(|n| d.remove_nodes.contains(n)).cloned().collect();
+            // Named removals come first.
+            prop_assert_eq!(&p.deletes[..named.len()], &named[..]);
+            let scale_down = &p.deletes[named.len()..p.deletes.len() - p.replacements];
+            let victims: Vec<&ChildNode> = scale_down
+                .iter()
+                .filter_map(|n| kids.iter().find(|c| &c.name == n))
+                .collect();
+            for w in victims.windows(2) {
+                prop_assert!(victim_order(d.delete_policy, d.seed, w[0], w[1]) != std::cmp::Ordering::Greater);
+            }
+            // No Node that stays should have gone before a victim.
+            let stays: Vec<&ChildNode> = kids
+                .iter()
+                .filter(|c| member(c) && !c.deleting && !p.deletes.contains(&c.name))
+                .collect();
+            for v in &victims {
+                for s in &stays {
+                    prop_assert!(victim_order(d.delete_policy, d.seed, v, s) != std::cmp::Ordering::Greater);
+                }
+            }
+        }
+
+        #[test]
+        fn replanning_after_applying_is_idle((d, kids) in arb_case()) {
+            let mut d = d;
+            let mut kids = kids;
+            let p = plan(&d, &kids, now());
+            apply(&mut d, &mut kids, &p);
+            let again = plan(&d, &kids, now());
+            prop_assert!(again.is_idle(), "first {:?}, then {:?}", p, again);
+        }
+
+        #[test]
+        fn deletes_finishing_converges_to_replicas((d, kids) in arb_case()) {
+            // Once deleting Nodes are gone, creates fill exactly up to replicas.
+            let mut d = d;
+            let mut kids = kids;
+            for _ in 0..4 {
+                let p = plan(&d, &kids, now());
+                apply(&mut d, &mut kids, &p);
+                kids.retain(|c| !c.deleting);
+            }
+            let alive = kids.iter().filter(|c| member(c) && !c.deleting).count();
+            prop_assert_eq!(alive, d.replicas);
+        }
+    }
+}

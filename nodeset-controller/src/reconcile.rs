@@ -1,0 +1,1182 @@
+//! One pass of a NodeSet: look up → plan → act → write status.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use kube::api::{
+    DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions,
+};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use kube_node_crds::names::{
+    CIRCUIT_BREAKER_CONDITION, FIELD_MANAGER, MACHINE_FINALIZER, NODE_CLASS_ANNOTATION,
+    NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, NODESET_LABEL, OUTDATED_CONDITION,
+    READY_CONDITION, REPLICA_FAILURE_CONDITION, UNREGISTERED_TAINT,
+};
+use kube_node_crds::v1alpha1::{NodeClass, NodeSet, NodeSetStatus};
+use rand::Rng;
+use serde_json::json;
+
+use crate::expectations::Expectations;
+use crate::observe::{child, phase_counts, related};
+use crate::plan::{ChildNode, Desired, Failure, Ownership, Plan, plan, resolve_max_unhealthy};
+use crate::{Config, Error, Metrics};
+
+/// The periodic resync of a healthy NodeSet.
+const RESYNC: Duration = Duration::from_secs(300);
+/// The requeue while expectations are pending (watch events normally come much sooner).
+const PENDING_RECHECK: Duration = Duration::from_secs(30);
+/// How long a pass waits for the Node cache's first list.
+const CACHE_WAIT: Duration = Duration::from_secs(30);
+/// Attempts at a fresh random name when a create hits an existing Node.
+const NAME_ATTEMPTS: usize = 3;
+
+/// What every reconcile shares.
+pub(crate) struct Context {
+    pub client: Client,
+    pub nodes: Store<Node>,
+    pub classes: Store<NodeClass>,
+    pub expectations: Arc<Expectations>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub config: Config,
+    /// Consecutive failures per NodeSet, for the error policy's backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// The last create failure per NodeSet, shown in ReplicaFailure until a create succeeds.
+    pub create_failures: Mutex<HashMap<String, Failure>>,
+    /// Per NodeSet: consecutive failed create passes and when creating may be tried again.
+    /// Enforced in the pass itself, since our own status writes trigger passes sooner than the
+    /// error policy's requeue.
+    pub create_backoff: Mutex<HashMap<String, (u32, Instant)>>,
+    /// The status last written per NodeSet UID (our cache may not show it yet).
+    pub written: Mutex<HashMap<String, NodeSetStatus>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The reconcile entry point: times and counts the pass.
+pub(crate) async fn reconcile(ns: Arc<NodeSet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let name = ns.name_any();
+    let span = tracing::info_span!("reconcile", nodeset = %name);
+    let result = tracing::Instrument::instrument(reconcile_inner(&ns, &ctx), span).await;
+    let label = match &result {
+        Ok(_) => {
+            lock(&ctx.failures).remove(&name);
+            "success"
+        }
+        Err(e) => {
+            if e.needs_change() {
+                record_invalid_spec(&ns, &ctx, e).await;
+            }
+            e.reason()
+        }
+    };
+    ctx.metrics
+        .reconciled(label, started.elapsed().as_secs_f64());
+    result
+}
+
+/// Per-NodeSet exponential backoff: 1 s, 2 s, 4 s, … up to 5 minutes.
+pub(crate) fn error_policy(ns: Arc<NodeSet>, err: &Error, ctx: Arc<Context>) -> Action {
+    let name = ns.name_any();
+    let n = {
+        let mut f = lock(&ctx.failures);
+        let n = f.entry(name.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n);
+    tracing::warn!(nodeset = %name, reason = err.reason(), error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The delay after `n` consecutive failures.
+pub(crate) fn backoff(n: u32) -> Duration {
+    let secs = 1u64 << n.saturating_sub(1).min(9);
+    Duration::from_secs(secs.min(300))
+}
+
+/// The labels of a created Node: the template's, plus the NodeSet and NodeClass labels when
+/// they do not stop the selector from matching.
+pub(crate) fn node_labels(ns: &NodeSet) -> Result<BTreeMap<String, String>, Error> {
+    let mut labels = ns.spec.template.metadata.labels.clone().unwrap_or_default();
+    let extras = [
+        (NODESET_LABEL, ns.name_any()),
+        (
+            NODE_CLASS_LABEL,
+            ns.spec.template.spec.node_class_name.clone(),
+        ),
+    ];
+    for (k, v) in extras {
+        // A label value has at most 63 characters; object names may be longer.
+        if labels.contains_key(k) || v.len() > 63 {
+            continue;
+        }
+        labels.insert(k.to_string(), v);
+        if !ns.spec.selector.matches(&labels) {
+            labels.remove(k);
+        }
+    }
+    // Without this, created Nodes would never count as ours and creates would never stop.
+    if !ns.spec.selector.matches(&labels) {
+        return Err(Error::InvalidSpec(
+            "spec.selector does not match spec.template.metadata.labels (or is empty)".into(),
+        ));
+    }
+    Ok(labels)
+}
+
+/// A random Node name `<nodeset>-<5 of [a-z0-9]>`.
+fn node_name(nodeset: &str) -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..5)
+        .map(|_| char::from(CHARS[rng.random_range(0..CHARS.len())]))
+        .collect();
+    format!("{nodeset}-{suffix}")
+}
+
+/// The Node a NodeSet creates.
+pub(crate) fn build_node(
+    ns: &NodeSet,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    class_generation: Option<i64>,
+) -> Result<Node, Error> {
+    let uid = ns
+        .metadata
+        .uid
+        .clone()
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    let class = &ns.spec.template.spec.node_class_name;
+    let mut annotations = ns
+        .spec
+        .template
+        .metadata
+        .annotations
+        .clone()
+        .unwrap_or_default();
+    annotations.insert(NODE_CLASS_ANNOTATION.to_string(), class.clone());
+    if let Some(g) = class_generation {
+        annotations.insert(NODE_CLASS_GENERATION_ANNOTATION.to_string(), g.to_string());
+    }
+    let mut taints: Vec<Taint> = ns
+        .spec
+        .template
+        .spec
+        .taints
+        .iter()
+        .map(|t| t.to_core())
+        .collect();
+    if !taints.iter().any(|t| t.key == UNREGISTERED_TAINT) {
+        taints.push(Taint {
+            key: UNREGISTERED_TAINT.to_string(),
+            value: None,
+            effect: "NoExecute".to_string(),
+            time_added: None,
+        });
+    }
+    Ok(Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some(labels.clone()),
+            annotations: Some(annotations),
+            finalizers: Some(vec![MACHINE_FINALIZER.to_string()]),
+            owner_references: Some(vec![owner_reference(ns.name_any(), uid)]),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            taints: Some(taints),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+fn owner_reference(name: String, uid: String) -> OwnerReference {
+    OwnerReference {
+        api_version: NodeSet::api_version(&()).to_string(),
+        kind: NodeSet::kind(&()).to_string(),
+        name,
+        uid,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// The children the planner sees, from the cache.
+fn cached_children(ns: &NodeSet, nodes: &Store<Node>) -> (Vec<ChildNode>, Vec<Arc<Node>>) {
+    let related: Vec<Arc<Node>> = nodes
+        .state()
+        .into_iter()
+        .filter(|n| related(ns, n))
+        .collect();
+    let children = related.iter().map(|n| child(ns, n)).collect();
+    (children, related)
+}
+
+/// The children the planner sees, from a consistent read: the Nodes matching the selector as
+/// the API server has them now, plus the cached non-matching Nodes that concern the NodeSet
+/// (ours to release, or named in `spec.removeNodes`).
+async fn fresh_children(
+    ns: &NodeSet,
+    ctx: &Context,
+    cached: &[Arc<Node>],
+) -> Result<(Vec<ChildNode>, Vec<Node>), Error> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let selector = ns.spec.selector.to_selector_string();
+    let listed = api.list(&ListParams::default().labels(&selector)).await?;
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut nodes: Vec<Node> = Vec::with_capacity(listed.items.len());
+    for n in listed.items {
+        // The server applied the selector; check again in case it reads it differently.
+        if ns.spec.selector.matches(n.labels()) {
+            seen.insert(n.name_any());
+            nodes.push(n);
+        }
+    }
+    for n in cached {
+        if !seen.contains(&n.name_any()) && !ns.spec.selector.matches(n.labels()) {
+            nodes.push(n.as_ref().clone());
+        }
+    }
+    let children = nodes
+        .iter()
+        .filter(|n| related(ns, n))
+        .map(|n| child(ns, n))
+        .collect();
+    Ok((children, nodes))
+}
+
+async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
+    let name = ns
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    let uid = ns
+        .metadata
+        .uid
+        .clone()
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    if ns.metadata.deletion_timestamp.is_some() {
+        // Garbage collection deletes (or orphans) the Nodes; nothing to fight over.
+        ctx.expectations.clear(&name);
+        return Ok(Action::await_change());
+    }
+    // Until the Node cache has listed once, it would show no children at all.
+    match tokio::time::timeout(CACHE_WAIT, ctx.nodes.wait_until_ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => return Err(Error::Watch("the Node cache is not ready".into())),
+    }
+    let now = Timestamp::now();
+
+    // Look up and validate.
+    let class_name = &ns.spec.template.spec.node_class_name;
+    let class = ctx.classes.get(&ObjectRef::new(class_name));
+    let class_generation = class.as_ref().and_then(|c| c.metadata.generation);
+    let replicas = usize::try_from(ns.spec.replicas).map_err(|_| {
+        Error::InvalidSpec(format!("spec.replicas {} is negative", ns.spec.replicas))
+    })?;
+    let max_unhealthy = resolve_max_unhealthy(ns.spec.max_unhealthy.as_ref(), replicas)
+        .map_err(Error::InvalidSpec)?;
+    let labels = node_labels(ns)?;
+    let min_ready =
+        SignedDuration::from_secs(i64::from(ns.spec.min_ready_seconds.unwrap_or(0).max(0)));
+    let desired = Desired {
+        replicas,
+        remove_nodes: ns.spec.remove_nodes.clone(),
+        delete_policy: ns.spec.delete_policy(),
+        max_unhealthy,
+        min_ready,
+        class_generation,
+        seed: rand::random(),
+    };
+
+    // Observe and plan, from the cache first.
+    let (children, cached) = cached_children(ns, &ctx.nodes);
+    let mut the_plan = plan(&desired, &children, now);
+    let satisfied = ctx.expectations.satisfied(&name);
+    if satisfied {
+        // Expired leftovers must not hold the next pass back.
+        ctx.expectations.clear(&name);
+    }
+    let mut fresh_nodes: Option<Vec<Node>> = None;
+    if satisfied && the_plan.scales() {
+        // Never scale from the cache alone: re-plan from what the API server has now.
+        let (fresh, nodes) = fresh_children(ns, ctx, &cached).await?;
+        the_plan = plan(&desired, &fresh, now);
+        fresh_nodes = Some(nodes);
+    }
+    tracing::debug!(
+        creates = the_plan.creates,
+        deletes = the_plan.deletes.len(),
+        adopt = the_plan.adopt.len(),
+        release = the_plan.release.len(),
+        satisfied,
+        "planned"
+    );
+
+    // Act.
+    let node_api: Api<Node> = Api::all(ctx.client.clone());
+    let lookup = |n: &str| -> Option<Node> {
+        fresh_nodes
+            .as_ref()
+            .and_then(|f| {
+                f.iter()
+                    .find(|x| x.metadata.name.as_deref() == Some(n))
+                    .cloned()
+            })
+            .or_else(|| {
+                cached
+                    .iter()
+                    .find(|x| x.metadata.name.as_deref() == Some(n))
+                    .map(|x| x.as_ref().clone())
+            })
+    };
+    for n in &the_plan.adopt {
+        if let Some(node) = lookup(n) {
+            adopt(&node_api, &node, &name, &uid).await?;
+        }
+    }
+    for n in &the_plan.release {
+        if let Some(node) = lookup(n) {
+            release(&node_api, &node, &uid).await?;
+        }
+    }
+    let mut create_error: Option<Error> = None;
+    let mut create_hold: Option<Instant> = None;
+    if satisfied && the_plan.creates == 0 {
+        // Nothing left to create: an old create failure no longer describes the NodeSet.
+        lock(&ctx.create_failures).remove(&name);
+    }
+    if satisfied {
+        if !the_plan.deletes.is_empty() {
+            delete_nodes(ns, ctx, &node_api, &the_plan, &lookup).await;
+        }
+        let hold = lock(&ctx.create_backoff)
+            .get(&name)
+            .map(|(_, until)| *until)
+            .filter(|until| *until > Instant::now());
+        if the_plan.creates > 0
+            && let Some(until) = hold
+        {
+            tracing::debug!(retry_in = ?until.saturating_duration_since(Instant::now()), "creates held back after a failure");
+            create_hold = Some(until);
+        } else if the_plan.creates > 0 {
+            let count = the_plan.creates.min(ctx.config.max_create_batch.max(1));
+            if let Err(e) = create_nodes(ns, ctx, &node_api, count, &labels, class_generation).await
+            {
+                create_error = Some(e);
+            }
+        }
+    }
+    if !the_plan.prune_removals.is_empty() {
+        prune_removals(ns, ctx, &the_plan.prune_removals).await?;
+    }
+
+    // Status, once.
+    let create_failure = lock(&ctx.create_failures).get(&name).cloned();
+    let previous = lock(&ctx.written)
+        .get(&uid)
+        .cloned()
+        .or_else(|| ns.status.clone())
+        .unwrap_or_default();
+    let status = build_status(
+        ns,
+        &desired,
+        &the_plan,
+        create_failure.as_ref(),
+        class.is_some(),
+        &previous,
+        now,
+    );
+    if status != previous {
+        write_status(ns, ctx, &status).await?;
+        if condition_true(&status, CIRCUIT_BREAKER_CONDITION)
+            && !condition_true(&previous, CIRCUIT_BREAKER_CONDITION)
+        {
+            let message = format!(
+                "{} Nodes are unhealthy (maxUnhealthy {}): replacing Failed Nodes is paused",
+                the_plan.counts.unhealthy, the_plan.max_unhealthy
+            );
+            publish(
+                ctx,
+                ns,
+                EventType::Warning,
+                CIRCUIT_BREAKER_CONDITION,
+                "Replace",
+                message,
+            )
+            .await;
+        }
+    }
+
+    // Metrics: Nodes of this NodeSet by phase.
+    let ours: Vec<&Node> = cached
+        .iter()
+        .map(|n| n.as_ref())
+        .filter(|n| child(ns, n).ownership == Ownership::Ours)
+        .collect();
+    for (phase, count) in phase_counts(ours) {
+        ctx.metrics
+            .nodes
+            .get_or_create(&crate::metrics::NodesLabels {
+                nodeset: name.clone(),
+                phase,
+            })
+            .set(count);
+    }
+
+    if let Some(e) = create_error {
+        return Err(e);
+    }
+    let (pending_creates, pending_deletes) = ctx.expectations.pending(&name);
+    let mut requeue = RESYNC;
+    if pending_creates + pending_deletes > 0 {
+        requeue = requeue.min(PENDING_RECHECK);
+    }
+    if let Some(until) = create_hold {
+        requeue = requeue.min(until.saturating_duration_since(Instant::now()));
+    }
+    if let Some(left) = the_plan.next_available_in {
+        let left = Duration::try_from(left).unwrap_or_default() + Duration::from_millis(100);
+        requeue = requeue.min(left);
+    }
+    Ok(Action::requeue(requeue))
+}
+
+fn condition_true(status: &NodeSetStatus, type_: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Adopts an orphan: adds our controller owner reference. The merge patch carries the Node's
+/// resourceVersion, so it fails (409) if the Node changed since we judged it adoptable, e.g.
+/// if another controller adopted it first.
+async fn adopt(api: &Api<Node>, node: &Node, nodeset: &str, uid: &str) -> Result<(), Error> {
+    let mut refs = node.metadata.owner_references.clone().unwrap_or_default();
+    refs.push(owner_reference(nodeset.to_string(), uid.to_string()));
+    let patch = json!({"metadata": {
+        "resourceVersion": node.metadata.resource_version,
+        "ownerReferences": refs,
+    }});
+    match api
+        .patch(
+            &node.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(node = %node.name_any(), "adopted node");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Releases a Node whose labels no longer match: removes our owner reference (with the same
+/// resourceVersion precondition as [`adopt`]).
+async fn release(api: &Api<Node>, node: &Node, uid: &str) -> Result<(), Error> {
+    let refs: Vec<OwnerReference> = node
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.uid != uid)
+        .cloned()
+        .collect();
+    let patch = json!({"metadata": {
+        "resourceVersion": node.metadata.resource_version,
+        "ownerReferences": refs,
+    }});
+    match api
+        .patch(
+            &node.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(node = %node.name_any(), "released node");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the plan's victims in parallel, each with a UID precondition so a Node re-created
+/// under the same name is never hit.
+async fn delete_nodes(
+    ns: &NodeSet,
+    ctx: &Context,
+    api: &Api<Node>,
+    the_plan: &Plan,
+    lookup: &impl Fn(&str) -> Option<Node>,
+) {
+    let name = ns.name_any();
+    ctx.expectations.expect_deletes(&name, &the_plan.deletes);
+    let calls = the_plan.deletes.iter().map(|victim| {
+        let uid = lookup(victim).and_then(|n| n.metadata.uid);
+        async move {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid,
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            (victim, api.delete(victim, &dp).await)
+        }
+    });
+    let mut deleted = Vec::new();
+    let mut failed = Vec::new();
+    for (victim, result) in join_all(calls).await {
+        match result {
+            Ok(_) => deleted.push(victim.clone()),
+            Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {
+                // Already gone (or replaced by a Node we did not mean): nothing will be seen.
+                ctx.expectations.deletion_observed(victim);
+            }
+            Err(e) => {
+                ctx.expectations.deletion_observed(victim);
+                tracing::warn!(node = %victim, error = %e, "deleting node failed");
+                failed.push((victim.clone(), e));
+            }
+        }
+    }
+    ctx.metrics.deletes.inc_by(deleted.len() as u64);
+    if !deleted.is_empty() {
+        tracing::info!(
+            count = deleted.len(),
+            replacements = the_plan.replacements,
+            "deleted nodes"
+        );
+        let note = summary("Deleted", &deleted);
+        publish(
+            ctx,
+            ns,
+            EventType::Normal,
+            "SuccessfulDelete",
+            "Delete",
+            note,
+        )
+        .await;
+    }
+    if let Some((victim, e)) = failed.first() {
+        let note = format!("deleting Node {victim} failed: {e}");
+        publish(ctx, ns, EventType::Warning, "FailedDelete", "Delete", note).await;
+    }
+}
+
+/// "Created 3 Nodes: a, b, c" with the list bounded, for one event per batch (not per Node:
+/// events are API writes too).
+fn summary(verb: &str, names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = format!(
+        "{verb} {} Node{}: {}",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        names
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+/// Creates `count` Nodes in slow-start batches (1, 2, 4, … capped by `max_create_batch`),
+/// each batch in parallel; the first failure ends the series.
+async fn create_nodes(
+    ns: &NodeSet,
+    ctx: &Context,
+    api: &Api<Node>,
+    count: usize,
+    labels: &BTreeMap<String, String>,
+    class_generation: Option<i64>,
+) -> Result<(), Error> {
+    let name = ns.name_any();
+    let template = build_node(ns, &name, labels, class_generation)?;
+    let cap = ctx.config.max_create_batch.max(1);
+    let mut remaining = count;
+    let mut batch = 1usize;
+    let mut created: Vec<String> = Vec::new();
+    let mut failure: Option<kube::Error> = None;
+    while remaining > 0 {
+        let size = batch.min(remaining).min(cap);
+        let names: Vec<String> = (0..size).map(|_| node_name(&name)).collect();
+        // Recorded before the creates go out, so the watch cannot see a Node we do not expect.
+        ctx.expectations.expect_creates(&name, &names);
+        let calls = names
+            .into_iter()
+            .map(|n| create_one(ctx, api, &name, n, &template));
+        for result in join_all(calls).await {
+            match result {
+                Ok(n) => created.push(n),
+                Err(e) => {
+                    if failure.is_none() {
+                        failure = Some(e);
+                    }
+                }
+            }
+        }
+        remaining -= size;
+        if failure.is_some() {
+            // Slow start: a failing API or admission is not flooded with the rest.
+            break;
+        }
+        batch = batch.saturating_mul(2);
+    }
+    ctx.metrics.creates.inc_by(created.len() as u64);
+    if !created.is_empty() {
+        tracing::info!(count = created.len(), "created nodes");
+        let note = summary("Created", &created);
+        publish(
+            ctx,
+            ns,
+            EventType::Normal,
+            "SuccessfulCreate",
+            "Create",
+            note,
+        )
+        .await;
+    }
+    match failure {
+        None => {
+            lock(&ctx.create_failures).remove(&name);
+            lock(&ctx.create_backoff).remove(&name);
+            Ok(())
+        }
+        Some(e) => {
+            let reason = match &e {
+                kube::Error::Api(s) if !s.reason.is_empty() => s.reason.clone(),
+                _ => "FailedCreate".to_string(),
+            };
+            let message = format!("creating a Node failed: {e}");
+            lock(&ctx.create_failures).insert(
+                name.clone(),
+                Failure {
+                    reason,
+                    message: message.clone(),
+                },
+            );
+            {
+                let mut b = lock(&ctx.create_backoff);
+                let entry = b.entry(name.clone()).or_insert((0, Instant::now()));
+                entry.0 = entry.0.saturating_add(1);
+                entry.1 = Instant::now() + backoff(entry.0);
+            }
+            publish(
+                ctx,
+                ns,
+                EventType::Warning,
+                "FailedCreate",
+                "Create",
+                message,
+            )
+            .await;
+            Err(Error::CreateFailed(e))
+        }
+    }
+}
+
+/// Creates one Node; a name collision (409) retries with a new random name.
+async fn create_one(
+    ctx: &Context,
+    api: &Api<Node>,
+    key: &str,
+    mut name: String,
+    template: &Node,
+) -> Result<String, kube::Error> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut node = template.clone();
+        node.metadata.name = Some(name.clone());
+        match api.create(&PostParams::default(), &node).await {
+            Ok(_) => return Ok(name),
+            Err(kube::Error::Api(s)) if s.is_already_exists() && attempt < NAME_ATTEMPTS => {
+                ctx.expectations.creation_observed(&name);
+                name = node_name(key);
+                ctx.expectations
+                    .expect_creates(key, std::slice::from_ref(&name));
+            }
+            Err(e) => {
+                // It will never be seen: do not wait for it.
+                ctx.expectations.creation_observed(&name);
+                tracing::warn!(node = %name, error = %e, "creating node failed");
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Drops the names of gone Nodes from `spec.removeNodes`. The merge patch carries the
+/// NodeSet's resourceVersion: if someone changed the spec meanwhile it fails with 409 and the
+/// next pass (triggered by that change) recomputes the list.
+async fn prune_removals(ns: &NodeSet, ctx: &Context, gone: &[String]) -> Result<(), Error> {
+    let keep: Vec<&String> = ns
+        .spec
+        .remove_nodes
+        .iter()
+        .filter(|n| !gone.contains(n))
+        .collect();
+    let api: Api<NodeSet> = Api::all(ctx.client.clone());
+    let patch = json!({
+        "metadata": {"resourceVersion": ns.metadata.resource_version},
+        "spec": {"removeNodes": if keep.is_empty() { serde_json::Value::Null } else { json!(keep) }},
+    });
+    match api
+        .patch(
+            &ns.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(
+                pruned = gone.len(),
+                "pruned removed nodes from spec.removeNodes"
+            );
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.is_conflict() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sets a condition, keeping its lastTransitionTime unless the status flips.
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: last,
+    }
+}
+
+fn to_i32(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// The status a pass writes. Pure.
+pub(crate) fn build_status(
+    ns: &NodeSet,
+    desired: &Desired,
+    p: &Plan,
+    create_failure: Option<&Failure>,
+    class_exists: bool,
+    previous: &NodeSetStatus,
+    now: Timestamp,
+) -> NodeSetStatus {
+    let generation = ns.metadata.generation;
+    let prev = &previous.conditions;
+    let c = &p.counts;
+    let all_ready = c.ready == desired.replicas && c.replicas == desired.replicas;
+    let ready = condition(
+        prev,
+        READY_CONDITION,
+        all_ready,
+        if all_ready {
+            "AllReplicasReady"
+        } else if c.replicas < desired.replicas {
+            "ScalingUp"
+        } else if c.replicas > desired.replicas {
+            "ScalingDown"
+        } else {
+            "ReplicasNotReady"
+        },
+        format!(
+            "{}/{} Nodes ready ({} exist)",
+            c.ready, desired.replicas, c.replicas
+        ),
+        generation,
+        now,
+    );
+    let failure = if let Some(f) = create_failure {
+        Some((f.reason.clone(), f.message.clone()))
+    } else if !p.refused_removals.is_empty() {
+        Some((
+            "InvalidRemoval".to_string(),
+            format!(
+                "spec.removeNodes names Nodes that are not Nodes of this NodeSet: {}",
+                p.refused_removals.join(", ")
+            ),
+        ))
+    } else {
+        p.failure.as_ref().map(|(f, n)| {
+            let message = if *n > 1 {
+                format!("{n} Nodes report failures; {}", f.message)
+            } else {
+                f.message.clone()
+            };
+            (f.reason.clone(), message)
+        })
+    };
+    let replica_failure = match failure {
+        Some((reason, message)) => condition(
+            prev,
+            REPLICA_FAILURE_CONDITION,
+            true,
+            &reason,
+            message,
+            generation,
+            now,
+        ),
+        None => condition(
+            prev,
+            REPLICA_FAILURE_CONDITION,
+            false,
+            "NoFailure",
+            String::new(),
+            generation,
+            now,
+        ),
+    };
+    let breaker = if p.circuit_breaker_open {
+        condition(
+            prev,
+            CIRCUIT_BREAKER_CONDITION,
+            true,
+            "TooManyUnhealthy",
+            format!(
+                "{} Nodes are unhealthy, more than maxUnhealthy {}: replacing Failed Nodes is paused",
+                c.unhealthy, p.max_unhealthy
+            ),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            prev,
+            CIRCUIT_BREAKER_CONDITION,
+            false,
+            "WithinLimit",
+            String::new(),
+            generation,
+            now,
+        )
+    };
+    let class = &ns.spec.template.spec.node_class_name;
+    let outdated = if !class_exists {
+        condition(
+            prev,
+            OUTDATED_CONDITION,
+            false,
+            "NodeClassNotFound",
+            format!("NodeClass {class} does not exist"),
+            generation,
+            now,
+        )
+    } else if c.outdated > 0 {
+        condition(
+            prev,
+            OUTDATED_CONDITION,
+            true,
+            "OutdatedNodes",
+            format!(
+                "{} Nodes were built from an older generation of NodeClass {class} (current {})",
+                c.outdated,
+                desired.class_generation.unwrap_or_default()
+            ),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            prev,
+            OUTDATED_CONDITION,
+            false,
+            "UpToDate",
+            String::new(),
+            generation,
+            now,
+        )
+    };
+    NodeSetStatus {
+        replicas: to_i32(c.replicas),
+        ready_replicas: to_i32(c.ready),
+        available_replicas: to_i32(c.available),
+        unhealthy_replicas: Some(to_i32(c.unhealthy)),
+        outdated_replicas: Some(to_i32(c.outdated)),
+        observed_generation: generation,
+        selector: Some(ns.spec.selector.to_selector_string()),
+        conditions: vec![ready, replica_failure, breaker, outdated],
+    }
+}
+
+/// A spec the controller cannot act on: says so in ReplicaFailure (the other conditions and
+/// counts stay as last written) and in a Warning event, once per change.
+async fn record_invalid_spec(ns: &NodeSet, ctx: &Context, err: &Error) {
+    let uid = ns.metadata.uid.clone().unwrap_or_default();
+    let previous = lock(&ctx.written)
+        .get(&uid)
+        .cloned()
+        .or_else(|| ns.status.clone())
+        .unwrap_or_default();
+    let mut status = previous.clone();
+    let c = condition(
+        &previous.conditions,
+        REPLICA_FAILURE_CONDITION,
+        true,
+        err.reason(),
+        err.to_string(),
+        ns.metadata.generation,
+        Timestamp::now(),
+    );
+    status
+        .conditions
+        .retain(|x| x.type_ != REPLICA_FAILURE_CONDITION);
+    status.conditions.push(c);
+    status.observed_generation = ns.metadata.generation;
+    if status == previous {
+        return;
+    }
+    if let Err(e) = write_status(ns, ctx, &status).await {
+        tracing::debug!(error = %e, "cannot record the invalid spec");
+    }
+    publish(
+        ctx,
+        ns,
+        EventType::Warning,
+        err.reason(),
+        "Reconcile",
+        err.to_string(),
+    )
+    .await;
+}
+
+async fn write_status(ns: &NodeSet, ctx: &Context, status: &NodeSetStatus) -> Result<(), Error> {
+    let api: Api<NodeSet> = Api::all(ctx.client.clone());
+    let body = json!({
+        "apiVersion": NodeSet::api_version(&()),
+        "kind": NodeSet::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &ns.name_any(),
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    if let Some(uid) = &ns.metadata.uid {
+        lock(&ctx.written).insert(uid.clone(), status.clone());
+    }
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    ns: &NodeSet,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &ns.object_ref(&())).await {
+        tracing::debug!(error = %e, reason, "publishing event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Counts;
+
+    fn nodeset(selector: serde_json::Value) -> NodeSet {
+        serde_json::from_value(json!({
+            "apiVersion": "kube-node.io/v1alpha1",
+            "kind": "NodeSet",
+            "metadata": {"name": "workers", "uid": "u-1", "generation": 3},
+            "spec": {
+                "replicas": 2,
+                "selector": selector,
+                "template": {
+                    "metadata": {"labels": {"pool": "w"}, "annotations": {"a": "b"}},
+                    "spec": {"nodeClassName": "sim", "taints": [{"key": "k", "effect": "NoSchedule"}]},
+                },
+            },
+        }))
+        .expect("NodeSet fixture")
+    }
+
+    #[test]
+    fn created_node_shape() {
+        let ns = nodeset(json!({"matchLabels": {"pool": "w"}}));
+        let labels = node_labels(&ns).expect("labels");
+        assert_eq!(
+            labels.get(NODESET_LABEL).map(String::as_str),
+            Some("workers")
+        );
+        assert_eq!(
+            labels.get(NODE_CLASS_LABEL).map(String::as_str),
+            Some("sim")
+        );
+        let node = build_node(&ns, "workers-abcde", &labels, Some(7)).expect("node");
+        let a = node.annotations();
+        assert_eq!(
+            a.get(NODE_CLASS_ANNOTATION).map(String::as_str),
+            Some("sim")
+        );
+        assert_eq!(
+            a.get(NODE_CLASS_GENERATION_ANNOTATION).map(String::as_str),
+            Some("7")
+        );
+        assert_eq!(a.get("a").map(String::as_str), Some("b"));
+        assert_eq!(node.finalizers(), [MACHINE_FINALIZER.to_string()]);
+        let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+        assert_eq!(taints.len(), 2);
+        assert!(
+            taints
+                .iter()
+                .any(|t| t.key == UNREGISTERED_TAINT && t.effect == "NoExecute")
+        );
+        let o = &node.metadata.owner_references.unwrap_or_default()[0];
+        assert_eq!(o.uid, "u-1");
+        assert_eq!(o.kind, "NodeSet");
+        assert_eq!(o.controller, Some(true));
+        assert_eq!(o.block_owner_deletion, Some(true));
+    }
+
+    #[test]
+    fn extra_labels_never_break_the_selector() {
+        // A selector saying the nodeset label must be absent: the label is not added.
+        let ns = nodeset(json!({
+            "matchLabels": {"pool": "w"},
+            "matchExpressions": [{"key": NODESET_LABEL, "operator": "DoesNotExist"}],
+        }));
+        let labels = node_labels(&ns).expect("labels");
+        assert!(!labels.contains_key(NODESET_LABEL));
+        assert!(labels.contains_key(NODE_CLASS_LABEL));
+        // A selector the template cannot match is refused.
+        let bad = nodeset(json!({"matchLabels": {"pool": "other"}}));
+        assert!(matches!(node_labels(&bad), Err(Error::InvalidSpec(_))));
+        let empty = nodeset(json!({}));
+        assert!(matches!(node_labels(&empty), Err(Error::InvalidSpec(_))));
+    }
+
+    #[test]
+    fn status_keeps_transition_times_and_reports_failures() {
+        let ns = nodeset(json!({"matchLabels": {"pool": "w"}}));
+        let desired = Desired {
+            replicas: 2,
+            remove_nodes: vec![],
+            delete_policy: Default::default(),
+            max_unhealthy: 1,
+            min_ready: SignedDuration::ZERO,
+            class_generation: Some(1),
+            seed: 0,
+        };
+        let mut p = Plan {
+            counts: Counts {
+                replicas: 2,
+                ready: 2,
+                available: 2,
+                ..Counts::default()
+            },
+            ..Plan::default()
+        };
+        let t0 = Timestamp::from_second(1_700_000_000).expect("time");
+        let t1 = Timestamp::from_second(1_700_000_100).expect("time");
+        let s0 = build_status(&ns, &desired, &p, None, true, &NodeSetStatus::default(), t0);
+        assert!(condition_true(&s0, READY_CONDITION));
+        assert_eq!(s0.selector.as_deref(), Some("pool=w"));
+        assert_eq!(s0.observed_generation, Some(3));
+        assert!(
+            s0.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3))
+        );
+        // Nothing changed but time: the same status, so no write.
+        let s1 = build_status(&ns, &desired, &p, None, true, &s0, t1);
+        assert_eq!(s0, s1);
+        // A failing Node: ReplicaFailure carries the provider's reason.
+        p.failure = Some((
+            Failure {
+                reason: "InsufficientCapacity".into(),
+                message: "workers-x: InsufficientCapacity: none".into(),
+            },
+            1,
+        ));
+        p.counts.ready = 1;
+        let s2 = build_status(&ns, &desired, &p, None, true, &s1, t1);
+        let rf = s2
+            .conditions
+            .iter()
+            .find(|c| c.type_ == REPLICA_FAILURE_CONDITION)
+            .expect("ReplicaFailure");
+        assert_eq!(
+            (rf.status.as_str(), rf.reason.as_str()),
+            ("True", "InsufficientCapacity")
+        );
+        assert_eq!(rf.last_transition_time, Time(t1));
+        let ready = s2
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY_CONDITION)
+            .expect("Ready");
+        assert_eq!(ready.status, "False");
+    }
+
+    #[test]
+    fn backoff_grows_to_five_minutes() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn summaries_are_bounded() {
+        let names: Vec<String> = (0..25).map(|i| format!("n{i}")).collect();
+        let s = summary("Created", &names);
+        assert!(s.starts_with("Created 25 Nodes: n0, n1"));
+        assert!(s.ends_with("and 15 more"));
+    }
+}
