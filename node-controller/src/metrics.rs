@@ -9,31 +9,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// `controller` and `result` (`ok` / `error`).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    /// `node` or `nodeclass`.
-    pub controller: String,
-    /// `ok` or `error`.
-    pub result: String,
-}
-
-/// `controller`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ControllerLabels {
-    /// `node` or `nodeclass`.
-    pub controller: String,
-}
-
-/// `controller` and the error's reason.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
-    /// `node` or `nodeclass`.
-    pub controller: String,
-    /// The error's `reason()`.
-    pub reason: String,
-}
-
 /// A machine phase.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
@@ -48,12 +23,28 @@ pub struct ActionLabels {
     pub action: String,
 }
 
+/// Labels of the reconcile families that every controller of one binary shares, so each
+/// metric name is registered once (`controller`, `result`, `reason`: all bounded).
+pub type SharedLabels = Vec<(String, String)>;
+
+/// The shared reconcile families: total, duration and errors.
+pub type ReconcileFamilies = (
+    Family<SharedLabels, Counter>,
+    Family<SharedLabels, Histogram, fn() -> Histogram>,
+    Family<SharedLabels, Counter>,
+);
+
+/// The histogram of reconcile durations.
+pub fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
 /// The node-controller's metrics. All labels are bounded (no node or machine names).
 #[derive(Clone)]
 pub struct Metrics {
-    pub(crate) reconciles: Family<ResultLabels, Counter>,
-    pub(crate) duration: Family<ControllerLabels, Histogram>,
-    pub(crate) errors: Family<ErrorLabels, Counter>,
+    pub(crate) reconciles: Family<SharedLabels, Counter>,
+    pub(crate) duration: Family<SharedLabels, Histogram, fn() -> Histogram>,
+    pub(crate) errors: Family<SharedLabels, Counter>,
     pub(crate) nodes: Family<PhaseLabels, Gauge>,
     pub(crate) orphan_actions: Family<ActionLabels, Counter>,
     pub(crate) circuit_open: Gauge,
@@ -64,9 +55,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             reconciles: Family::default(),
-            duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.005, 2.0, 14))
-            }),
+            duration: Family::new_with_constructor(reconcile_histogram),
             errors: Family::default(),
             nodes: Family::default(),
             orphan_actions: Family::default(),
@@ -125,24 +114,32 @@ impl Metrics {
     pub(crate) fn reconciled(&self, controller: &str, secs: f64, err: Option<&'static str>) {
         let result = if err.is_some() { "error" } else { "ok" };
         self.reconciles
-            .get_or_create(&ResultLabels {
-                controller: controller.to_string(),
-                result: result.to_string(),
-            })
+            .get_or_create(&vec![
+                ("controller".to_string(), controller.to_string()),
+                ("result".to_string(), result.to_string()),
+            ])
             .inc();
         self.duration
-            .get_or_create(&ControllerLabels {
-                controller: controller.to_string(),
-            })
+            .get_or_create(&vec![("controller".to_string(), controller.to_string())])
             .observe(secs);
         if let Some(reason) = err {
             self.errors
-                .get_or_create(&ErrorLabels {
-                    controller: controller.to_string(),
-                    reason: reason.to_string(),
-                })
+                .get_or_create(&vec![
+                    ("controller".to_string(), controller.to_string()),
+                    ("reason".to_string(), reason.to_string()),
+                ])
                 .inc();
         }
+    }
+
+    /// The reconcile families (`kube_node_reconcile_total`, `..._duration_seconds`,
+    /// `..._errors_total`), for the other controllers of the binary to record into.
+    pub fn reconcile_families(&self) -> ReconcileFamilies {
+        (
+            self.reconciles.clone(),
+            self.duration.clone(),
+            self.errors.clone(),
+        )
     }
 
     /// Records a Node's phase (None: no longer managed) and refreshes the gauge.

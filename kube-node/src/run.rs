@@ -1,0 +1,257 @@
+//! `kube-node run`: both controllers against a real cluster.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kube::client::ClientBuilder;
+use kube_node_provider::{ProviderMetrics, ProviderRegistry};
+use kube_node_provider_simulated::SimulatedCloud;
+use prometheus_client::registry::Registry;
+
+use crate::cli::{ControllerArgs, RunArgs};
+use crate::http::{self, Health};
+use crate::leader::{self, LeaseConfig};
+use crate::rate::RateLimitLayer;
+
+/// Builds a client for the cluster in KUBECONFIG (or in-cluster), behind the client-side rate
+/// limit. Returns the client and the API server URL it talks to.
+pub async fn cluster_client(qps: f64, burst: u32) -> anyhow::Result<(kube::Client, String)> {
+    let config = kube::Config::infer()
+        .await
+        .context("no Kubernetes configuration: set KUBECONFIG or run in a cluster")?;
+    let url = config.cluster_url.to_string();
+    let client = ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&RateLimitLayer::new(qps, burst))
+        .build();
+    Ok((client, url))
+}
+
+/// The endpoint machines should join: `host:port` of the URL kube-node talks to.
+pub fn join_endpoint(cluster_url: &str) -> Option<String> {
+    let uri: ::http::Uri = cluster_url.parse().ok()?;
+    let host = uri.host()?;
+    let port = uri.port_u16().unwrap_or(443);
+    Some(format!("{host}:{port}"))
+}
+
+/// Every backend compiled into this binary, recording provider metrics.
+pub fn provider_registry(cloud: &SimulatedCloud, metrics: ProviderMetrics) -> ProviderRegistry {
+    let mut registry = ProviderRegistry::new().with_metrics(metrics);
+    registry.register(cloud.factory());
+    #[cfg(feature = "exec")]
+    registry.register(Arc::new(kube_node_provider_exec::ExecFactory::new()));
+    #[cfg(feature = "aws")]
+    registry.register(Arc::new(kube_node_provider_aws::AwsFactory::new()));
+    registry
+}
+
+/// The controllers' configs from the flags.
+pub fn controller_configs(
+    cluster_name: &str,
+    args: &ControllerArgs,
+    default_endpoint: Option<String>,
+) -> (node_controller::Config, nodeset_controller::Config) {
+    let node = node_controller::Config {
+        cluster_name: cluster_name.to_string(),
+        api_server_endpoint: args.api_server_endpoint.clone().or(default_endpoint),
+        orphan_min_age: args.orphan_min_age.into(),
+        orphan_max_fraction: args.orphan_max_fraction,
+        orphan_gc_interval: args.orphan_gc_interval.into(),
+        concurrency: args.node_concurrency,
+    };
+    let nodeset = nodeset_controller::Config {
+        concurrency: args.nodeset_concurrency,
+        ..nodeset_controller::Config::default()
+    };
+    (node, nodeset)
+}
+
+/// Runs until SIGTERM or Ctrl-C (or, with leader election, until leadership is lost).
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (client, url) = cluster_client(args.client.kube_qps, args.client.kube_burst).await?;
+    let version = client
+        .apiserver_version()
+        .await
+        .with_context(|| format!("cannot reach the API server at {url}"))?;
+    tracing::info!(server = %url, version = %version.git_version, cluster = %args.cluster_name, "connected");
+
+    let mut registry = Registry::default();
+    let provider_metrics = ProviderMetrics::register(&mut registry);
+    let node_metrics = node_controller::Metrics::register(&mut registry);
+    let nodeset_metrics = nodeset_controller::Metrics::register_sharing(
+        &mut registry,
+        node_metrics.reconcile_families(),
+    );
+    let leader_gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    registry.register(
+        "kube_node_leader",
+        "1 while this replica holds the leader Lease",
+        leader_gauge.clone(),
+    );
+    let registry = Arc::new(registry);
+
+    let health = Health::default();
+    let _server = http::serve(args.metrics_addr, health.clone(), registry.clone())
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    // The autoscaler facade only reads and writes NodeSets through the API server, so every
+    // replica serves it, leader or not.
+    let (grpc_stop, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let _grpc = match args.autoscaler.config() {
+        Some(cfg) => {
+            cfg.check(cfg.addr).context("--autoscaler-grpc-addr")?;
+            let c = client.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = kube_node_autoscaler::serve(c, cfg, async {
+                    let _ = grpc_stop_rx.await;
+                })
+                .await
+                {
+                    tracing::error!(error = %e, reason = e.reason(), "autoscaler gRPC server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    let _grpc_stop = grpc_stop;
+    // Ready means "able to serve": a standby replica is ready too.
+    health.set_ready(true);
+
+    let lease = args.leader.leader_elect.then(|| lease_config(&args));
+    let mut term = std::pin::pin!(shutdown_signal());
+    if let Some(cfg) = &lease {
+        let (mut leading, _campaign) = leader::campaign(client.clone(), cfg.clone());
+        tracing::info!(identity = %cfg.identity, lease = %cfg.name, namespace = %cfg.namespace, "waiting for leadership");
+        tokio::select! {
+            r = leading.wait_for(|l| *l) => { r.context("leader election stopped")?; }
+            _ = &mut term => return Ok(()),
+        }
+        leader_gauge.set(1);
+        let result = run_controllers(
+            &args,
+            client.clone(),
+            &url,
+            provider_metrics,
+            node_metrics,
+            nodeset_metrics,
+            async move {
+                tokio::select! {
+                    _ = leading.wait_for(|l| !*l) => tracing::warn!("stopping: leadership lost"),
+                    _ = term => tracing::info!("stopping: signal received"),
+                }
+            },
+        )
+        .await;
+        leader_gauge.set(0);
+        leader::release(client, cfg).await;
+        result
+    } else {
+        run_controllers(
+            &args,
+            client,
+            &url,
+            provider_metrics,
+            node_metrics,
+            nodeset_metrics,
+            term,
+        )
+        .await
+    }
+}
+
+fn lease_config(args: &RunArgs) -> LeaseConfig {
+    let identity = args.leader.leader_identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "kube-node".into());
+        format!("{host}-{:08x}", rand::random::<u32>())
+    });
+    LeaseConfig {
+        namespace: args.leader.leader_election_namespace.clone(),
+        name: args.leader.leader_election_id.clone(),
+        identity,
+        lease_duration: args.leader.lease_duration.into(),
+        renew_interval: args.leader.lease_renew_interval.into(),
+    }
+}
+
+/// Runs both controllers (and the simulated kubelet) until `stop` resolves, then gives
+/// in-flight work `shutdown_timeout` to finish.
+async fn run_controllers(
+    args: &RunArgs,
+    client: kube::Client,
+    url: &str,
+    provider_metrics: ProviderMetrics,
+    node_metrics: node_controller::Metrics,
+    nodeset_metrics: nodeset_controller::Metrics,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let cloud = SimulatedCloud::new();
+    let kubelet = args
+        .simulated_kubelet
+        .then(|| cloud.start_kubelet(client.clone()));
+    let providers = provider_registry(&cloud, provider_metrics);
+    let (node_config, nodeset_config) =
+        controller_configs(&args.cluster_name, &args.controllers, join_endpoint(url));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut nodes = tokio::spawn(node_controller::run(
+        client.clone(),
+        providers,
+        node_config,
+        node_metrics,
+        stopped(stop_rx.clone()),
+    ));
+    let mut nodesets = tokio::spawn(nodeset_controller::run(
+        client.clone(),
+        nodeset_config,
+        nodeset_metrics,
+        stopped(stop_rx.clone()),
+    ));
+    tokio::select! {
+        _ = stop => {}
+        r = &mut nodes => { return Err(anyhow::anyhow!("node-controller exited: {r:?}")); }
+        r = &mut nodesets => { return Err(anyhow::anyhow!("nodeset-controller exited: {r:?}")); }
+    }
+    let _ = stop_tx.send(true);
+    let grace: std::time::Duration = args.shutdown_timeout.into();
+    let finished = tokio::time::timeout(grace, async { tokio::join!(nodes, nodesets) }).await;
+    drop(kubelet);
+    match finished {
+        Ok((a, b)) => {
+            a.context("node-controller task")?
+                .context("node-controller")?;
+            b.context("nodeset-controller task")?
+                .context("nodeset-controller")?;
+        }
+        Err(_) => tracing::warn!(?grace, "in-flight work did not finish in time"),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
