@@ -11,6 +11,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How a candidate behaves.
 #[derive(Clone, Debug)]
@@ -107,8 +108,13 @@ async fn try_acquire_or_renew(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<Att
 }
 
 /// Campaigns for the Lease forever. The returned receiver is `true` while this candidate leads.
-/// Leadership is dropped (set `false`) as soon as a renewal cannot be confirmed within the
-/// lease duration, before another candidate can take over.
+///
+/// Leadership is dropped (set `false`) as soon as a renewal cannot be confirmed within
+/// `lease_duration - renew_interval` of the last confirmed one — also when the API server does
+/// not answer at all (every call is bounded by that deadline) — so the holder stops acting a
+/// full renew interval before any other candidate may take the Lease over.
+///
+/// Abort the returned task before [`release`], or it may take the released Lease again.
 pub fn campaign(
     client: kube::Client,
     cfg: LeaseConfig,
@@ -116,39 +122,53 @@ pub fn campaign(
     let (tx, rx) = watch::channel(false);
     let handle = tokio::spawn(async move {
         let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-        let mut last_renewed: Option<tokio::time::Instant> = None;
+        // How long after a confirmed renewal this candidate may keep acting. Others may take
+        // over only `lease_duration` after the renewTime it wrote, which is no earlier than
+        // the instant the renewal was sent.
+        let hold = match cfg.lease_duration.saturating_sub(cfg.renew_interval) {
+            d if d.is_zero() => cfg.lease_duration / 2,
+            d => d,
+        };
+        // When the last confirmed renewal was *sent*.
+        let mut renewed_at: Option<Instant> = None;
         loop {
-            let attempt = try_acquire_or_renew(&api, &cfg).await;
-            match attempt {
-                Ok(Attempt::Leader) => {
-                    if !*tx.borrow() {
+            if *tx.borrow() && renewed_at.is_none_or(|t| t.elapsed() >= hold) {
+                tracing::warn!(identity = %cfg.identity, "lost leadership: renewal not confirmed in time");
+                renewed_at = None;
+                let _ = tx.send(false);
+            }
+            let leading = *tx.borrow();
+            let sent = Instant::now();
+            // A call that hangs (an unreachable API server) must not keep this candidate
+            // leading past its deadline.
+            let budget = match renewed_at {
+                Some(t) if leading => (t + hold).saturating_duration_since(sent),
+                _ => cfg.lease_duration,
+            };
+            match tokio::time::timeout(budget, try_acquire_or_renew(&api, &cfg)).await {
+                Ok(Ok(Attempt::Leader)) => {
+                    if !leading {
                         tracing::info!(identity = %cfg.identity, lease = %cfg.name, "acquired leadership");
                     }
-                    last_renewed = Some(tokio::time::Instant::now());
+                    renewed_at = Some(sent);
                     let _ = tx.send(true);
                 }
-                Ok(Attempt::Standby) => {
+                Ok(Ok(Attempt::Standby)) => {
                     if *tx.borrow() {
                         tracing::warn!(identity = %cfg.identity, "lost leadership");
                     }
-                    last_renewed = None;
+                    renewed_at = None;
                     let _ = tx.send(false);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "lease renewal failed");
-                    // Stop acting before the lease can expire for the others.
-                    let stale = last_renewed
-                        .is_none_or(|t| t.elapsed() + cfg.renew_interval >= cfg.lease_duration);
-                    if stale && *tx.borrow() {
-                        tracing::warn!(identity = %cfg.identity, "lost leadership: renewal not confirmed in time");
-                        let _ = tx.send(false);
-                    }
-                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                Err(_) => tracing::warn!(?budget, "lease renewal timed out"),
             }
-            let wait = if *tx.borrow() {
-                cfg.renew_interval
-            } else {
-                cfg.renew_interval.min(Duration::from_secs(2))
+            let wait = match renewed_at {
+                // Wake up in time to step down if renewals keep failing.
+                Some(t) if *tx.borrow() => cfg
+                    .renew_interval
+                    .min((t + hold).saturating_duration_since(Instant::now())),
+                _ => cfg.renew_interval.min(Duration::from_secs(2)),
             };
             tokio::time::sleep(wait).await;
         }
@@ -157,7 +177,7 @@ pub fn campaign(
 }
 
 /// Releases the Lease if this candidate holds it, so a standby takes over at once on a
-/// graceful shutdown.
+/// graceful shutdown. Stop this candidate's [`campaign`] task first.
 pub async fn release(client: kube::Client, cfg: &LeaseConfig) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await else {

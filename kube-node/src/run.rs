@@ -67,7 +67,8 @@ pub fn controller_configs(
     (node, nodeset)
 }
 
-/// Runs until SIGTERM or Ctrl-C (or, with leader election, until leadership is lost).
+/// Runs until SIGTERM or Ctrl-C (`Ok`, after releasing the Lease), or, with leader election,
+/// until leadership is lost (an error, so the process exits non-zero and restarts as a standby).
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (client, url) = cluster_client(args.client.kube_qps, args.client.kube_burst).await?;
     let version = client
@@ -121,29 +122,45 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let lease = args.leader.leader_elect.then(|| lease_config(&args));
     let mut term = std::pin::pin!(shutdown_signal());
     if let Some(cfg) = &lease {
-        let (mut leading, _campaign) = leader::campaign(client.clone(), cfg.clone());
+        let (mut leading, campaign) = leader::campaign(client.clone(), cfg.clone());
         tracing::info!(identity = %cfg.identity, lease = %cfg.name, namespace = %cfg.namespace, "waiting for leadership");
-        tokio::select! {
-            r = leading.wait_for(|l| *l) => { r.context("leader election stopped")?; }
-            _ = &mut term => return Ok(()),
-        }
-        leader_gauge.set(1);
-        let result = run_controllers(
-            &args,
-            client.clone(),
-            &url,
-            provider_metrics,
-            node_metrics,
-            nodeset_metrics,
-            async move {
-                tokio::select! {
-                    _ = leading.wait_for(|l| !*l) => tracing::warn!("stopping: leadership lost"),
-                    _ = term => tracing::info!("stopping: signal received"),
-                }
-            },
-        )
-        .await;
-        leader_gauge.set(0);
+        let acquired = tokio::select! {
+            r = leading.wait_for(|l| *l) => r.map(|_| ()).context("leader election stopped"),
+            _ = &mut term => {
+                tracing::info!("stopping: signal received");
+                campaign.abort();
+                let _ = campaign.await;
+                // The campaign may have won just before the signal.
+                leader::release(client, cfg).await;
+                return Ok(());
+            }
+        };
+        let result = match acquired {
+            Ok(()) => {
+                leader_gauge.set(1);
+                let result = run_controllers(
+                    &args,
+                    client.clone(),
+                    &url,
+                    provider_metrics,
+                    node_metrics,
+                    nodeset_metrics,
+                    async move {
+                        tokio::select! {
+                            _ = leading.wait_for(|l| !*l) => Stop::LeadershipLost,
+                            _ = term => Stop::Signal,
+                        }
+                    },
+                )
+                .await;
+                leader_gauge.set(0);
+                result
+            }
+            Err(e) => Err(e),
+        };
+        // Stop campaigning before releasing, or the campaign could take the Lease again.
+        campaign.abort();
+        let _ = campaign.await;
         leader::release(client, cfg).await;
         result
     } else {
@@ -154,10 +171,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             provider_metrics,
             node_metrics,
             nodeset_metrics,
-            term,
+            async move {
+                term.await;
+                Stop::Signal
+            },
         )
         .await
     }
+}
+
+/// Why the controllers stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM or Ctrl-C: finish in-flight work, then exit successfully.
+    Signal,
+    /// Another replica holds the Lease now: stop acting at once and exit with an error, so
+    /// Kubernetes restarts this replica as a standby.
+    LeadershipLost,
 }
 
 fn lease_config(args: &RunArgs) -> LeaseConfig {
@@ -176,8 +206,9 @@ fn lease_config(args: &RunArgs) -> LeaseConfig {
     }
 }
 
-/// Runs both controllers (and the simulated kubelet) until `stop` resolves, then gives
-/// in-flight work `shutdown_timeout` to finish.
+/// Runs both controllers (and the simulated kubelet) until `stop` resolves. On a signal,
+/// in-flight work gets `shutdown_timeout` to finish; on lost leadership nothing more is waited
+/// for (another replica acts now) and the result is an error.
 async fn run_controllers(
     args: &RunArgs,
     client: kube::Client,
@@ -185,7 +216,7 @@ async fn run_controllers(
     provider_metrics: ProviderMetrics,
     node_metrics: node_controller::Metrics,
     nodeset_metrics: nodeset_controller::Metrics,
-    stop: impl std::future::Future<Output = ()>,
+    stop: impl std::future::Future<Output = Stop>,
 ) -> anyhow::Result<()> {
     let cloud = SimulatedCloud::new();
     let kubelet = args
@@ -212,12 +243,20 @@ async fn run_controllers(
         nodeset_metrics,
         stopped(stop_rx.clone()),
     ));
-    tokio::select! {
-        _ = stop => {}
+    let why = tokio::select! {
+        why = stop => why,
         r = &mut nodes => { return Err(anyhow::anyhow!("node-controller exited: {r:?}")); }
         r = &mut nodesets => { return Err(anyhow::anyhow!("nodeset-controller exited: {r:?}")); }
-    }
+    };
     let _ = stop_tx.send(true);
+    if why == Stop::LeadershipLost {
+        tracing::warn!("stopping: leadership lost");
+        nodes.abort();
+        nodesets.abort();
+        drop(kubelet);
+        anyhow::bail!("lost the leader Lease to another replica; exiting to restart as a standby");
+    }
+    tracing::info!("stopping: signal received");
     let grace: std::time::Duration = args.shutdown_timeout.into();
     let finished = tokio::time::timeout(grace, async { tokio::join!(nodes, nodesets) }).await;
     drop(kubelet);
