@@ -20,6 +20,11 @@ pub async fn cluster_client(qps: f64, burst: u32) -> anyhow::Result<(kube::Clien
         .await
         .context("no Kubernetes configuration: set KUBECONFIG or run in a cluster")?;
     let url = config.cluster_url.to_string();
+    let mut config = config;
+    // The client's built-in retry repeats a 429 up to 15 times. An eviction blocked by a
+    // PodDisruptionBudget is exactly a 429, and the drain must see it at once to honour its
+    // timeout; the controllers have their own per-object backoff.
+    config.default_retry = false;
     let client = ClientBuilder::try_from(config)
         .context("building the Kubernetes client")?
         .with_layer(&RateLimitLayer::new(qps, burst))
