@@ -98,9 +98,36 @@ pub(crate) struct Context {
     cache: Mutex<HashMap<String, CachedProvider>>,
     pub(crate) inventory: Mutex<HashMap<String, Inventory>>,
     attempts: Mutex<HashMap<String, u32>>,
+    /// Bootstrap tokens this process created, by Node UID, with their expiry: the only place a
+    /// token's secret half is kept outside its Secret and the machine's user-data.
+    tokens: Mutex<HashMap<String, (bootstrap::BootstrapToken, jiff::Timestamp)>>,
 }
 
 impl Context {
+    pub(crate) fn cached_token(
+        &self,
+        uid: &str,
+    ) -> Option<(bootstrap::BootstrapToken, jiff::Timestamp)> {
+        self.tokens.lock().ok().and_then(|t| t.get(uid).cloned())
+    }
+
+    pub(crate) fn cache_token(
+        &self,
+        uid: &str,
+        token: bootstrap::BootstrapToken,
+        expires: jiff::Timestamp,
+    ) {
+        if let Ok(mut t) = self.tokens.lock() {
+            t.insert(uid.to_string(), (token, expires));
+        }
+    }
+
+    pub(crate) fn forget_token(&self, uid: &str) {
+        if let Ok(mut t) = self.tokens.lock() {
+            t.remove(uid);
+        }
+    }
+
     /// The provider of a NodeClass. `refresh` re-reads the credentials Secret (the NodeClass
     /// controller does, on every resync); Node reconciles reuse the cached provider while the
     /// generation is unchanged, so a Ready Node costs no Secret read.
@@ -252,6 +279,7 @@ pub async fn run(
         cache: Mutex::default(),
         inventory: Mutex::default(),
         attempts: Mutex::default(),
+        tokens: Mutex::default(),
     });
 
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<Node>>();

@@ -30,6 +30,8 @@ use crate::{Context, Error, error_delay};
 const RESYNC: Duration = Duration::from_secs(300);
 /// How often a deletion step polls.
 const DELETE_POLL: Duration = Duration::from_secs(1);
+/// The Deleting condition's message until the machine is gone.
+const DELETING_MESSAGE: &str = "cordoned; draining and deleting the machine";
 /// How often a drain blocked by a PodDisruptionBudget retries.
 const DRAIN_POLL: Duration = Duration::from_secs(2);
 
@@ -177,9 +179,9 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
         add_finalizer(pass, ctx).await?;
         tracing::info!("added finalizer");
     }
-    if pass.phase.is_none() && deleting.is_none() {
-        set_condition(pass, ctx, MachinePhase::Pending, "waiting for a machine").await?;
-    }
+    // No Pending condition is written up front: a Node without the condition is Pending, a
+    // failure records Pending with its reason, and a create writes Launching first — one
+    // status write saved per Node.
 
     // Read the NodeClass and its provider.
     let class_name = pass.node.annotations().get(NODE_CLASS_ANNOTATION).cloned();
@@ -304,29 +306,35 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
     let action = plan::plan(&observed, now);
     tracing::debug!(?action, "planned");
 
+    let mut want = None;
     if deleting.is_none() {
-        let nodeset = if pass.phase != Some(MachinePhase::Ready) {
+        let template_taints = if pass.phase != Some(MachinePhase::Ready) {
             match nodeset_owner(&pass.node) {
-                Some(n) => Api::<NodeSet>::all(ctx.client.clone()).get_opt(&n).await?,
-                None => None,
+                Some(n) => Api::<NodeSet>::all(ctx.client.clone())
+                    .get_opt(&n)
+                    .await?
+                    .map(|ns| template_taints(&ns))
+                    .unwrap_or_default(),
+                None => Vec::new(),
             }
         } else {
-            None
+            Vec::new()
         };
-        sync_labels_and_taints(
+        let w = wanted_meta(
             pass,
-            ctx,
             Some(&class),
             instance.as_ref(),
+            template_taints,
             observed.kubelet_ready,
-        )
-        .await?;
-        if let Some(ns) = nodeset {
-            sync_template_taints(pass, ctx, &ns).await?;
+        );
+        // A create and a MarkReady carry the labels and taints in their own Node write.
+        if !matches!(action, Action::Create | Action::MarkReady) {
+            apply_ops(pass, ctx, meta_ops(&pass.node, &w)).await?;
         }
+        want = Some(w);
     }
-
-    act(
+    let creating = action == Action::Create;
+    let result = act(
         pass,
         ctx,
         &class,
@@ -334,9 +342,40 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
         action,
         machine_pid,
         evictable.unwrap_or_default(),
+        Step {
+            want: want.clone().unwrap_or_default(),
+            launched_at,
+            now,
+        },
     )
-    .await
+    .await;
+    if creating
+        && result.is_err()
+        && let Some(w) = &want
+    {
+        // The create failed: the Node still gets its labels and taints (above all the
+        // unregistered taint), so nothing schedules onto a Node without a machine.
+        if let Err(e) = apply_ops(pass, ctx, meta_ops(&pass.node, w)).await {
+            tracing::debug!(error = %e, "cannot apply labels and taints");
+        }
+    }
+    result
 }
+
+/// What the action of a pass needs besides the plan.
+struct Step {
+    /// The labels and taints the Node should have.
+    want: MetaWant,
+    /// When the machine was created.
+    launched_at: Option<Timestamp>,
+    /// This pass's clock.
+    now: Timestamp,
+}
+
+/// How long a running machine stays Launching before the condition says Registering: a
+/// kubelet usually reports Ready within seconds of boot, and the extra status write is only
+/// worth it when it does not.
+const REGISTERING_AFTER: Duration = Duration::from_secs(10);
 
 /// Whether this pass must ask the provider about the machine. Ready Nodes are checked against
 /// the inventory the orphan collector refreshes with one list per class, so a resync of many
@@ -378,6 +417,7 @@ async fn act(
     action: Action,
     machine_pid: Option<String>,
     evictable: Vec<Pod>,
+    step: Step,
 ) -> Result<Requeue, Error> {
     let phase_before = pass.phase;
     let long = Requeue::requeue(RESYNC);
@@ -391,26 +431,54 @@ async fn act(
             ctx.metrics.set_phase(&pass.uid, pass.phase);
             Ok(long)
         }
-        Action::Create => create(pass, ctx, class, provider).await,
+        Action::Create => create(pass, ctx, class, provider, &step.want).await,
         Action::WaitForRegistration { phase, requeue } => {
+            let since_launch = step
+                .launched_at
+                .map(|t| Duration::try_from(step.now.duration_since(t)).unwrap_or_default());
+            if phase == MachinePhase::Registering
+                && phase_before == Some(MachinePhase::Launching)
+                && since_launch.is_some_and(|d| d < REGISTERING_AFTER)
+            {
+                // Still Launching as far as anyone can tell; look again soon.
+                return Ok(Requeue::requeue(requeue));
+            }
             let msg = match phase {
                 MachinePhase::Launching => "the machine is booting",
                 _ => "the machine runs; waiting for its kubelet to report Ready",
             };
             set_condition(pass, ctx, phase, msg).await?;
-            transition_event(
-                ctx,
-                pass,
-                phase_before,
-                EventType::Normal,
-                phase.as_str(),
-                msg,
-            )
-            .await;
+            // Registering is a condition only; the Launching event came with the create.
+            if phase == MachinePhase::Launching {
+                transition_event(
+                    ctx,
+                    pass,
+                    phase_before,
+                    EventType::Normal,
+                    phase.as_str(),
+                    msg,
+                )
+                .await;
+            }
             Ok(Requeue::requeue(requeue))
         }
         Action::MarkReady => {
-            cleanup_tokens(pass, ctx).await?;
+            // One Node write: the unregistered taint and the token annotation go together.
+            let had_token = pass
+                .node
+                .annotations()
+                .contains_key(BOOTSTRAP_TOKEN_ANNOTATION);
+            if had_token {
+                delete_tokens(ctx, &pass.node).await?;
+            }
+            let mut ops = meta_ops(&pass.node, &step.want);
+            if had_token {
+                ops.push(serde_json::json!({
+                    "op": "remove",
+                    "path": format!("/metadata/annotations/{}", escape(BOOTSTRAP_TOKEN_ANNOTATION)),
+                }));
+            }
+            apply_ops(pass, ctx, ops).await?;
             set_condition(pass, ctx, MachinePhase::Ready, "the kubelet reported Ready").await?;
             tracing::info!("node registered");
             transition_event(
@@ -431,7 +499,7 @@ async fn act(
             Ok(long)
         }
         Action::Cordon => {
-            set_condition(pass, ctx, MachinePhase::Deleting, "cordoned; draining").await?;
+            set_condition(pass, ctx, MachinePhase::Deleting, DELETING_MESSAGE).await?;
             transition_event(
                 ctx,
                 pass,
@@ -449,17 +517,30 @@ async fn act(
             Ok(Requeue::requeue(Duration::ZERO))
         }
         Action::Drain => {
-            set_condition(pass, ctx, MachinePhase::Deleting, "draining").await?;
             let (evicted, blocked) = drain(ctx, &evictable).await?;
             let msg = format!(
                 "draining: {} pods left, {blocked} blocked by a PodDisruptionBudget",
                 evictable.len().saturating_sub(evicted)
             );
             set_condition(pass, ctx, MachinePhase::Deleting, &msg).await?;
+            transition_event(
+                ctx,
+                pass,
+                phase_before,
+                EventType::Normal,
+                "Deleting",
+                "the Node is being deleted: draining, deleting the machine",
+            )
+            .await;
             tracing::info!(evicted, blocked, "evicted pods");
             Ok(Requeue::requeue(DRAIN_POLL))
         }
         Action::DeleteMachine { drain_timed_out } => {
+            // The Deleting condition was written when the Node was cordoned; it is written here
+            // only if that never happened (a Node cordoned by someone else), with the event.
+            if pass.phase != Some(MachinePhase::Deleting) {
+                set_condition(pass, ctx, MachinePhase::Deleting, DELETING_MESSAGE).await?;
+            }
             transition_event(
                 ctx,
                 pass,
@@ -481,18 +562,13 @@ async fn act(
                 return finalize(pass, ctx, false).await;
             };
             provider.delete(&pid).await?;
-            set_condition(pass, ctx, MachinePhase::Deleting, "deleting the machine").await?;
             tracing::info!(provider_id = %pid, "deleted machine");
             Ok(Requeue::requeue(DELETE_POLL))
         }
         Action::WaitForGone => {
-            set_condition(
-                pass,
-                ctx,
-                MachinePhase::Deleting,
-                "waiting for the machine to be gone",
-            )
-            .await?;
+            if pass.phase != Some(MachinePhase::Deleting) {
+                set_condition(pass, ctx, MachinePhase::Deleting, DELETING_MESSAGE).await?;
+            }
             Ok(Requeue::requeue(DELETE_POLL))
         }
         Action::Finalize => finalize(pass, ctx, machine_pid.is_some()).await,
@@ -505,6 +581,7 @@ async fn create(
     ctx: &Context,
     class: &NodeClass,
     provider: &dyn Provider,
+    want: &MetaWant,
 ) -> Result<Requeue, Error> {
     let class_name = class.name_any();
     if let Some(c) = class
@@ -578,18 +655,24 @@ async fn create(
         .created_unix
         .and_then(|s| Timestamp::from_second(s).ok())
         .unwrap_or_else(Timestamp::now);
-    let patch = serde_json::json!({
-        "metadata": {"annotations": {
-            INSTANCE_ID_ANNOTATION: instance.id,
-            LAUNCHED_AT_ANNOTATION: launched.to_string(),
-            NODE_CLASS_GENERATION_ANNOTATION: class.metadata.generation.unwrap_or_default().to_string(),
-            BOOTSTRAP_TOKEN_ANNOTATION: token.secret_name(),
-        }},
-        "spec": {"providerID": instance.provider_id},
-    });
-    pass.node = node_api(ctx)
-        .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    // One Node write: providerID, the annotations, and the class's, template's and instance's
+    // labels and taints.
+    let mut want = want.clone();
+    want.labels.extend(instance_labels(&instance));
+    let mut b = NodePatch::new(&pass.node);
+    b.provider_id(&instance.provider_id);
+    b.annotations(&BTreeMap::from([
+        (INSTANCE_ID_ANNOTATION.to_string(), instance.id.clone()),
+        (LAUNCHED_AT_ANNOTATION.to_string(), launched.to_string()),
+        (
+            NODE_CLASS_GENERATION_ANNOTATION.to_string(),
+            class.metadata.generation.unwrap_or_default().to_string(),
+        ),
+        (BOOTSTRAP_TOKEN_ANNOTATION.to_string(), token.secret_name()),
+    ]));
+    b.meta(&want);
+    let ops = b.into_ops();
+    apply_ops(pass, ctx, ops).await?;
     transition_event(
         ctx,
         pass,
@@ -603,35 +686,43 @@ async fn create(
     Ok(Requeue::requeue(Duration::from_millis(500)))
 }
 
-/// The Node's bootstrap token: the existing unexpired one (a retry after a failed create must
-/// not pile up tokens), else a new one.
+/// The Node's bootstrap token: the one this process created for it while still valid for a
+/// while (a retry after a failed create must not pile up tokens), else a new one.
+///
+/// Tokens are never read back from the API: reading or listing Secrets in kube-system would
+/// let kube-node read every Secret there, so its RBAC allows only create and delete. A token
+/// orphaned by a restart expires and the token cleaner of kube-controller-manager removes it.
 async fn ensure_token(
     pass: &Pass,
     ctx: &Context,
     class: &NodeClass,
 ) -> Result<BootstrapToken, Error> {
-    let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
-    let lp = ListParams::default().labels(&format!("{}={}", tags::NODE_UID, pass.uid));
     let now = Timestamp::now();
     let margin = jiff::SignedDuration::from_secs(300);
-    for s in api.list(&lp).await? {
-        let usable =
-            bootstrap::secret_expiration(&s).is_some_and(|e| e.duration_since(now) > margin);
-        match BootstrapToken::from_secret(&s) {
-            Some(t) if usable => return Ok(t),
-            _ => {
-                let _ = api.delete(&s.name_any(), &DeleteParams::default()).await;
-            }
+    if let Some((token, expires)) = ctx.cached_token(&pass.uid) {
+        if expires.duration_since(now) > margin {
+            return Ok(token);
         }
     }
-    let token = BootstrapToken::generate();
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
     let ttl = jiff::SignedDuration::try_from(class.spec.token_ttl())
         .unwrap_or(jiff::SignedDuration::from_secs(3600));
     let expiration = now.checked_add(ttl).unwrap_or(now);
-    let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
-    api.create(&PostParams::default(), &secret).await?;
-    tracing::info!(secret = %token.secret_name(), "created bootstrap token");
-    Ok(token)
+    let mut attempt = 0;
+    loop {
+        let token = BootstrapToken::generate();
+        let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                tracing::info!(secret = %token.secret_name(), "created bootstrap token");
+                ctx.cache_token(&pass.uid, token.clone(), expiration);
+                return Ok(token);
+            }
+            // A token id collision (36^6 ids): draw another.
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 3 => attempt += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Deletes the Node's bootstrap token Secrets and the annotation naming them.
@@ -643,7 +734,7 @@ async fn cleanup_tokens(pass: &mut Pass, ctx: &Context) -> Result<(), Error> {
     {
         return Ok(());
     }
-    delete_tokens(ctx, &pass.uid).await?;
+    delete_tokens(ctx, &pass.node).await?;
     let patch =
         serde_json::json!({"metadata": {"annotations": {BOOTSTRAP_TOKEN_ANNOTATION: null}}});
     pass.node = node_api(ctx)
@@ -653,22 +744,38 @@ async fn cleanup_tokens(pass: &mut Pass, ctx: &Context) -> Result<(), Error> {
     Ok(())
 }
 
-async fn delete_tokens(ctx: &Context, uid: &str) -> Result<(), Error> {
+/// Deletes the Node's bootstrap token Secrets by name: the one its annotation names and the
+/// one this process created for it, if different.
+async fn delete_tokens(ctx: &Context, node: &Node) -> Result<(), Error> {
     let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
-    let lp = ListParams::default().labels(&format!("{}={uid}", tags::NODE_UID));
-    for s in api.list(&lp).await? {
-        match api.delete(&s.name_any(), &DeleteParams::default()).await {
+    let uid = node.uid().unwrap_or_default();
+    let mut names: Vec<String> = node
+        .annotations()
+        .get(BOOTSTRAP_TOKEN_ANNOTATION)
+        .filter(|n| n.starts_with("bootstrap-token-"))
+        .cloned()
+        .into_iter()
+        .collect();
+    if let Some((token, _)) = ctx.cached_token(&uid) {
+        let name = token.secret_name();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    for name in names {
+        match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
     }
+    ctx.forget_token(&uid);
     Ok(())
 }
 
 /// The machine is gone (or never existed): delete the token, then let the Node go.
 async fn finalize(pass: &mut Pass, ctx: &Context, had_machine: bool) -> Result<Requeue, Error> {
-    delete_tokens(ctx, &pass.uid).await?;
+    delete_tokens(ctx, &pass.node).await?;
     if had_machine {
         event(
             ctx,
@@ -729,8 +836,91 @@ fn node_api(ctx: &Context) -> Api<Node> {
     Api::all(ctx.client.clone())
 }
 
-/// Applies the NodeClass's labels and taints, the instance's type and zone, and the
-/// unregistered taint (present until the kubelet reports Ready).
+/// The labels and taints a Node should carry (it may carry more).
+#[derive(Clone, Debug, Default)]
+struct MetaWant {
+    /// The NodeClass's labels, the node-class label, the instance's type and zone.
+    labels: BTreeMap<String, String>,
+    /// The NodeClass's and NodeSet template's taints, and the unregistered taint while the
+    /// machine is being made.
+    add_taints: Vec<Taint>,
+    /// The kubelet reported Ready: the unregistered taint comes off.
+    remove_unregistered: bool,
+}
+
+fn template_taints(ns: &NodeSet) -> Vec<Taint> {
+    ns.spec
+        .template
+        .spec
+        .taints
+        .iter()
+        .map(|t| t.to_core())
+        .collect()
+}
+
+fn instance_labels(i: &Instance) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    if let Some(t) = &i.instance_type {
+        labels.insert("node.kubernetes.io/instance-type".to_string(), t.clone());
+    }
+    if let Some(z) = &i.zone {
+        labels.insert("topology.kubernetes.io/zone".to_string(), z.clone());
+    }
+    labels
+}
+
+/// The NodeClass's labels and taints, the NodeSet template's taints (the nodeset-controller
+/// copies them at creation; a Node made before the template changed, or by hand, still gets
+/// them while provisioning), the instance's type and zone, and the unregistered taint (present
+/// until the kubelet reports Ready; a Node that was Ready never gets it back).
+fn wanted_meta(
+    pass: &Pass,
+    class: Option<&NodeClass>,
+    instance: Option<&Instance>,
+    template_taints: Vec<Taint>,
+    kubelet_ready: bool,
+) -> MetaWant {
+    let mut labels = BTreeMap::new();
+    if let Some(c) = class {
+        labels.extend(c.spec.labels.clone());
+        labels.insert(NODE_CLASS_LABEL.to_string(), c.name_any());
+    }
+    if let Some(i) = instance {
+        labels.extend(instance_labels(i));
+    }
+    let mut add_taints: Vec<Taint> = class
+        .map(|c| c.spec.taints.iter().map(|t| t.to_core()).collect())
+        .unwrap_or_default();
+    add_taints.extend(template_taints);
+    let provisioning = pass.phase.is_none_or(|p| {
+        matches!(
+            p,
+            MachinePhase::Pending | MachinePhase::Launching | MachinePhase::Registering
+        )
+    });
+    if !kubelet_ready && provisioning {
+        add_taints.push(Taint {
+            key: UNREGISTERED_TAINT.to_string(),
+            value: None,
+            effect: "NoExecute".to_string(),
+            time_added: None,
+        });
+    }
+    MetaWant {
+        labels,
+        add_taints,
+        remove_unregistered: kubelet_ready,
+    }
+}
+
+/// The JSON patch operations that give `node` what `want` asks (none when it has it).
+fn meta_ops(node: &Node, want: &MetaWant) -> Vec<serde_json::Value> {
+    let mut b = NodePatch::new(node);
+    b.meta(want);
+    b.into_ops()
+}
+
+/// Sets the labels and taints when the pass stops early (no NodeClass, no provider).
 async fn sync_labels_and_taints(
     pass: &mut Pass,
     ctx: &Context,
@@ -738,117 +928,158 @@ async fn sync_labels_and_taints(
     instance: Option<&Instance>,
     kubelet_ready: bool,
 ) -> Result<(), Error> {
-    let mut want_labels = BTreeMap::new();
-    if let Some(c) = class {
-        want_labels.extend(c.spec.labels.clone());
-        want_labels.insert(NODE_CLASS_LABEL.to_string(), c.name_any());
-    }
-    if let Some(i) = instance {
-        if let Some(t) = &i.instance_type {
-            want_labels.insert("node.kubernetes.io/instance-type".to_string(), t.clone());
-        }
-        if let Some(z) = &i.zone {
-            want_labels.insert("topology.kubernetes.io/zone".to_string(), z.clone());
-        }
-    }
-    let labels = pass.node.labels();
-    let missing: BTreeMap<&String, &String> = want_labels
-        .iter()
-        .filter(|(k, v)| labels.get(*k) != Some(*v))
-        .collect();
-    if !missing.is_empty() {
-        let patch = serde_json::json!({"metadata": {"labels": missing}});
-        pass.node = node_api(ctx)
-            .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-    }
-
-    let mut add: Vec<Taint> = class
-        .map(|c| c.spec.taints.iter().map(|t| t.to_core()).collect())
-        .unwrap_or_default();
-    // The unregistered taint goes on while the machine is being made and comes off once the
-    // kubelet is Ready; a Node that was Ready never gets it back.
-    let provisioning = pass.phase.is_none_or(|p| {
-        matches!(
-            p,
-            MachinePhase::Pending | MachinePhase::Launching | MachinePhase::Registering
-        )
-    });
-    let unregistered = Taint {
-        key: UNREGISTERED_TAINT.to_string(),
-        value: None,
-        effect: "NoExecute".to_string(),
-        time_added: None,
-    };
-    let remove_unregistered = kubelet_ready;
-    if !kubelet_ready && provisioning {
-        add.push(unregistered);
-    }
-    update_taints(pass, ctx, &add, remove_unregistered).await
+    let want = wanted_meta(pass, class, instance, Vec::new(), kubelet_ready);
+    apply_ops(pass, ctx, meta_ops(&pass.node, &want)).await
 }
 
-/// Adds the NodeSet template's taints (the nodeset-controller copies them at creation; a Node
-/// made before the template changed, or by hand, still gets them while provisioning).
-async fn sync_template_taints(pass: &mut Pass, ctx: &Context, ns: &NodeSet) -> Result<(), Error> {
-    let add: Vec<Taint> = ns
-        .spec
-        .template
-        .spec
-        .taints
-        .iter()
-        .map(|t| t.to_core())
-        .collect();
-    update_taints(pass, ctx, &add, false).await
+/// A JSON pointer token.
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
 }
 
-/// Adds missing taints (by key and effect), optionally drops the unregistered taint; a JSON
-/// patch guarded by the resourceVersion, so a concurrent change is retried, not overwritten.
-async fn update_taints(
+/// Builds one JSON patch for a Node: several changes, one write. Map entries are added key by
+/// key (a concurrent writer's other keys survive); the taint list is replaced under a `test`
+/// of its current value (or of the resourceVersion when the Node has none), so a concurrent
+/// taint change is retried, not overwritten.
+struct NodePatch<'a> {
+    node: &'a Node,
+    ops: Vec<serde_json::Value>,
+    spec: bool,
+    labels: bool,
+    annotations: bool,
+}
+
+impl<'a> NodePatch<'a> {
+    fn new(node: &'a Node) -> Self {
+        Self {
+            node,
+            ops: Vec::new(),
+            spec: node.spec.is_some(),
+            labels: node.metadata.labels.is_some(),
+            annotations: node.metadata.annotations.is_some(),
+        }
+    }
+
+    fn into_ops(self) -> Vec<serde_json::Value> {
+        self.ops
+    }
+
+    fn ensure_spec(&mut self) {
+        if !self.spec {
+            self.ops
+                .push(serde_json::json!({"op": "add", "path": "/spec", "value": {}}));
+            self.spec = true;
+        }
+    }
+
+    fn provider_id(&mut self, pid: &str) {
+        self.ensure_spec();
+        self.ops
+            .push(serde_json::json!({"op": "add", "path": "/spec/providerID", "value": pid}));
+    }
+
+    fn map_entries(
+        ops: &mut Vec<serde_json::Value>,
+        exists: &mut bool,
+        path: &str,
+        current: &BTreeMap<String, String>,
+        want: &BTreeMap<String, String>,
+    ) {
+        let missing: BTreeMap<&String, &String> = want
+            .iter()
+            .filter(|(k, v)| current.get(*k) != Some(*v))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        if *exists {
+            for (k, v) in missing {
+                ops.push(serde_json::json!({"op": "add", "path": format!("{path}/{}", escape(k)), "value": v}));
+            }
+        } else {
+            ops.push(serde_json::json!({"op": "add", "path": path, "value": missing}));
+            *exists = true;
+        }
+    }
+
+    fn labels(&mut self, want: &BTreeMap<String, String>) {
+        Self::map_entries(
+            &mut self.ops,
+            &mut self.labels,
+            "/metadata/labels",
+            self.node.labels(),
+            want,
+        );
+    }
+
+    fn annotations(&mut self, want: &BTreeMap<String, String>) {
+        Self::map_entries(
+            &mut self.ops,
+            &mut self.annotations,
+            "/metadata/annotations",
+            self.node.annotations(),
+            want,
+        );
+    }
+
+    fn taints(&mut self, add: &[Taint], remove_unregistered: bool) {
+        let current = self.node.spec.as_ref().and_then(|s| s.taints.clone());
+        let mut want = current.clone().unwrap_or_default();
+        if remove_unregistered {
+            want.retain(|t| t.key != UNREGISTERED_TAINT);
+        }
+        for t in add {
+            if !want.iter().any(|w| w.key == t.key && w.effect == t.effect) {
+                want.push(t.clone());
+            }
+        }
+        if want == current.clone().unwrap_or_default() {
+            return;
+        }
+        match current {
+            Some(cur) => {
+                self.ops
+                    .push(serde_json::json!({"op": "test", "path": "/spec/taints", "value": cur}));
+                self.ops.push(
+                    serde_json::json!({"op": "replace", "path": "/spec/taints", "value": want}),
+                );
+            }
+            None => {
+                let rv = self.node.resource_version().unwrap_or_default();
+                self.ops.insert(
+                    0,
+                    serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}),
+                );
+                self.ensure_spec();
+                self.ops
+                    .push(serde_json::json!({"op": "add", "path": "/spec/taints", "value": want}));
+            }
+        }
+    }
+
+    fn meta(&mut self, want: &MetaWant) {
+        self.labels(&want.labels);
+        self.taints(&want.add_taints, want.remove_unregistered);
+    }
+}
+
+/// Sends the operations as one JSON patch (nothing when there are none).
+async fn apply_ops(
     pass: &mut Pass,
     ctx: &Context,
-    add: &[Taint],
-    remove_unregistered: bool,
+    ops: Vec<serde_json::Value>,
 ) -> Result<(), Error> {
-    let current: Vec<Taint> = pass
-        .node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default();
-    let mut want = current.clone();
-    if remove_unregistered {
-        want.retain(|t| t.key != UNREGISTERED_TAINT);
-    }
-    for t in add {
-        if !want.iter().any(|w| w.key == t.key && w.effect == t.effect) {
-            want.push(t.clone());
-        }
-    }
-    if want == current {
+    if ops.is_empty() {
         return Ok(());
     }
-    let rv = pass.node.resource_version().unwrap_or_default();
-    let has_spec_taints = pass
-        .node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some();
-    let op = if has_spec_taints { "replace" } else { "add" };
-    let mut ops =
-        vec![serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv})];
-    if pass.node.spec.is_none() {
-        ops.push(serde_json::json!({"op": "add", "path": "/spec", "value": {}}));
-    }
-    ops.push(serde_json::json!({"op": op, "path": "/spec/taints", "value": want}));
+    let patch = json_patch(serde_json::Value::Array(ops))?;
     pass.node = node_api(ctx)
         .patch(
             &pass.name,
             &PatchParams::default(),
-            &Patch::Json::<()>(json_patch(serde_json::Value::Array(ops))?),
+            &Patch::Json::<()>(patch),
         )
         .await?;
-    tracing::debug!("updated taints");
     Ok(())
 }
 
