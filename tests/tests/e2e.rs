@@ -1292,7 +1292,6 @@ const FORBIDDEN: &[Check] = &[
 
 /// What the simulated kubelet adds (rbac-simulated-kubelet.yaml).
 const KUBELET_NEEDED: &[Check] = &[
-    ("get", "", "namespaces", None, Some("kube-node-lease")),
     (
         "create",
         "coordination.k8s.io",

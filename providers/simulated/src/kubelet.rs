@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -283,7 +283,6 @@ struct Kubelet {
 impl Kubelet {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         tracing::info!("simulated kubelet started");
-        self.ensure_lease_namespace().await;
         let mut ticker = tokio::time::interval(self.ctx.config.scan_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut pod_events: BoxStream<'static, Result<Event<Pod>, watcher::Error>> =
@@ -315,29 +314,6 @@ impl Kubelet {
         }
         self.jobs.abort_all();
         tracing::info!("simulated kubelet stopped");
-    }
-
-    /// Real clusters have the namespace; a bare API server (the embedded one) may not.
-    async fn ensure_lease_namespace(&self) {
-        let api: Api<Namespace> = Api::all(self.ctx.client.clone());
-        match api.get_opt(NODE_LEASE_NAMESPACE).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let ns: Namespace = match serde_json::from_value(json!({
-                    "metadata": {"name": NODE_LEASE_NAMESPACE}
-                })) {
-                    Ok(ns) => ns,
-                    Err(_) => return,
-                };
-                self.ctx.count_write();
-                if let Err(e) = api.create(&PostParams::default(), &ns).await {
-                    tracing::debug!(error = %e, "simulated kubelet could not create the lease namespace");
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "simulated kubelet could not read the lease namespace");
-            }
-        }
     }
 
     /// Plans the writes due now: registration, heartbeats and lease renewals.
