@@ -699,10 +699,10 @@ async fn ensure_token(
 ) -> Result<BootstrapToken, Error> {
     let now = Timestamp::now();
     let margin = jiff::SignedDuration::from_secs(300);
-    if let Some((token, expires)) = ctx.cached_token(&pass.uid) {
-        if expires.duration_since(now) > margin {
-            return Ok(token);
-        }
+    if let Some((token, expires)) = ctx.cached_token(&pass.uid)
+        && expires.duration_since(now) > margin
+    {
+        return Ok(token);
     }
     let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
     let ttl = jiff::SignedDuration::try_from(class.spec.token_ttl())

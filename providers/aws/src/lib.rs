@@ -8,8 +8,12 @@
 //!   RunInstances with a ClientToken derived from the UID, the tags on the instance and its
 //!   volumes at launch and the join payload as user-data; on InsufficientInstanceCapacity it
 //!   tries the other subnets, then the alternative instance types.
-//! - get / list = DescribeInstances (list is the batched call: one paginated request per
-//!   NodeClass per reconcile wave, filtered by tags and live states).
+//! - get / list = DescribeInstances. list is one paginated request per NodeClass per
+//!   reconcile wave, filtered by tags and live states. get is batched (module `batch`): the gets
+//!   of all Nodes arriving within [`DESCRIBE_WINDOW`] (or while the previous batch is in
+//!   flight) share one DescribeInstances filtered by `instance-id` (unknown ids are absent,
+//!   not an error for the whole call); create's idempotency lookup by node UID is batched the
+//!   same way.
 //! - delete = TerminateInstances; an unknown or already terminated instance is success.
 //! - validate = DescribeImages, DescribeSubnets, DescribeSecurityGroups (and SSM GetParameter
 //!   when the AMI comes from `amiSsmParameter`; the resolved id is cached for 10 minutes).
@@ -22,6 +26,7 @@
 //! calls fail with chosen EC2 error codes, [`inspect`] reads back what was launched, and
 //! [`emulator`] starts moto and makes a network in it.
 
+mod batch;
 mod client;
 pub mod emulator;
 pub mod errors;
@@ -38,7 +43,7 @@ pub use client::{
     ACCESS_KEY_ID_KEYS, CallCounter, FaultInjector, SECRET_ACCESS_KEY_KEYS, SESSION_TOKEN_KEYS,
     emulator_client, emulator_ssm_client, https_client, ssm_endpoint, static_credentials,
 };
-pub use provider::{AwsProvider, PROVIDER_TYPE, to_instance};
+pub use provider::{AwsProvider, DESCRIBE_WINDOW, PROVIDER_TYPE, to_instance};
 
 /// Re-exported so users of [`AwsProvider::client`] and [`inspect`] need no direct dependency.
 pub use aws_sdk_ec2;

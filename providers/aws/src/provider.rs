@@ -1,6 +1,7 @@
 //! The EC2 provider: create / get / list / delete / validate on top of aws-sdk-ec2.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_ec2::Client;
@@ -21,6 +22,7 @@ use crate::AwsOptions;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::batch::{Batcher, FetchFn, FetchFuture};
 use crate::client::{self, ClientParams};
 use crate::errors::{self, from_sdk};
 use crate::plan::{self, Candidate};
@@ -31,10 +33,22 @@ pub const SSM_AMI_TTL: Duration = Duration::from_secs(600);
 /// The backend's name, as in `spec.provider.type`.
 pub const PROVIDER_TYPE: &str = "aws";
 
+/// How long the first lookup of a batch waits for others before the DescribeInstances goes
+/// out. Lookups arriving while that call is in flight wait for it and share the next one, so
+/// a reconcile wave of N Nodes costs one or two DescribeInstances instead of N.
+pub const DESCRIBE_WINDOW: Duration = Duration::from_millis(25);
+
+/// EC2 rejects a call with more than 200 filter values in all (FilterLimitExceeded).
+const MAX_FILTER_VALUES: usize = 200;
+
 /// EC2 machines of one NodeClass.
 #[derive(Debug)]
 pub struct AwsProvider {
     client: Client,
+    /// `get`: DescribeInstances filtered by `instance-id`, batched across callers.
+    by_id: Batcher<Instance>,
+    /// `create`'s idempotency lookup: DescribeInstances by the node-UID tag, batched.
+    by_uid: Batcher<Instance>,
     ssm: aws_sdk_ssm::Client,
     /// The AMI resolved from `amiSsmParameter`, and when.
     resolved_ami: Mutex<Option<(String, Instant)>>,
@@ -73,6 +87,18 @@ impl AwsProvider {
             max_attempts: options.max_attempts,
         });
         Ok(Self {
+            by_id: Batcher::new(
+                "DescribeInstances by instance id",
+                DESCRIBE_WINDOW,
+                MAX_FILTER_VALUES,
+                fetch_by_id(clients.ec2.clone()),
+            ),
+            by_uid: Batcher::new(
+                "DescribeInstances by node UID",
+                DESCRIBE_WINDOW,
+                MAX_FILTER_VALUES - plan::LIVE_STATES.len(),
+                fetch_by_uid(clients.ec2.clone()),
+            ),
             client: clients.ec2,
             ssm: clients.ssm,
             resolved_ami: Mutex::new(None),
@@ -136,48 +162,15 @@ impl AwsProvider {
         Ok(ami)
     }
 
-    /// Live instances matching the filters, across every page.
+    /// Instances matching the filters, across every page.
     async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .client
-                .describe_instances()
-                .set_filters(Some(filters.clone()))
-                .max_results(1000)
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| from_sdk("DescribeInstances", e))?;
-            for r in page.reservations() {
-                out.extend(r.instances().iter().cloned());
-            }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
-        Ok(out)
+        describe(&self.client, filters).await
     }
 
+    /// The live instance launched for a Node (by its UID tag), looked up together with the
+    /// other creates of the wave.
     async fn find_by_uid(&self, uid: &str) -> Result<Option<Instance>> {
-        let found = self
-            .describe(vec![tag_filter(tags::NODE_UID, uid), live_state_filter()])
-            .await?;
-        let mut live: Vec<Instance> = found.iter().filter_map(to_instance).collect();
-        // Two live machines for one Node can only come from an outside launch with our tags;
-        // keep returning the oldest so the answer is stable, and let the orphan collector
-        // (which sees the other without a Node providerID) remove the rest.
-        live.sort_by_key(|i| (i.created_unix, i.id.clone()));
-        if live.len() > 1 {
-            tracing::warn!(
-                node_uid = uid,
-                count = live.len(),
-                "found several live instances for one node"
-            );
-        }
-        Ok(live.into_iter().next())
+        self.by_uid.get(uid).await
     }
 
     async fn run(
@@ -327,6 +320,98 @@ fn check_spec(spec: &AwsProviderSpec) -> Result<()> {
         return invalid("spec.provider.aws.endpointUrl: must start with http:// or https://");
     }
     Ok(())
+}
+
+/// Instances matching the filters, across every page.
+async fn describe(
+    client: &Client,
+    filters: Vec<Filter>,
+) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = client
+            .describe_instances()
+            .set_filters(Some(filters.clone()))
+            .max_results(1000)
+            .set_next_token(token.take())
+            .send()
+            .await
+            .map_err(|e| from_sdk("DescribeInstances", e))?;
+        for r in page.reservations() {
+            out.extend(r.instances().iter().cloned());
+        }
+        match page.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_string()),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// The batched fetch behind `get`: one DescribeInstances for many instance ids. It filters by
+/// `instance-id` rather than passing `InstanceIds`, because EC2 fails the whole call with
+/// InvalidInstanceID.NotFound when any one id is unknown; with the filter an unknown id is
+/// simply absent. Terminated instances are absent too (they are gone).
+fn fetch_by_id(client: Client) -> FetchFn<Instance> {
+    Arc::new(move |ids: Vec<String>| {
+        let client = client.clone();
+        Box::pin(async move {
+            let filter = Filter::builder()
+                .name("instance-id")
+                .set_values(Some(ids))
+                .build();
+            let found = describe(&client, vec![filter]).await?;
+            Ok(found
+                .iter()
+                .filter_map(to_instance)
+                .map(|i| (i.id.clone(), i))
+                .collect())
+        }) as FetchFuture<Instance>
+    })
+}
+
+/// The batched fetch behind `create`'s idempotency lookup: one DescribeInstances for the live
+/// instances tagged with any of many node UIDs.
+fn fetch_by_uid(client: Client) -> FetchFn<Instance> {
+    Arc::new(move |uids: Vec<String>| {
+        let client = client.clone();
+        Box::pin(async move {
+            let filter = Filter::builder()
+                .name(format!("tag:{}", tags::NODE_UID))
+                .set_values(Some(uids))
+                .build();
+            let found = describe(&client, vec![filter, live_state_filter()]).await?;
+            Ok(oldest_per_node_uid(found.iter().filter_map(to_instance)))
+        }) as FetchFuture<Instance>
+    })
+}
+
+/// The oldest live instance of each node UID. Two live machines for one Node can only come
+/// from an outside launch with our tags; returning the oldest keeps the answer stable, and the
+/// orphan collector (which sees the other without a Node providerID) removes the rest.
+fn oldest_per_node_uid(instances: impl Iterator<Item = Instance>) -> HashMap<String, Instance> {
+    let mut by_uid: HashMap<String, Vec<Instance>> = HashMap::new();
+    for i in instances {
+        if let Some(uid) = i.tags.get(tags::NODE_UID) {
+            by_uid.entry(uid.clone()).or_default().push(i);
+        }
+    }
+    by_uid
+        .into_iter()
+        .filter_map(|(uid, mut live)| {
+            if live.len() > 1 {
+                tracing::warn!(
+                    node_uid = %uid,
+                    count = live.len(),
+                    "found several live instances for one node"
+                );
+            }
+            live.sort_by_key(|i| (i.created_unix, i.id.clone()));
+            let oldest = live.into_iter().next()?;
+            Some((uid, oldest))
+        })
+        .collect()
 }
 
 fn tag_filter(key: &str, value: &str) -> Filter {
@@ -554,18 +639,10 @@ impl Provider for AwsProvider {
                 "{provider_id} is not an aws provider ID"
             )));
         };
-        let out = self
-            .client
-            .describe_instances()
-            .instance_ids(id)
-            .send()
-            .await
-            .map_err(|e| from_sdk("DescribeInstances", e))?;
-        out.reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find(|i| i.instance_id() == Some(id))
-            .and_then(to_instance)
+        // Batched with the other gets of this reconcile wave: one DescribeInstances for all.
+        self.by_id
+            .get(id)
+            .await?
             .ok_or_else(|| ProviderError::NotFound(format!("instance {id} is gone")))
     }
 
@@ -630,6 +707,38 @@ mod tests {
             subnet_ids: vec!["subnet-1".into()],
             ..Default::default()
         }
+    }
+
+    fn instance(id: &str, uid: Option<&str>, created: i64) -> Instance {
+        Instance {
+            id: id.into(),
+            provider_id: format!("aws:///us-east-1a/{id}"),
+            state: kube_node_provider::InstanceState::Running,
+            tags: uid
+                .map(|u| (tags::NODE_UID.to_string(), u.to_string()))
+                .into_iter()
+                .collect(),
+            zone: Some("us-east-1a".into()),
+            instance_type: None,
+            addresses: vec![],
+            created_unix: Some(created),
+        }
+    }
+
+    #[test]
+    fn the_oldest_live_instance_answers_for_each_node_uid() {
+        let found = oldest_per_node_uid(
+            vec![
+                instance("i-b", Some("uid-1"), 20),
+                instance("i-a", Some("uid-1"), 10),
+                instance("i-c", Some("uid-2"), 30),
+                instance("i-untagged", None, 1),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(found.len(), 2);
+        assert_eq!(found["uid-1"].id, "i-a");
+        assert_eq!(found["uid-2"].id, "i-c");
     }
 
     #[test]

@@ -552,3 +552,92 @@ async fn ec2_calls_per_node_for_ten_nodes_with_list_batching() {
     }
     assert_eq!(ids.len() as u64, NODES);
 }
+
+/// Issue 4: the gets of a reconcile wave share one DescribeInstances. Concurrent gets of
+/// running, terminated and unknown instances are answered by one call (filtered by
+/// `instance-id`, so an unknown id does not fail the others), and concurrent creates share
+/// one idempotency lookup.
+#[tokio::test]
+async fn concurrent_gets_and_creates_share_one_describe_instances() {
+    let env = env().await;
+    let cluster = unique("batch");
+    let counter = CallCounter::new();
+    let provider = AwsFactory::new()
+        .with_call_counter(counter.clone())
+        .build(&class("general", &cluster, env.spec()))
+        .expect("build");
+    const NODES: usize = 6;
+    let creates: Vec<_> = (0..NODES)
+        .map(|n| {
+            let provider = provider.clone();
+            let r = request(
+                &cluster,
+                "general",
+                &uid(300 + n as u32),
+                &format!("batch-{n}"),
+            );
+            tokio::spawn(async move { provider.create(&r).await })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for c in creates {
+        created.push(c.await.expect("join").expect("create"));
+    }
+    assert_eq!(counter.get("RunInstances"), NODES as u64);
+    assert_eq!(
+        counter.get("DescribeInstances"),
+        1,
+        "one idempotency lookup for the wave: {:?}",
+        counter.snapshot()
+    );
+
+    let terminated = created.pop().expect("one to terminate");
+    provider
+        .delete(&terminated.provider_id)
+        .await
+        .expect("delete");
+    counter.reset();
+    let unknown = format!(
+        "aws:///{}/i-0123456789abcdef0",
+        terminated.zone.clone().unwrap_or_default()
+    );
+    let mut wanted: Vec<String> = created.iter().map(|i| i.provider_id.clone()).collect();
+    wanted.push(terminated.provider_id.clone());
+    wanted.push(unknown.clone());
+    let gets: Vec<_> = wanted
+        .iter()
+        .map(|pid| {
+            let provider = provider.clone();
+            let pid = pid.clone();
+            tokio::spawn(async move { provider.get(&pid).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for g in gets {
+        answers.push(g.await.expect("join"));
+    }
+    assert_eq!(
+        counter.get("DescribeInstances"),
+        1,
+        "{} concurrent gets: {:?}",
+        wanted.len(),
+        counter.snapshot()
+    );
+    for (i, answer) in created.iter().zip(&answers) {
+        let got = answer.as_ref().expect("live instance");
+        assert_eq!(got.provider_id, i.provider_id);
+        assert_eq!(got.node_uid(), i.node_uid());
+    }
+    for (pid, answer) in wanted.iter().zip(&answers).skip(created.len()) {
+        let e = answer.as_ref().expect_err("gone");
+        assert_eq!(e.reason(), "NotFound", "{pid}: {e}");
+    }
+
+    // A get on its own still works, and an error of the batched call reaches the caller.
+    counter.reset();
+    provider.get(&created[0].provider_id).await.expect("get");
+    assert_eq!(counter.get("DescribeInstances"), 1);
+    for i in &created {
+        provider.delete(&i.provider_id).await.expect("delete");
+    }
+}
