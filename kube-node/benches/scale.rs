@@ -1,0 +1,564 @@
+//! Scale benchmark (prints figures, asserts nothing about time):
+//!
+//! ```text
+//! cargo bench -p kube-node --bench scale
+//! ```
+//!
+//! Phase 1 runs the embedded API server, both controllers and the simulated cloud + kubelet in
+//! this process (wired as `kube-node simulate` does), scales one NodeSet 0 → N (default 1000)
+//! → 0 through `/scale` with the simulated NodeClass at zero boot latency, and prints the time
+//! to all Nodes created, to `status.readyReplicas == N`, to no Node left, the controllers' API
+//! writes per Node lifecycle by resource and verb, and the process's peak RSS.
+//!
+//! Phase 2 measures the controllers' memory while many Nodes are watched: this process serves
+//! the embedded API over HTTP on 127.0.0.1 and runs the real `kube-node run` binary as a child
+//! process against it (with its simulated kubelet), creates S NodeSets × R replicas (default
+//! 100 × 50 = 5000 Nodes), waits for them all to be Ready and reads the child's VmHWM/VmRSS.
+//!
+//! Knobs (environment): `KUBE_NODE_BENCH_NODES` (1000), `KUBE_NODE_BENCH_SETS` (100),
+//! `KUBE_NODE_BENCH_PER_SET` (50), `KUBE_NODE_BENCH_PHASES` (`scale,memory`),
+//! `KUBE_NODE_KUBE_QPS` / `KUBE_NODE_KUBE_BURST` (the `kube-node run` defaults, 200 / 400).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Parser as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::CustomResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::client::ClientBuilder;
+use kube_node::cli::{Cli, Command};
+use kube_node::rate::RateLimitLayer;
+use kube_node_crds::{NodeClass, NodeSet};
+use kube_node_embedded_api::EmbeddedApi;
+use kube_node_provider::ProviderMetrics;
+use kube_node_provider_simulated::SimulatedCloud;
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+const SIMULATED_CA: &str = include_str!("../src/simulate/simulated-ca.crt");
+const CLASS: &str = "bench";
+
+/// API writes by (resource, verb), counted on one client.
+#[derive(Clone, Default)]
+struct WriteCounts(Arc<Mutex<BTreeMap<(String, String), u64>>>);
+
+impl WriteCounts {
+    fn snapshot(&self) -> BTreeMap<(String, String), u64> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+    fn reset(&self) {
+        if let Ok(mut m) = self.0.lock() {
+            m.clear();
+        }
+    }
+    fn total(&self) -> u64 {
+        self.snapshot().values().sum()
+    }
+}
+
+impl<S> tower::Layer<S> for WriteCounts {
+    type Service = Counting<S>;
+    fn layer(&self, inner: S) -> Counting<S> {
+        Counting {
+            inner,
+            counts: self.clone(),
+        }
+    }
+}
+
+struct Counting<S> {
+    inner: S,
+    counts: WriteCounts,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Counting<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if let Some(key) = classify(req.method(), req.uri().path())
+            && let Ok(mut m) = self.counts.0.lock()
+        {
+            *m.entry(key).or_default() += 1;
+        }
+        self.inner.call(req)
+    }
+}
+
+/// The (resource[/subresource], verb) of a write request, as the embedded API counts them.
+fn classify(method: &http::Method, path: &str) -> Option<(String, String)> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest = match *segs.first()? {
+        "api" => segs.get(2..)?,
+        "apis" => segs.get(3..)?,
+        _ => return None,
+    };
+    let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 {
+        &rest[2..]
+    } else {
+        rest
+    };
+    let resource = match rest {
+        [r] | [r, _] => (*r).to_string(),
+        [r, _, sub, ..] => format!("{r}/{sub}"),
+        [] => return None,
+    };
+    let verb = match *method {
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE if rest.len() == 1 => "deletecollection",
+        http::Method::DELETE => "delete",
+        _ => return None,
+    };
+    Some((resource, verb.to_string()))
+}
+
+/// `VmHWM` and `VmRSS` of a process, in MiB.
+fn memory(pid: &str) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `kube-node run` defaults of every flag (and their `KUBE_NODE_*` environment overrides).
+fn run_defaults() -> anyhow::Result<kube_node::cli::RunArgs> {
+    match Cli::try_parse_from(["kube-node", "run"])?.command {
+        Command::Run(args) => Ok(*args),
+        _ => bail!("`kube-node run` did not parse as the run command"),
+    }
+}
+
+async fn setup_objects(client: &kube::Client) -> anyhow::Result<()> {
+    let ca = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some("kube-root-ca.crt".into()),
+            namespace: Some("kube-system".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "ca.crt".to_string(),
+            SIMULATED_CA.to_string(),
+        )])),
+        ..Default::default()
+    };
+    Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
+        .create(&PostParams::default(), &ca)
+        .await
+        .context("creating kube-system/kube-root-ca.crt")?;
+    let class: NodeClass = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass",
+        "metadata": {"name": CLASS},
+        "spec": {
+            "provider": {"type": "simulated", "simulated": {
+                "instanceType": "sim.large", "zones": ["sim-a", "sim-b", "sim-c"],
+                "bootDelay": "0s", "deleteDelay": "0s",
+            }},
+            "labels": {"node-role.kubernetes.io/worker": ""},
+        },
+    }))?;
+    Api::<NodeClass>::all(client.clone())
+        .create(&PostParams::default(), &class)
+        .await
+        .context("creating the NodeClass")?;
+    Ok(())
+}
+
+fn node_set(name: &str, replicas: i32) -> anyhow::Result<NodeSet> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeSet",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"kube-node.io/nodeset": name}},
+            "template": {
+                "metadata": {"labels": {"kube-node.io/nodeset": name}},
+                "spec": {"nodeClassName": CLASS},
+            },
+        },
+    }))?)
+}
+
+fn kubelet_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Polls `f` every `every` until it returns Some, or gives up after `limit`.
+async fn until<T, F, Fut>(limit: Duration, every: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("not reached within {limit:?}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn print_writes(title: &str, counts: &BTreeMap<(String, String), u64>, nodes: u64) {
+    let total: u64 = counts.values().sum();
+    println!(
+        "  {title}: {total} writes, {:.2} per Node",
+        total as f64 / nodes as f64
+    );
+    for ((resource, verb), n) in counts {
+        println!(
+            "    {:<24} {:<10} {:>7}  {:>6.2}/Node",
+            resource,
+            verb,
+            n,
+            *n as f64 / nodes as f64
+        );
+    }
+}
+
+async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
+    let api = EmbeddedApi::new();
+    api.register_crd(&NodeClass::crd())?;
+    api.register_crd(&NodeSet::crd())?;
+    let observer = api.client();
+    setup_objects(&observer).await?;
+
+    // One token bucket for both controllers, as `kube-node run` shares one client; a write
+    // counter on each so the breakdown is per controller.
+    let rate = RateLimitLayer::new(qps, burst);
+    let node_writes = WriteCounts::default();
+    let nodeset_writes = WriteCounts::default();
+    let node_client = ClientBuilder::new(api.service(), "default")
+        .with_layer(&node_writes)
+        .with_layer(&rate)
+        .build();
+    let nodeset_client = ClientBuilder::new(api.service(), "default")
+        .with_layer(&nodeset_writes)
+        .with_layer(&rate)
+        .build();
+
+    let mut registry = Registry::default();
+    let provider_metrics = ProviderMetrics::register(&mut registry);
+    let node_metrics = node_controller::Metrics::register(&mut registry);
+    let nodeset_metrics = nodeset_controller::Metrics::register_sharing(
+        &mut registry,
+        node_metrics.reconcile_families(),
+    );
+    let cloud = SimulatedCloud::new();
+    let providers = kube_node::run::provider_registry(&cloud, provider_metrics);
+    let defaults = run_defaults()?;
+    let (node_config, nodeset_config) = kube_node::run::controller_configs(
+        "bench",
+        &defaults.controllers,
+        Some("simulated-apiserver:6443".to_string()),
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // The simulated kubelet stands for N separate kubelets: its own unlimited client.
+    let kubelet = cloud.start_kubelet(api.client());
+    let node_task = tokio::spawn(node_controller::run(
+        node_client,
+        providers,
+        node_config,
+        node_metrics,
+        stopped(stop_rx.clone()),
+    ));
+    let nodeset_task = tokio::spawn(nodeset_controller::run(
+        nodeset_client,
+        nodeset_config,
+        nodeset_metrics,
+        stopped(stop_rx.clone()),
+    ));
+
+    let sets: Api<NodeSet> = Api::all(observer.clone());
+    let node_api: Api<Node> = Api::all(observer.clone());
+    sets.create(&PostParams::default(), &node_set("bench", 0)?)
+        .await?;
+    until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let s = sets.get("bench").await?;
+            Ok(s.status
+                .is_some_and(|st| st.observed_generation == s.metadata.generation)
+                .then_some(()))
+        },
+    )
+    .await
+    .context("NodeSet status at replicas 0")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    api.reset_stats();
+    node_writes.reset();
+    nodeset_writes.reset();
+    let kubelet0 = cloud.kubelet_writes();
+    let scale = |n: i32| {
+        let sets = sets.clone();
+        async move {
+            sets.patch_scale(
+                "bench",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": n}})),
+            )
+            .await
+        }
+    };
+    let limit = Duration::from_secs(1800);
+    let poll = Duration::from_millis(100);
+
+    let start = Instant::now();
+    scale(nodes).await?;
+    let mut created = None;
+    let ready = loop {
+        let list = node_api.list_metadata(&ListParams::default()).await?;
+        if created.is_none() && list.items.len() >= nodes as usize {
+            created = Some(start.elapsed());
+        }
+        let s = sets.get("bench").await?;
+        if s.status.is_some_and(|st| st.ready_replicas == nodes) {
+            break start.elapsed();
+        }
+        if start.elapsed() > limit {
+            bail!("scale-up not done within {limit:?}");
+        }
+        tokio::time::sleep(poll).await;
+    };
+    let created = created.unwrap_or(ready);
+    let all = node_api.list(&ListParams::default()).await?;
+    let ready_nodes = all.items.iter().filter(|n| kubelet_ready(n)).count();
+    let (hwm_up, rss_up) = memory("self");
+
+    let start = Instant::now();
+    scale(0).await?;
+    let gone = until(limit, poll, || async {
+        let list = node_api.list_metadata(&ListParams::default()).await?;
+        Ok(list.items.is_empty().then(|| start.elapsed()))
+    })
+    .await
+    .context("scale-down")?;
+    // Let the last status write and events land before counting.
+    until(Duration::from_secs(60), poll, || async {
+        let s = sets.get("bench").await?;
+        Ok(s.status
+            .is_some_and(|st| st.replicas == 0 && st.ready_replicas == 0)
+            .then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let stats = api.stats();
+    let kubelet_writes = cloud.kubelet_writes() - kubelet0;
+    let bench_writes = 2; // the two /scale patches
+    let from_stats = stats
+        .total_writes()
+        .saturating_sub(kubelet_writes)
+        .saturating_sub(bench_writes);
+    let node_counts = node_writes.snapshot();
+    let nodeset_counts = nodeset_writes.snapshot();
+    let ctrl_total = node_writes.total() + nodeset_writes.total();
+    let n = u64::try_from(nodes)?;
+    let (hwm, rss) = memory("self");
+
+    println!("== phase 1: one NodeSet 0 -> {nodes} -> 0 (embedded API, in-process controllers)");
+    println!(
+        "client rate limit of the controllers: {qps} QPS, burst {burst} (one bucket shared by both, as `kube-node run`)"
+    );
+    println!("NodeClass: simulated, bootDelay 0s, deleteDelay 0s");
+    println!(
+        "all {nodes} Nodes created after         {:>7.2} s",
+        created.as_secs_f64()
+    );
+    println!(
+        "status.readyReplicas == {nodes} after    {:>7.2} s  ({ready_nodes} Nodes kubelet-Ready)",
+        ready.as_secs_f64()
+    );
+    println!(
+        "scale to 0: no Node left after       {:>7.2} s",
+        gone.as_secs_f64()
+    );
+    println!(
+        "API writes per Node lifecycle (create -> Ready -> delete), both controllers: {:.2}",
+        ctrl_total as f64 / n as f64
+    );
+    print_writes("node-controller", &node_counts, n);
+    print_writes("nodeset-controller", &nodeset_counts, n);
+    println!(
+        "  cross-check from EmbeddedApi::stats(): {} writes in all - {kubelet_writes} by the simulated kubelet - {bench_writes} /scale patches by the bench = {from_stats} (counted on the controllers' clients: {ctrl_total})",
+        stats.total_writes()
+    );
+    println!(
+        "  every write the API server saw (including the simulated kubelet's), from EmbeddedApi::stats().requests:"
+    );
+    for (resource, verbs) in &stats.requests {
+        for (verb, c) in verbs {
+            if ["create", "update", "patch", "delete", "deletecollection"].contains(&verb.as_str())
+            {
+                println!("    {resource:<24} {verb:<10} {c:>7}");
+            }
+        }
+    }
+    println!(
+        "peak RSS (VmHWM) of this process: {hwm:.1} MiB (at {nodes} Ready: VmRSS {rss_up:.1} MiB, VmHWM {hwm_up:.1} MiB; now VmRSS {rss:.1} MiB) — includes the embedded API server, the simulated cloud and kubelet, not only the controllers"
+    );
+
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), node_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), nodeset_task).await;
+    drop(kubelet);
+    Ok(())
+}
+
+async fn memory_phase(sets_n: usize, per_set: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
+    let total = sets_n * usize::try_from(per_set)?;
+    let api = EmbeddedApi::new();
+    api.register_crd(&NodeClass::crd())?;
+    api.register_crd(&NodeSet::crd())?;
+    let client = api.client();
+    setup_objects(&client).await?;
+    let server = api
+        .serve("127.0.0.1:0".parse()?)
+        .await
+        .context("serving the embedded API")?;
+    let dir = std::env::temp_dir().join(format!("kube-node-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig())?;
+
+    let sets: Api<NodeSet> = Api::all(client.clone());
+    for i in 0..sets_n {
+        sets.create(
+            &PostParams::default(),
+            &node_set(&format!("pool-{i:03}"), per_set)?,
+        )
+        .await?;
+    }
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kube-node"))
+        .args([
+            "run",
+            "--cluster-name=bench",
+            "--leader-elect=false",
+            "--metrics-addr=127.0.0.1:0",
+            "--simulated-kubelet=true",
+            &format!("--kube-qps={qps}"),
+            &format!("--kube-burst={burst}"),
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBE_NODE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting kube-node run")?;
+    let pid = child.id().context("child pid")?.to_string();
+    let start = Instant::now();
+    let node_api: Api<Node> = Api::all(client.clone());
+    let converged = until(
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+        || async {
+            let ready: i64 = sets
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .filter_map(|s| s.status.as_ref())
+                .map(|s| i64::from(s.ready_replicas))
+                .sum();
+            Ok((ready == i64::try_from(total)?).then(|| start.elapsed()))
+        },
+    )
+    .await
+    .context("memory phase: waiting for all Nodes Ready")?;
+    // Watched, steady: give the resync and the kubelet heartbeats a moment.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let nodes = node_api
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .len();
+    let (child_hwm, child_rss) = memory(&pid);
+    let (own_hwm, own_rss) = memory("self");
+    println!(
+        "== phase 2: {sets_n} NodeSets x {per_set} = {total} Nodes, `kube-node run` as a child process against the embedded API over HTTP (127.0.0.1)"
+    );
+    println!(
+        "converged (all readyReplicas) after {:.1} s at {qps} QPS, burst {burst}; {nodes} Nodes in the API",
+        converged.as_secs_f64()
+    );
+    println!(
+        "kube-node run (both controllers + its simulated kubelet for {total} machines): VmHWM {child_hwm:.1} MiB, VmRSS {child_rss:.1} MiB"
+    );
+    println!(
+        "  (measured in a child process so the API server's memory is not counted; it includes the simulated kubelet, which a real deployment does not run)"
+    );
+    println!(
+        "this process (embedded API server holding {nodes} Nodes, {sets_n} NodeSets, their Leases and events): VmHWM {own_hwm:.1} MiB, VmRSS {own_rss:.1} MiB"
+    );
+    if let Some(id) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &id.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(35), child.wait()).await;
+    let _ = child.kill().await;
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let defaults = run_defaults()?;
+    let qps = defaults.client.kube_qps;
+    let burst = defaults.client.kube_burst;
+    let nodes: i32 = env_num("KUBE_NODE_BENCH_NODES", 1000);
+    let sets: usize = env_num("KUBE_NODE_BENCH_SETS", 100);
+    let per_set: i32 = env_num("KUBE_NODE_BENCH_PER_SET", 50);
+    let phases = std::env::var("KUBE_NODE_BENCH_PHASES").unwrap_or_else(|_| "scale,memory".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        if phases.contains("scale") {
+            scale_phase(nodes, qps, burst).await?;
+        }
+        if phases.contains("memory") {
+            memory_phase(sets, per_set, qps, burst).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
