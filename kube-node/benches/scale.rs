@@ -254,18 +254,17 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
     let observer = api.client();
     setup_objects(&observer).await?;
 
-    // One token bucket for both controllers, as `kube-node run` shares one client; a write
+    // One token bucket per controller, as `kube-node run` gives each its own client; a write
     // counter on each so the breakdown is per controller.
-    let rate = RateLimitLayer::new(qps, burst);
     let node_writes = WriteCounts::default();
     let nodeset_writes = WriteCounts::default();
     let node_client = ClientBuilder::new(api.service(), "default")
         .with_layer(&node_writes)
-        .with_layer(&rate)
+        .with_layer(&RateLimitLayer::new(qps, burst))
         .build();
     let nodeset_client = ClientBuilder::new(api.service(), "default")
         .with_layer(&nodeset_writes)
-        .with_layer(&rate)
+        .with_layer(&RateLimitLayer::new(qps, burst))
         .build();
 
     let mut registry = Registry::default();
@@ -394,7 +393,7 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
 
     println!("== phase 1: one NodeSet 0 -> {nodes} -> 0 (embedded API, in-process controllers)");
     println!(
-        "client rate limit of the controllers: {qps} QPS, burst {burst} (one bucket shared by both, as `kube-node run`)"
+        "client rate limit of the controllers: {qps} QPS, burst {burst} (one bucket per controller, as `kube-node run`)"
     );
     println!("NodeClass: simulated, bootDelay 0s, deleteDelay 0s");
     println!(

@@ -158,10 +158,11 @@ pub struct LeaderArgs {
 /// Kubernetes client settings.
 #[derive(Clone, Debug, Args)]
 pub struct ClientArgs {
-    /// Client-side rate limit: requests per second to the API server.
+    /// Client-side rate limit: requests per second to the API server, per controller (each
+    /// controller has its own client and token bucket, as in kube-controller-manager).
     #[arg(long, env = "KUBE_NODE_KUBE_QPS", default_value_t = 200.0)]
     pub kube_qps: f64,
-    /// Client-side rate limit: burst above the steady rate.
+    /// Client-side rate limit: burst above the steady rate, per controller.
     #[arg(long, env = "KUBE_NODE_KUBE_BURST", default_value_t = 400)]
     pub kube_burst: u32,
 }

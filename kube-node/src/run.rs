@@ -16,20 +16,29 @@ use crate::rate::RateLimitLayer;
 /// Builds a client for the cluster in KUBECONFIG (or in-cluster), behind the client-side rate
 /// limit. Returns the client and the API server URL it talks to.
 pub async fn cluster_client(qps: f64, burst: u32) -> anyhow::Result<(kube::Client, String)> {
-    let config = kube::Config::infer()
+    let config = cluster_config().await?;
+    let url = config.cluster_url.to_string();
+    Ok((limited_client(config, qps, burst)?, url))
+}
+
+/// The configuration for the cluster in KUBECONFIG (or in-cluster).
+pub async fn cluster_config() -> anyhow::Result<kube::Config> {
+    let mut config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration: set KUBECONFIG or run in a cluster")?;
-    let url = config.cluster_url.to_string();
-    let mut config = config;
     // The client's built-in retry repeats a 429 up to 15 times. An eviction blocked by a
     // PodDisruptionBudget is exactly a 429, and the drain must see it at once to honour its
     // timeout; the controllers have their own per-object backoff.
     config.default_retry = false;
-    let client = ClientBuilder::try_from(config)
+    Ok(config)
+}
+
+/// A client with its own token bucket.
+pub fn limited_client(config: kube::Config, qps: f64, burst: u32) -> anyhow::Result<kube::Client> {
+    Ok(ClientBuilder::try_from(config)
         .context("building the Kubernetes client")?
         .with_layer(&RateLimitLayer::new(qps, burst))
-        .build();
-    Ok((client, url))
+        .build())
 }
 
 /// The endpoint machines should join: `host:port` of the URL kube-node talks to.
@@ -64,6 +73,7 @@ pub fn controller_configs(
         orphan_max_fraction: args.orphan_max_fraction,
         orphan_gc_interval: args.orphan_gc_interval.into(),
         concurrency: args.node_concurrency,
+        synced: None,
     };
     let nodeset = nodeset_controller::Config {
         concurrency: args.nodeset_concurrency,
@@ -75,7 +85,18 @@ pub fn controller_configs(
 /// Runs until SIGTERM or Ctrl-C (`Ok`, after releasing the Lease), or, with leader election,
 /// until leadership is lost (an error, so the process exits non-zero and restarts as a standby).
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (client, url) = cluster_client(args.client.kube_qps, args.client.kube_burst).await?;
+    let config = cluster_config().await?;
+    let url = config.cluster_url.to_string();
+    let (qps, burst) = (args.client.kube_qps, args.client.kube_burst);
+    // One client per controller, each with its own token bucket (as kube-controller-manager
+    // gives every controller its own client): a node-controller busy provisioning must not
+    // starve the nodeset-controller's creates, nor leader election's renewals.
+    let client = limited_client(config.clone(), qps, burst)?;
+    let clients = Clients {
+        nodes: limited_client(config.clone(), qps, burst)?,
+        nodesets: limited_client(config.clone(), qps, burst)?,
+        kubelet: limited_client(config, qps, burst)?,
+    };
     let version = client
         .apiserver_version()
         .await
@@ -96,6 +117,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         leader_gauge.clone(),
     );
     let registry = Arc::new(registry);
+    let metrics = ControllerMetrics {
+        providers: provider_metrics,
+        nodes: node_metrics,
+        nodesets: nodeset_metrics,
+    };
 
     let health = Health::default();
     let _server = http::serve(args.metrics_addr, health.clone(), registry.clone())
@@ -121,8 +147,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let _grpc_stop = grpc_stop;
-    // Ready means "able to serve": a standby replica is ready too.
-    health.set_ready(true);
+    // Ready means "able to serve". A standby runs no controllers (their caches start with
+    // leadership), so it is ready once connected; without leader election readiness waits
+    // for the controllers' caches.
+    if args.leader.leader_elect {
+        health.set_ready(true);
+    }
 
     let lease = args.leader.leader_elect.then(|| lease_config(&args));
     let mut term = std::pin::pin!(shutdown_signal());
@@ -143,20 +173,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let result = match acquired {
             Ok(()) => {
                 leader_gauge.set(1);
-                let result = run_controllers(
-                    &args,
-                    client.clone(),
-                    &url,
-                    provider_metrics,
-                    node_metrics,
-                    nodeset_metrics,
-                    async move {
-                        tokio::select! {
-                            _ = leading.wait_for(|l| !*l) => Stop::LeadershipLost,
-                            _ = term => Stop::Signal,
-                        }
-                    },
-                )
+                let result = run_controllers(&args, clients, &health, &url, metrics, async move {
+                    tokio::select! {
+                        _ = leading.wait_for(|l| !*l) => Stop::LeadershipLost,
+                        _ = term => Stop::Signal,
+                    }
+                })
                 .await;
                 leader_gauge.set(0);
                 result
@@ -169,20 +191,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         leader::release(client, cfg).await;
         result
     } else {
-        run_controllers(
-            &args,
-            client,
-            &url,
-            provider_metrics,
-            node_metrics,
-            nodeset_metrics,
-            async move {
-                term.await;
-                Stop::Signal
-            },
-        )
+        run_controllers(&args, clients, &health, &url, metrics, async move {
+            term.await;
+            Stop::Signal
+        })
         .await
     }
+}
+
+/// The controllers' clients: one token bucket each.
+struct Clients {
+    nodes: kube::Client,
+    nodesets: kube::Client,
+    /// The simulated kubelet's: it plays many kubelets, which would each have their own.
+    kubelet: kube::Client,
+}
+
+/// The controllers' metrics, registered once per process.
+struct ControllerMetrics {
+    providers: ProviderMetrics,
+    nodes: node_controller::Metrics,
+    nodesets: nodeset_controller::Metrics,
 }
 
 /// Why the controllers stop.
@@ -216,34 +245,50 @@ fn lease_config(args: &RunArgs) -> LeaseConfig {
 /// for (another replica acts now) and the result is an error.
 async fn run_controllers(
     args: &RunArgs,
-    client: kube::Client,
+    clients: Clients,
+    health: &Health,
     url: &str,
-    provider_metrics: ProviderMetrics,
-    node_metrics: node_controller::Metrics,
-    nodeset_metrics: nodeset_controller::Metrics,
+    metrics: ControllerMetrics,
     stop: impl std::future::Future<Output = Stop>,
 ) -> anyhow::Result<()> {
+    let ControllerMetrics {
+        providers: provider_metrics,
+        nodes: node_metrics,
+        nodesets: nodeset_metrics,
+    } = metrics;
     let cloud = SimulatedCloud::new();
     let kubelet = args
         .simulated_kubelet
-        .then(|| cloud.start_kubelet(client.clone()));
+        .then(|| cloud.start_kubelet(clients.kubelet.clone()));
     let providers = provider_registry(&cloud, provider_metrics);
-    let (node_config, nodeset_config) =
+    let (mut node_config, mut nodeset_config) =
         controller_configs(&args.cluster_name, &args.controllers, join_endpoint(url));
+    let (node_synced, mut node_synced_rx) = tokio::sync::watch::channel(false);
+    let (nodeset_synced, mut nodeset_synced_rx) = tokio::sync::watch::channel(false);
+    node_config.synced = Some(node_synced);
+    nodeset_config.synced = Some(nodeset_synced);
+    let ready = health.clone();
+    let readiness = tokio::spawn(async move {
+        if node_synced_rx.wait_for(|s| *s).await.is_ok()
+            && nodeset_synced_rx.wait_for(|s| *s).await.is_ok()
+        {
+            ready.set_ready(true);
+        }
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut nodes = tokio::spawn(node_controller::run(
-        client.clone(),
+        clients.nodes,
         providers,
         node_config,
         node_metrics,
         stopped(stop_rx.clone()),
     ));
     let mut nodesets = tokio::spawn(nodeset_controller::run(
-        client.clone(),
+        clients.nodesets,
         nodeset_config,
         nodeset_metrics,
         stopped(stop_rx.clone()),
@@ -254,6 +299,7 @@ async fn run_controllers(
         r = &mut nodesets => { return Err(anyhow::anyhow!("nodeset-controller exited: {r:?}")); }
     };
     let _ = stop_tx.send(true);
+    readiness.abort();
     if why == Stop::LeadershipLost {
         tracing::warn!("stopping: leadership lost");
         nodes.abort();

@@ -236,10 +236,19 @@ struct Apiserver {
 
 impl Apiserver {
     async fn start() -> Self {
+        let apiserver = Self::start_without_crds().await;
+        apiserver.install_crds();
+        apiserver
+    }
+
+    fn install_crds(&self) {
+        self.api.register_crd(&NodeClass::crd()).expect("CRD");
+        self.api.register_crd(&NodeSet::crd()).expect("CRD");
+    }
+
+    async fn start_without_crds() -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let api = EmbeddedApi::new();
-        api.register_crd(&NodeClass::crd()).expect("CRD");
-        api.register_crd(&NodeSet::crd()).expect("CRD");
         let ca = ConfigMap {
             metadata: ObjectMeta {
                 name: Some("kube-root-ca.crt".into()),
@@ -474,11 +483,55 @@ async fn run_serves_health_and_metrics_logs_json_and_exits_cleanly_on_sigterm() 
     )
     .await;
     assert!(metrics.contains("kube_node_provider_requests"), "{metrics}");
+    for controller in ["node", "nodeset"] {
+        let series = format!("kube_node_workqueue_depth{{controller=\"{controller}\"}}");
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+    }
     let mut types = BTreeSet::new();
     for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
         assert!(types.insert(line), "duplicated metric family: {line}");
     }
 
+    run.terminate();
+    let status = run.exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status:?}\n{}", run.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_only_once_the_controllers_caches_have_synced() {
+    // Without the CRDs the NodeClass and NodeSet watches cannot list, so no cache syncs.
+    let apiserver = Apiserver::start_without_crds().await;
+    let mut run = Running::start(
+        &apiserver,
+        &["--leader-elect=false", "--log-format", "json"],
+    );
+    eventually(Duration::from_secs(60), "/live", || async {
+        run.get("/live").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    // Both controllers have listed Nodes and tried the NodeClass and NodeSet lists, which the
+    // API server answers 404 (counted as requests for an unknown resource) until the CRDs
+    // exist: the caches had their chance to sync, and did not.
+    eventually(
+        Duration::from_secs(60),
+        "NodeClass lists that fail",
+        || async {
+            let stats = apiserver.api.stats();
+            (stats.count("nodes", "list") >= 2 && stats.count("unknown", "get") >= 3).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(run.get("/ready").await.map(|(s, _)| s), Some(503));
+    assert!(!run.logs().contains("caches synced"), "{}", run.logs());
+
+    apiserver.install_crds();
+    eventually(Duration::from_secs(60), "/ready", || async {
+        run.get("/ready").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let logs = run.logs();
+    assert!(logs.contains("node-controller caches synced"), "{logs}");
+    assert!(logs.contains("nodeset-controller caches synced"), "{logs}");
     run.terminate();
     let status = run.exit(Duration::from_secs(60)).await;
     assert!(status.success(), "{status:?}\n{}", run.logs());

@@ -98,6 +98,7 @@ async fn collect_class(
             });
         let pid = n.spec.as_ref().and_then(|s| s.provider_id.as_deref());
         if ready && pid.is_some_and(|p| !ids.contains(p)) {
+            ctx.metrics.work_queue().add(&n.name_any());
             let _ = trigger.unbounded_send(ObjectRef::from_obj(n.as_ref()));
         }
     }

@@ -24,18 +24,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::NODE_CLASS_ANNOTATION;
 use kube_node_provider::{Credentials, Provider, ProviderError, ProviderRegistry, ResolvedClass};
 
 pub use error::{Backoff, Error, WAIT_FOR_CHANGE, error_delay};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, ReconcileFamilies, WorkQueue};
 pub use orphan::{OrphanDecision, select_orphans};
 
 /// The reporter name on every event this controller writes.
@@ -56,6 +57,8 @@ pub struct Config {
     pub orphan_gc_interval: Duration,
     /// How many Nodes are reconciled at once.
     pub concurrency: u16,
+    /// Set to `true` once the Node and NodeClass caches have synced (for a readiness probe).
+    pub synced: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             orphan_max_fraction: 0.2,
             orphan_gc_interval: Duration::from_secs(60),
             concurrency: 32,
+            synced: None,
         }
     }
 }
@@ -94,6 +98,14 @@ pub(crate) struct Context {
     pub(crate) metrics: Metrics,
     pub(crate) recorder: Recorder,
     pub(crate) nodes: Store<Node>,
+    /// NodeClasses as the watch last saw them: a Node pass reads its class here, not from the
+    /// API server (a scale-up of 1000 Nodes would otherwise cost 1000+ GETs).
+    pub(crate) classes: Store<NodeClass>,
+    /// Whether both caches have synced; until then a Node pass waits instead of taking a
+    /// missing NodeClass for a deleted one.
+    pub(crate) synced: std::sync::atomic::AtomicBool,
+    /// The cluster CA's hash for join payloads, with when it was read.
+    ca_hash: Mutex<Option<(String, std::time::Instant)>>,
     pub(crate) backoff: Backoff,
     cache: Mutex<HashMap<String, CachedProvider>>,
     pub(crate) inventory: Mutex<HashMap<String, Inventory>>,
@@ -103,7 +115,46 @@ pub(crate) struct Context {
     tokens: Mutex<HashMap<String, (bootstrap::BootstrapToken, jiff::Timestamp)>>,
 }
 
+/// How long the cluster CA's hash is reused before kube-root-ca.crt is read again.
+const CA_TTL: Duration = Duration::from_secs(60);
+
 impl Context {
+    /// The `sha256:` hash of the cluster CA from kube-system/kube-root-ca.crt, read at most once
+    /// a minute (one GET per create would double the reads of a scale-up).
+    pub(crate) async fn ca_cert_hash(&self) -> Result<String, Error> {
+        if let Ok(c) = self.ca_hash.lock()
+            && let Some((hash, at)) = c.as_ref()
+            && at.elapsed() < CA_TTL
+        {
+            return Ok(hash.clone());
+        }
+        let ca = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+            self.client.clone(),
+            bootstrap::TOKEN_NAMESPACE,
+        )
+        .get_opt(bootstrap::CA_CONFIGMAP)
+        .await?
+        .and_then(|cm| cm.data.and_then(|mut d| d.remove(bootstrap::CA_KEY)))
+        .ok_or_else(|| {
+            Error::CaCertificate(format!(
+                "ConfigMap {}/{} with key {} not found",
+                bootstrap::TOKEN_NAMESPACE,
+                bootstrap::CA_CONFIGMAP,
+                bootstrap::CA_KEY
+            ))
+        })?;
+        let hash = bootstrap::ca_cert_hash(&ca).map_err(|e| Error::CaCertificate(e.to_string()))?;
+        if let Ok(mut c) = self.ca_hash.lock() {
+            *c = Some((hash.clone(), std::time::Instant::now()));
+        }
+        Ok(hash)
+    }
+
+    /// The NodeClass `name` from the cache.
+    pub(crate) fn node_class(&self, name: &str) -> Option<Arc<NodeClass>> {
+        self.classes.get(&ObjectRef::new(name))
+    }
+
     pub(crate) fn cached_token(
         &self,
         uid: &str,
@@ -236,6 +287,29 @@ impl Context {
     }
 }
 
+/// Drops what the controller never reads from a cached Node: managed fields and the
+/// kubelet's status (images, addresses, capacity, node info, volumes) but the Ready and
+/// MachineReady conditions. With thousands of Nodes the cache is most of the controller's
+/// memory. Metadata and spec stay whole: patches test the taints and resourceVersion they
+/// were computed from.
+fn trim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    if let Some(status) = node.status.as_mut() {
+        let conditions = status.conditions.take().map(|cs| {
+            cs.into_iter()
+                .filter(|c| {
+                    c.type_ == kube_node_crds::names::READY_CONDITION
+                        || c.type_ == kube_node_crds::names::MACHINE_READY_CONDITION
+                })
+                .collect()
+        });
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            conditions,
+            ..Default::default()
+        };
+    }
+}
+
 /// Runs the Node controller, the NodeClass controller and the orphan collector until
 /// `shutdown` completes.
 pub async fn run(
@@ -246,6 +320,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut sync_stop = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -258,9 +333,25 @@ pub async fn run(
     };
 
     let concurrency = config.concurrency.max(1);
-    let node_ctrl = Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
+    let synced_tx = config.synced.clone();
+    // The Node watch feeds the cache and the controller; every object it delivers is a
+    // trigger the work queue counts.
+    let queue = metrics.work_queue().clone();
+    let (store, writer) = reflector::store::<Node>();
+    let watched = queue.clone();
+    let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(trim_node)
+        .reflect(writer)
+        .applied_objects()
+        .inspect_ok(move |n| watched.add(&n.name_any()));
+    let node_ctrl = Controller::for_stream(node_events, store.clone())
         .with_config(controller::Config::default().concurrency(concurrency));
-    let store = node_ctrl.store();
+    let class_ctrl = Controller::new(
+        Api::<NodeClass>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let class_store = class_ctrl.store();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -275,6 +366,9 @@ pub async fn run(
         metrics,
         recorder,
         nodes: store.clone(),
+        classes: class_store.clone(),
+        synced: std::sync::atomic::AtomicBool::new(false),
+        ca_hash: Mutex::default(),
         backoff: Backoff::default(),
         cache: Mutex::default(),
         inventory: Mutex::default(),
@@ -283,7 +377,38 @@ pub async fn run(
     });
 
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<Node>>();
+    let sync_ctx = ctx.clone();
+    let (sync_nodes, sync_classes) = (store.clone(), class_store.clone());
+    let mut sync_trigger = trigger_tx.clone();
+    let sync_queue = queue.clone();
+    let synced = async move {
+        tokio::select! {
+            r = async { tokio::try_join!(sync_nodes.wait_until_ready(), sync_classes.wait_until_ready()) } => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = sync_stop.wait_for(|s| *s) => return,
+        }
+        sync_ctx
+            .synced
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!("node-controller caches synced");
+        if let Some(tx) = synced_tx {
+            let _ = tx.send(true);
+        }
+        // Passes that ran before the sync only waited: look at every managed Node again.
+        for n in sync_nodes.state() {
+            if n.annotations().contains_key(NODE_CLASS_ANNOTATION) {
+                sync_queue.add(&n.name_any());
+                let _ = futures::SinkExt::send(&mut sync_trigger, ObjectRef::from_obj(n.as_ref()))
+                    .await;
+            }
+        }
+    };
     let class_nodes = store.clone();
+    let mapped = queue.clone();
+    let finished = queue.clone();
     let nodes = node_ctrl
         .watches(
             Api::<NodeClass>::all(client.clone()),
@@ -294,34 +419,40 @@ pub async fn run(
                     .state()
                     .into_iter()
                     .filter(|n| n.annotations().get(NODE_CLASS_ANNOTATION) == Some(&name))
-                    .map(|n| ObjectRef::from_obj(n.as_ref()))
+                    .map(|n| {
+                        mapped.add(&n.name_any());
+                        ObjectRef::from_obj(n.as_ref())
+                    })
                     .collect::<Vec<_>>()
             },
         )
         .reconcile_on(trigger_rx)
         .graceful_shutdown_on(stopped())
         .run(node::reconcile, node::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "node reconcile failed");
+        .for_each(move |r| {
+            // A Node deleted before its turn is never reconciled: it leaves the queue here.
+            if let Err(controller::Error::ObjectNotFound(obj)) = &r {
+                finished.done(&obj.name);
+            }
+            async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "node reconcile failed");
+                }
             }
         });
 
-    let classes = Controller::new(
-        Api::<NodeClass>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .graceful_shutdown_on(stopped())
-    .run(nodeclass::reconcile, nodeclass::error_policy, ctx.clone())
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "nodeclass reconcile failed");
-        }
-    });
+    let classes = class_ctrl
+        .graceful_shutdown_on(stopped())
+        .run(nodeclass::reconcile, nodeclass::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "nodeclass reconcile failed");
+            }
+        });
 
     let collector = gc::run(ctx.clone(), trigger_tx, stopped());
     tracing::info!("node-controller started");
-    tokio::join!(nodes, classes, collector);
+    tokio::join!(nodes, classes, collector, synced);
     tracing::info!("node-controller stopped");
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeCondition, Pod, Secret, Taint};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Secret, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
@@ -18,7 +18,7 @@ use kube_node_crds::names::{
     MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
     NODE_CLASS_LABEL, READY_CONDITION, UNREGISTERED_TAINT, tags,
 };
-use kube_node_crds::v1alpha1::{NodeSet, find_condition};
+use kube_node_crds::v1alpha1::find_condition;
 use kube_node_provider::{CreateRequest, Instance, ListFilter, Provider, ProviderError};
 use tracing::Instrument;
 
@@ -90,6 +90,7 @@ struct Pass {
 }
 
 pub(crate) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    ctx.metrics.work_queue().done(&node.name_any());
     if !is_managed(&node) {
         // Not ours: cheap exit, no API calls, no metrics.
         return Ok(Requeue::await_change());
@@ -170,6 +171,11 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
             "the Node has no name or UID".to_string(),
         ));
     }
+    if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
+        // A NodeClass missing from a cache that has not synced yet is not a missing NodeClass;
+        // every managed Node is looked at again once it has.
+        return Ok(Requeue::await_change());
+    }
     let deleting = pass.node.metadata.deletion_timestamp.clone();
     if deleting.is_some() && !has_finalizer(&pass.node) {
         ctx.metrics.set_phase(&pass.uid, None);
@@ -185,10 +191,10 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
 
     // Read the NodeClass and its provider.
     let class_name = pass.node.annotations().get(NODE_CLASS_ANNOTATION).cloned();
-    let class = match &class_name {
-        Some(n) => Api::<NodeClass>::all(ctx.client.clone()).get_opt(n).await?,
-        None => None,
-    };
+    let class = class_name
+        .as_deref()
+        .and_then(|n| ctx.node_class(n))
+        .map(|c| c.as_ref().clone());
     let pid = provider_id(&pass.node).map(str::to_string);
     // Nothing can have been created while the phase never got past Pending: the Launching
     // condition is written before every create call.
@@ -308,23 +314,12 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
 
     let mut want = None;
     if deleting.is_none() {
-        let template_taints = if pass.phase != Some(MachinePhase::Ready) {
-            match nodeset_owner(&pass.node) {
-                Some(n) => Api::<NodeSet>::all(ctx.client.clone())
-                    .get_opt(&n)
-                    .await?
-                    .map(|ns| template_taints(&ns))
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            }
-        } else {
-            Vec::new()
-        };
+        // A NodeSet's template taints are the nodeset-controller's to set, at creation (as a
+        // ReplicaSet's pod template is applied only at creation).
         let w = wanted_meta(
             pass,
             Some(&class),
             instance.as_ref(),
-            template_taints,
             observed.kubelet_ready,
         );
         // A create and a MarkReady carry the labels and taints in their own Node write.
@@ -604,19 +599,7 @@ async fn create(
         .and_then(|b| b.api_server_endpoint.clone())
         .or_else(|| ctx.config.api_server_endpoint.clone())
         .ok_or(Error::NoApiServerEndpoint)?;
-    let ca = Api::<ConfigMap>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE)
-        .get_opt(bootstrap::CA_CONFIGMAP)
-        .await?
-        .and_then(|cm| cm.data.and_then(|mut d| d.remove(bootstrap::CA_KEY)))
-        .ok_or_else(|| {
-            Error::CaCertificate(format!(
-                "ConfigMap {}/{} with key {} not found",
-                bootstrap::TOKEN_NAMESPACE,
-                bootstrap::CA_CONFIGMAP,
-                bootstrap::CA_KEY
-            ))
-        })?;
-    let hash = bootstrap::ca_cert_hash(&ca).map_err(|e| Error::CaCertificate(e.to_string()))?;
+    let hash = ctx.ca_cert_hash().await?;
     let token = ensure_token(pass, ctx, class).await?;
     let user_data = bootstrap::render_user_data(&JoinParams {
         node_name: &pass.name,
@@ -841,21 +824,11 @@ fn node_api(ctx: &Context) -> Api<Node> {
 struct MetaWant {
     /// The NodeClass's labels, the node-class label, the instance's type and zone.
     labels: BTreeMap<String, String>,
-    /// The NodeClass's and NodeSet template's taints, and the unregistered taint while the
+    /// The NodeClass's taints, and the unregistered taint while the
     /// machine is being made.
     add_taints: Vec<Taint>,
     /// The kubelet reported Ready: the unregistered taint comes off.
     remove_unregistered: bool,
-}
-
-fn template_taints(ns: &NodeSet) -> Vec<Taint> {
-    ns.spec
-        .template
-        .spec
-        .taints
-        .iter()
-        .map(|t| t.to_core())
-        .collect()
 }
 
 fn instance_labels(i: &Instance) -> BTreeMap<String, String> {
@@ -869,15 +842,12 @@ fn instance_labels(i: &Instance) -> BTreeMap<String, String> {
     labels
 }
 
-/// The NodeClass's labels and taints, the NodeSet template's taints (the nodeset-controller
-/// copies them at creation; a Node made before the template changed, or by hand, still gets
-/// them while provisioning), the instance's type and zone, and the unregistered taint (present
-/// until the kubelet reports Ready; a Node that was Ready never gets it back).
+/// The NodeClass's labels and taints, the instance's type and zone, and the unregistered taint
+/// (present until the kubelet reports Ready; a Node that was Ready never gets it back).
 fn wanted_meta(
     pass: &Pass,
     class: Option<&NodeClass>,
     instance: Option<&Instance>,
-    template_taints: Vec<Taint>,
     kubelet_ready: bool,
 ) -> MetaWant {
     let mut labels = BTreeMap::new();
@@ -891,7 +861,6 @@ fn wanted_meta(
     let mut add_taints: Vec<Taint> = class
         .map(|c| c.spec.taints.iter().map(|t| t.to_core()).collect())
         .unwrap_or_default();
-    add_taints.extend(template_taints);
     let provisioning = pass.phase.is_none_or(|p| {
         matches!(
             p,
@@ -928,7 +897,7 @@ async fn sync_labels_and_taints(
     instance: Option<&Instance>,
     kubelet_ready: bool,
 ) -> Result<(), Error> {
-    let want = wanted_meta(pass, class, instance, Vec::new(), kubelet_ready);
+    let want = wanted_meta(pass, class, instance, kubelet_ready);
     apply_ops(pass, ctx, meta_ops(&pass.node, &want)).await
 }
 

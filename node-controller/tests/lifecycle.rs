@@ -42,6 +42,7 @@ fn config() -> Config {
         orphan_max_fraction: 0.2,
         orphan_gc_interval: Duration::from_millis(500),
         concurrency: 8,
+        synced: None,
     }
 }
 

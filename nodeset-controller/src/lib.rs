@@ -54,13 +54,16 @@ use crate::reconcile::Context;
 pub const REPORTER: &str = "kube-node-nodeset-controller";
 
 /// How the controller runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// How many NodeSets are reconciled at once.
     pub concurrency: u16,
     /// The most Nodes one pass creates (the slow-start series 1, 2, 4, … stops there), like
     /// the ReplicaSet controller's `burstReplicas`.
     pub max_create_batch: usize,
+    /// Set to `true` once the NodeSet, Node and NodeClass caches have synced (for a readiness
+    /// probe).
+    pub synced: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Default for Config {
@@ -68,6 +71,7 @@ impl Default for Config {
         Self {
             concurrency: 16,
             max_create_batch: 500,
+            synced: None,
         }
     }
 }
@@ -103,10 +107,22 @@ pub async fn run(
     .reflect(class_writer)
     .touched_objects();
 
-    let controller = Controller::new(nodesets, watcher::Config::default())
+    // NodeSets: every object the watch delivers is a trigger the work queue counts.
+    let queue = metrics.work_queue().clone();
+    let (set_store, set_writer) = reflector::store::<NodeSet>();
+    let watched = queue.clone();
+    let set_events = watcher(nodesets, watcher::Config::default())
+        .default_backoff()
+        .reflect(set_writer)
+        .applied_objects()
+        .inspect_ok(move |ns| watched.add(&ns.name_any()));
+    let controller = Controller::for_stream(set_events, set_store)
         .with_config(controller::Config::default().concurrency(config.concurrency));
     let by_node = controller.store();
     let by_class = controller.store();
+    let (node_queue, class_queue, finished) = (queue.clone(), queue.clone(), queue);
+    let sync_stores = (controller.store(), node_store.clone(), class_store.clone());
+    let synced_tx = config.synced.clone();
 
     // A shutdown future the runtime can hold (it wants `Sync`).
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -135,23 +151,52 @@ pub async fn run(
         written: Mutex::new(HashMap::new()),
     });
 
-    controller
+    let synced = async move {
+        let (sets, nodes, classes) = sync_stores;
+        if tokio::try_join!(
+            sets.wait_until_ready(),
+            nodes.wait_until_ready(),
+            classes.wait_until_ready()
+        )
+        .is_ok()
+        {
+            tracing::info!("nodeset-controller caches synced");
+            if let Some(tx) = synced_tx {
+                let _ = tx.send(true);
+            }
+        }
+    };
+    let controller = controller
         .watches_stream(node_events, move |node: Node| {
-            nodesets_of_node(&by_node, &node)
+            let sets = nodesets_of_node(&by_node, &node);
+            sets.iter().for_each(|s| node_queue.add(&s.name));
+            sets
         })
         .watches_stream(class_events, move |class: NodeClass| {
-            nodesets_of_class(&by_class, &class)
+            let sets = nodesets_of_class(&by_class, &class);
+            sets.iter().for_each(|s| class_queue.add(&s.name));
+            sets
         })
         .graceful_shutdown_on(async move {
             let _ = stop_rx.await;
         })
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
+        .for_each(move |result| {
+            // A NodeSet deleted before its turn is never reconciled: it leaves the queue here.
+            if let Err(controller::Error::ObjectNotFound(obj)) = &result {
+                finished.done(&obj.name);
             }
-        })
-        .await;
+            async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "controller event");
+                }
+            }
+        });
+    // The sync signal must not keep the controller from stopping (a cache that never syncs).
+    tokio::select! {
+        () = controller => {}
+        () = async { synced.await; std::future::pending::<()>().await } => {}
+    }
     Ok(())
 }
 

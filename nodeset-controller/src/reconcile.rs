@@ -67,6 +67,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) async fn reconcile(ns: Arc<NodeSet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let name = ns.name_any();
+    ctx.metrics.work_queue().done(&name);
     let span = tracing::info_span!("reconcile", nodeset = %name);
     let result = tracing::Instrument::instrument(reconcile_inner(&ns, &ctx), span).await;
     let label = match &result {

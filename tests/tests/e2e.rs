@@ -1155,7 +1155,6 @@ const NEEDED: &[Check] = &[
     ("patch", "", "nodes", None, None),
     ("delete", "", "nodes", None, None),
     ("patch", "", "nodes/status", None, None),
-    ("get", "kube-node.io", "nodeclasses", None, None),
     ("list", "kube-node.io", "nodeclasses", None, None),
     ("watch", "kube-node.io", "nodeclasses", None, None),
     ("patch", "kube-node.io", "nodeclasses/status", None, None),
@@ -1166,6 +1165,8 @@ const NEEDED: &[Check] = &[
     ("update", "kube-node.io", "nodesets", None, None),
     ("patch", "kube-node.io", "nodesets/status", None, None),
     ("patch", "kube-node.io", "nodesets/scale", None, None),
+    // For OwnerReferencesPermissionEnforcement: Nodes are created with blockOwnerDeletion.
+    ("update", "kube-node.io", "nodesets/finalizers", None, None),
     ("list", "", "pods", None, None),
     ("create", "", "pods/eviction", Some("default"), None),
     ("create", "events.k8s.io", "events", Some("default"), None),

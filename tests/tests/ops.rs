@@ -993,6 +993,11 @@ fn allowed(grants: &[Grant], c: &Call) -> bool {
     } && g.rules.iter().any(|r| rule_allows(r, c)))
 }
 
+/// Grants no call uses, which an admission plugin checks instead: creating a Node whose
+/// ownerReference to a NodeSet has blockOwnerDeletion needs `update` on `nodesets/finalizers`
+/// under OwnerReferencesPermissionEnforcement.
+const ADMISSION_ONLY: [(&str, &str, &str); 1] = [("kube-node.io", "nodesets/finalizers", "update")];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_allows_every_call_the_code_makes_and_grants_nothing_unused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1219,6 +1224,13 @@ async fn rbac_allows_every_call_the_code_makes_and_grants_nothing_unused() {
                 for group in rule.api_groups.iter().flatten() {
                     for resource in rule.resources.iter().flatten() {
                         for verb in &rule.verbs {
+                            if ADMISSION_ONLY.contains(&(
+                                group.as_str(),
+                                resource.as_str(),
+                                verb.as_str(),
+                            )) {
+                                continue;
+                            }
                             let used = calls.iter().any(|c| {
                                 c.who == who
                                     && &c.group == group
