@@ -12,11 +12,13 @@
 //!
 //! Phase 2 measures the controllers' memory while many Nodes are watched: this process serves
 //! the embedded API over HTTP on 127.0.0.1 and runs the real `kube-node run` binary as a child
-//! process against it (with its simulated kubelet), creates S NodeSets × R replicas (default
-//! 100 × 50 = 5000 Nodes), waits for them all to be Ready and reads the child's VmHWM/VmRSS.
+//! process against it (this process plays the kubelets, with a realistic Node status), creates
+//! S NodeSets × R replicas (default 100 × 50 = 5000 Nodes), waits for them all to be Ready and
+//! reads the child's VmHWM/VmRSS.
 //!
 //! Knobs (environment): `KUBE_NODE_BENCH_NODES` (1000), `KUBE_NODE_BENCH_SETS` (100),
 //! `KUBE_NODE_BENCH_PER_SET` (50), `KUBE_NODE_BENCH_PHASES` (`scale,memory`),
+//! `KUBE_NODE_BENCH_WRAP` (a command the memory phase's child runs under, e.g. a heap profiler),
 //! `KUBE_NODE_KUBE_QPS` / `KUBE_NODE_KUBE_BURST` (the `kube-node run` defaults, 200 / 400).
 
 use std::collections::BTreeMap;
@@ -27,9 +29,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
+use kube::{CustomResourceExt, ResourceExt};
 use kube_node::cli::{Cli, Command};
 use kube_node::rate::RateLimitLayer;
 use kube_node_crds::{NodeClass, NodeSet};
@@ -464,13 +466,29 @@ async fn memory_phase(sets_n: usize, per_set: i32, qps: f64, burst: u32) -> anyh
         )
         .await?;
     }
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kube-node"))
+    // The kubelets are played by this process, so the child's memory is the controllers'.
+    let kubelets = tokio::spawn(play_kubelets(client.clone()));
+    // KUBE_NODE_BENCH_WRAP runs the child under a profiler, e.g. `heaptrack -o /tmp/kube-node`.
+    let wrap: Vec<String> = std::env::var("KUBE_NODE_BENCH_WRAP")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_kube-node"));
+            c
+        }
+        None => tokio::process::Command::new(env!("CARGO_BIN_EXE_kube-node")),
+    };
+    let mut child = command
         .args([
             "run",
             "--cluster-name=bench",
             "--leader-elect=false",
             "--metrics-addr=127.0.0.1:0",
-            "--simulated-kubelet=true",
+            "--simulated-kubelet=false",
             &format!("--kube-qps={qps}"),
             &format!("--kube-burst={burst}"),
         ])
@@ -517,10 +535,10 @@ async fn memory_phase(sets_n: usize, per_set: i32, qps: f64, burst: u32) -> anyh
         converged.as_secs_f64()
     );
     println!(
-        "kube-node run (both controllers + its simulated kubelet for {total} machines): VmHWM {child_hwm:.1} MiB, VmRSS {child_rss:.1} MiB"
+        "kube-node run (both controllers and the simulated provider's {total} machines): VmHWM {child_hwm:.1} MiB, VmRSS {child_rss:.1} MiB"
     );
     println!(
-        "  (measured in a child process so the API server's memory is not counted; it includes the simulated kubelet, which a real deployment does not run)"
+        "  (a child process, so neither the API server nor the kubelets this process plays are counted)"
     );
     println!(
         "this process (embedded API server holding {nodes} Nodes, {sets_n} NodeSets, their Leases and events): VmHWM {own_hwm:.1} MiB, VmRSS {own_rss:.1} MiB"
@@ -532,9 +550,62 @@ async fn memory_phase(sets_n: usize, per_set: i32, qps: f64, burst: u32) -> anyh
     }
     let _ = tokio::time::timeout(Duration::from_secs(35), child.wait()).await;
     let _ = child.kill().await;
+    kubelets.abort();
     server.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Plays the kubelet of every Node that got a providerID: registers onto it with the status a
+/// real kubelet writes (addresses, capacity, node info, a list of images, Ready), so the
+/// controllers watch Nodes of a realistic size.
+async fn play_kubelets(client: kube::Client) {
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let api: Api<Node> = Api::all(client);
+    let images: Vec<serde_json::Value> = (0..40)
+        .map(|i| {
+            serde_json::json!({
+                "names": [format!("registry.example.com/team/app-{i}@sha256:{:064x}", i), format!("registry.example.com/team/app-{i}:v1.{i}.0")],
+                "sizeBytes": 50_000_000 + i * 1_000_000,
+            })
+        })
+        .collect();
+    watcher(api.clone(), watcher::Config::default())
+        .applied_objects()
+        .for_each_concurrent(32, |node| {
+            let api = api.clone();
+            let images = images.clone();
+            async move {
+                let Ok(node) = node else { return };
+                let has_pid = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.provider_id.as_deref())
+                    .is_some_and(|p| !p.is_empty());
+                if !has_pid || kubelet_ready(&node) || node.metadata.deletion_timestamp.is_some() {
+                    return;
+                }
+                let now = jiff::Timestamp::now().to_string();
+                let status = serde_json::json!({"status": {
+                    "conditions": [
+                        {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status", "lastHeartbeatTime": now, "lastTransitionTime": now},
+                        {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "lastHeartbeatTime": now, "lastTransitionTime": now},
+                        {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "lastHeartbeatTime": now, "lastTransitionTime": now},
+                        {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID", "lastHeartbeatTime": now, "lastTransitionTime": now},
+                    ],
+                    "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}, {"type": "Hostname", "address": node.metadata.name}],
+                    "capacity": {"cpu": "4", "memory": "16Gi", "pods": "110", "ephemeral-storage": "100Gi"},
+                    "allocatable": {"cpu": "3800m", "memory": "15Gi", "pods": "110", "ephemeral-storage": "95Gi"},
+                    "nodeInfo": {"machineID": "m", "systemUUID": "s", "bootID": "b", "kernelVersion": "6.1.0", "osImage": "Debian GNU/Linux 12", "containerRuntimeVersion": "containerd://1.7.0", "kubeletVersion": "v1.33.0", "kubeProxyVersion": "v1.33.0", "operatingSystem": "linux", "architecture": "amd64"},
+                    "images": images,
+                }});
+                let _ = api
+                    .patch_status(&node.name_any(), &PatchParams::default(), &Patch::Strategic(&status))
+                    .await;
+            }
+        })
+        .await;
 }
 
 fn main() -> anyhow::Result<()> {

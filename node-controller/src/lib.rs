@@ -287,13 +287,18 @@ impl Context {
     }
 }
 
-/// Drops what the controller never reads from a cached Node: managed fields and the
-/// kubelet's status (images, addresses, capacity, node info, volumes) but the Ready and
-/// MachineReady conditions. With thousands of Nodes the cache is most of the controller's
+/// Drops what the controller never reads from a cached Node: managed fields, annotations
+/// not of kube-node, and the kubelet's status (images, addresses, capacity, node info,
+/// volumes) but the Ready and MachineReady conditions. With thousands of Nodes the cache is most of the controller's
 /// memory. Metadata and spec stay whole: patches test the taints and resourceVersion they
 /// were computed from.
 fn trim_node(node: &mut Node) {
     node.metadata.managed_fields = None;
+    // Patches add annotation keys one by one where the map exists: keep it, emptied of
+    // others' keys.
+    if let Some(a) = node.metadata.annotations.as_mut() {
+        a.retain(|k, _| k.starts_with("kube-node.io/"));
+    }
     if let Some(status) = node.status.as_mut() {
         let conditions = status.conditions.take().map(|cs| {
             cs.into_iter()

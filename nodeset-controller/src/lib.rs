@@ -149,6 +149,7 @@ pub async fn run(
         create_failures: Mutex::new(HashMap::new()),
         create_backoff: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
+        status_written_at: Mutex::new(HashMap::new()),
     });
 
     let synced = async move {

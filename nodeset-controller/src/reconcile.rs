@@ -57,6 +57,8 @@ pub(crate) struct Context {
     pub create_backoff: Mutex<HashMap<String, (u32, Instant)>>,
     /// The status last written per NodeSet UID (our cache may not show it yet).
     pub written: Mutex<HashMap<String, NodeSetStatus>>,
+    /// When the status was last written per NodeSet UID.
+    pub status_written_at: Mutex<HashMap<String, Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -402,7 +404,14 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         &previous,
         now,
     );
-    if status != previous {
+    let mut status_deferred = None;
+    if status != previous
+        && let Some(wait) = status_write_wait(ctx, &uid, &previous, &status)
+    {
+        // Only counts moved, and the last write was just now: a ramp of 1000 Nodes becoming
+        // Ready would otherwise cost a status write per Node. The next pass writes it.
+        status_deferred = Some(wait);
+    } else if status != previous {
         write_status(ns, ctx, &status).await?;
         if condition_true(&status, CIRCUIT_BREAKER_CONDITION)
             && !condition_true(&previous, CIRCUIT_BREAKER_CONDITION)
@@ -449,6 +458,9 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     }
     if let Some(until) = create_hold {
         requeue = requeue.min(until.saturating_duration_since(Instant::now()));
+    }
+    if let Some(wait) = status_deferred {
+        requeue = requeue.min(wait);
     }
     if let Some(left) = the_plan.next_available_in {
         let left = Duration::try_from(left).unwrap_or_default() + Duration::from_millis(100);
@@ -986,6 +998,40 @@ async fn record_invalid_spec(ns: &NodeSet, ctx: &Context, err: &Error) {
     .await;
 }
 
+/// The least time between two status writes of one NodeSet that change only counts.
+const STATUS_COUNTS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long to hold a status write back, if at all: only when nothing but the counts (and
+/// condition messages) changed and the last write of this NodeSet is under a second old.
+/// Generations, selectors and condition states are written at once.
+fn status_write_wait(
+    ctx: &Context,
+    uid: &str,
+    previous: &NodeSetStatus,
+    status: &NodeSetStatus,
+) -> Option<Duration> {
+    if !only_counts_changed(previous, status) {
+        return None;
+    }
+    let since = lock(&ctx.status_written_at).get(uid)?.elapsed();
+    STATUS_COUNTS_INTERVAL
+        .checked_sub(since)
+        .filter(|d| !d.is_zero())
+}
+
+/// Whether two statuses differ at most in their counts and condition messages.
+fn only_counts_changed(previous: &NodeSetStatus, status: &NodeSetStatus) -> bool {
+    let states = |s: &NodeSetStatus| -> Vec<(String, String, String)> {
+        s.conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect()
+    };
+    previous.observed_generation == status.observed_generation
+        && previous.selector == status.selector
+        && states(previous) == states(status)
+}
+
 async fn write_status(ns: &NodeSet, ctx: &Context, status: &NodeSetStatus) -> Result<(), Error> {
     let api: Api<NodeSet> = Api::all(ctx.client.clone());
     let body = json!({
@@ -1001,6 +1047,7 @@ async fn write_status(ns: &NodeSet, ctx: &Context, status: &NodeSetStatus) -> Re
     .await?;
     if let Some(uid) = &ns.metadata.uid {
         lock(&ctx.written).insert(uid.clone(), status.clone());
+        lock(&ctx.status_written_at).insert(uid.clone(), Instant::now());
     }
     Ok(())
 }
@@ -1100,6 +1147,49 @@ mod tests {
         assert!(matches!(node_labels(&bad), Err(Error::InvalidSpec(_))));
         let empty = nodeset(json!({}));
         assert!(matches!(node_labels(&empty), Err(Error::InvalidSpec(_))));
+    }
+
+    #[test]
+    fn only_a_change_of_counts_may_wait_for_the_next_status_write() {
+        let ns = nodeset(json!({"matchLabels": {"pool": "w"}}));
+        let desired = Desired {
+            replicas: 3,
+            remove_nodes: vec![],
+            delete_policy: Default::default(),
+            max_unhealthy: 1,
+            min_ready: SignedDuration::ZERO,
+            class_generation: Some(1),
+            seed: 0,
+        };
+        let counts = |ready| Plan {
+            counts: Counts {
+                replicas: 3,
+                ready,
+                available: ready,
+                ..Counts::default()
+            },
+            ..Plan::default()
+        };
+        let t = Timestamp::from_second(1_700_000_000).expect("time");
+        let none = NodeSetStatus::default();
+        let one = build_status(&ns, &desired, &counts(1), None, true, &none, t);
+        let two = build_status(&ns, &desired, &counts(2), None, true, &one, t);
+        let three = build_status(&ns, &desired, &counts(3), None, true, &two, t);
+        assert!(
+            !only_counts_changed(&none, &one),
+            "the first status is written at once"
+        );
+        assert!(only_counts_changed(&one, &two), "1 → 2 Ready: counts only");
+        assert!(
+            !only_counts_changed(&two, &three),
+            "all Ready flips the Ready condition: written at once"
+        );
+        let mut newer = two.clone();
+        newer.observed_generation = newer.observed_generation.map(|g| g + 1);
+        assert!(
+            !only_counts_changed(&two, &newer),
+            "a new generation is written at once"
+        );
     }
 
     #[test]
