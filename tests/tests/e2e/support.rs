@@ -122,11 +122,16 @@ fn lock_suite() -> std::fs::File {
     f
 }
 
-/// The `kube-node` binary, built (once per test process) by cargo: cargo builds no binaries of
-/// dependencies for an integration test, so the suite asks for it.
+/// The `kube-node` binary: `KUBE_NODE_E2E_BIN` if set, else built (once per test process) by
+/// cargo, which builds no binaries of dependencies for an integration test.
 pub fn kube_node_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        // A prebuilt binary (e.g. a release build for the scale figures) instead of the debug
+        // build.
+        if let Some(bin) = std::env::var_os("KUBE_NODE_E2E_BIN") {
+            return PathBuf::from(bin);
+        }
         let profile = profile_dir();
         let target = profile.parent().expect("target dir").to_path_buf();
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
