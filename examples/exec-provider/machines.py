@@ -20,6 +20,10 @@ API, run `terraform apply`, power on a lab machine over IPMI, and so on. Layout:
     <stateDir>/inject/create-error.json   optional test hook: the next create fails with this
                                           error object ({"kind": ..., "message": ...}) and the
                                           file is removed
+    <stateDir>/inject/create-hold         optional test hook: while it exists, a create that
+                                          made a new machine saves it and then waits before
+                                          answering (to crash kube-node between a create and
+                                          its providerID write)
 
 The state directory is `config.stateDir` of the NodeClass (spec.provider.exec.config), else
 the STATE_DIR environment variable. Other `config` keys: `zone` (default "lab-a"),
@@ -233,7 +237,13 @@ def op_create(req, config):
         }
         save(root, m)
         log(f"created machine {mid} for node {req.get('nodeName')}")
-        return {"instance": view(m, config, now)}
+
+    # Test hook: outside the lock, so a retried create (which returns the saved machine) and
+    # every other operation go on while this one waits.
+    hold = os.path.join(root, "inject", "create-hold")
+    while os.path.exists(hold):
+        time.sleep(0.1)
+    return {"instance": view(m, config, now)}
 
 
 def op_get(req, config):

@@ -999,20 +999,7 @@ async fn the_standby_takes_over_when_the_leader_is_killed_and_no_machine_is_dupl
     );
 
     let class_name = env.name("e2e-leader-class");
-    let class: NodeClass = serde_json::from_value(json!({
-        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass",
-        "metadata": {"name": class_name, "labels": {SUITE_LABEL: "true"}},
-        "spec": {
-            "provider": {"type": "exec", "exec": {
-                "command": ["python3", repo_root().join("examples/exec-provider/machines.py")],
-                "timeout": "30s",
-                "config": {"stateDir": state, "zone": "lab-a"}
-            }},
-            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"}
-        }
-    }))
-    .expect("NodeClass");
-    apply_class(&client, &class).await;
+    apply_class(&client, &exec_class(&class_name, &state)).await;
     let set = env.name("e2e-leader");
     let api: Api<NodeSet> = Api::all(client.clone());
     api.create(&PostParams::default(), &nodeset(&set, &class_name, 3))
@@ -1077,6 +1064,564 @@ async fn the_standby_takes_over_when_the_leader_is_killed_and_no_machine_is_dupl
     assert!(exec_machines(&state).is_empty(), "every machine deleted");
     delete_class_and_wait(&client, &class_name).await;
     drop(procs);
+    env.finish().await;
+}
+
+/// Runs the reference exec program once, as kube-node does (`python3 machines.py <operation>`,
+/// the request on stdin), and returns its successful response.
+fn machines_py(request: serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let op = request["operation"]
+        .as_str()
+        .expect("request names its operation")
+        .to_string();
+    let mut child = Command::new("python3")
+        .arg(repo_root().join(MACHINES_PY))
+        .arg(&op)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("request written");
+    let out = child.wait_with_output().expect("machines.py finished");
+    let response: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "machines.py {op}: no JSON response ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        out.status.success() && response.get("error").is_none(),
+        "machines.py {op}: {response}; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    response
+}
+
+/// A machine made straight in the exec program's state, tagged like kube-node's machines for
+/// `cluster` and `class`, for a Node UID that no Node has. Returns its provider ID and creation
+/// time (Unix seconds).
+fn create_orphan(state: &std::path::Path, cluster: &str, class: &str, name: &str) -> (String, i64) {
+    let uid = format!("{name}-uid");
+    let response = machines_py(json!({
+        "protocolVersion": "v1", "operation": "create",
+        "clusterName": cluster, "nodeClass": class,
+        "config": {"stateDir": state, "zone": "lab-a"},
+        "idempotencyKey": uid, "nodeName": name,
+        "tags": {
+            names::tags::CLUSTER: cluster,
+            names::tags::NODE_CLASS: class,
+            names::tags::NODE_UID: uid,
+            names::tags::NODE_NAME: name,
+            names::tags::MANAGED_BY: names::tags::MANAGED_BY_VALUE,
+        },
+    }));
+    let instance = &response["instance"];
+    (
+        instance["providerId"]
+            .as_str()
+            .expect("providerId")
+            .to_string(),
+        instance["createdUnix"].as_i64().expect("createdUnix"),
+    )
+}
+
+/// Deletes a machine straight in the exec program's state.
+fn delete_machine(state: &std::path::Path, cluster: &str, class: &str, provider_id: &str) {
+    machines_py(json!({
+        "protocolVersion": "v1", "operation": "delete",
+        "clusterName": cluster, "nodeClass": class,
+        "config": {"stateDir": state, "zone": "lab-a"},
+        "providerId": provider_id,
+    }));
+}
+
+/// The provider IDs of the live exec machines.
+fn exec_provider_ids(state: &std::path::Path) -> BTreeSet<String> {
+    exec_machines(state)
+        .iter()
+        .filter_map(|m| m["providerId"].as_str().map(String::from))
+        .collect()
+}
+
+/// The live exec machines made for a Node UID (its idempotency key).
+fn exec_machines_of(state: &std::path::Path, uid: &str) -> Vec<serde_json::Value> {
+    exec_machines(state)
+        .into_iter()
+        .filter(|m| m["idempotencyKey"].as_str() == Some(uid))
+        .collect()
+}
+
+fn node_provider_id(node: &Node) -> Option<String> {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.provider_id.clone())
+        .filter(|p| !p.is_empty())
+}
+
+/// Waits until the Node satisfies `pred`; the timeout message shows its status.
+async fn wait_node(
+    nodes: &Api<Node>,
+    kn: &mut KubeNode,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&Node) -> bool,
+) -> Node {
+    let start = tokio::time::Instant::now();
+    loop {
+        kn.assert_running();
+        let n = nodes.get(name).await.expect("Node");
+        if pred(&n) {
+            return n;
+        }
+        assert!(
+            start.elapsed() < READY_TIMEOUT,
+            "Node {name}: not {what} within {READY_TIMEOUT:?}: providerID {:?}, status {:?}",
+            node_provider_id(&n),
+            n.status.as_ref().and_then(|s| s.conditions.clone())
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Removes the bootstrap tokens left for a Node UID. A token made by a process that was then
+/// killed is known to no later process; it would expire and kube-controller-manager's token
+/// cleaner remove it, but the suite leaves nothing behind.
+async fn remove_tokens(client: &kube::Client, uid: &str) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
+    for s in token_secrets(client, uid).await {
+        let _ = api.delete(&s.name_any(), &DeleteParams::default()).await;
+    }
+}
+
+#[tokio::test]
+async fn a_restart_between_the_create_and_the_provider_id_write_leaves_exactly_one_machine() {
+    let Some(env) = setup("restart").await else {
+        return;
+    };
+    let client = env.client.clone();
+    let state = env.dir.path().join("exec-state");
+    let hold = state.join("inject").join("create-hold");
+    std::fs::create_dir_all(hold.parent().expect("inject dir")).expect("state dir");
+    // A short Lease, so the second process (a new pod, a new identity) takes over soon.
+    let opts = |identity: &str| {
+        let mut o = RunOptions::new(&env, identity);
+        o.extra = ["--lease-duration", "6s", "--lease-renew-interval", "2s"]
+            .map(String::from)
+            .to_vec();
+        o
+    };
+    let mut first = KubeNode::spawn(env.dir.path(), opts("e2e-restart-1"));
+    first.wait_ready().await;
+    first.wait_leading(Duration::from_secs(60)).await;
+    let class_name = env.name("e2e-restart-class");
+    apply_class(&client, &exec_class(&class_name, &state)).await;
+
+    // machines.py saves the new machine, then answers only once this file is gone: the
+    // create is in flight, the machine exists, the providerID is not written yet.
+    std::fs::write(&hold, b"").expect("hold file");
+    let node_name = env.name("e2e-restart");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let uid = nodes
+        .create(
+            &PostParams::default(),
+            &node_request(&node_name, &class_name),
+        )
+        .await
+        .expect("Node created")
+        .uid()
+        .expect("uid");
+    eventually(
+        "the machine saved while its create is held",
+        Duration::from_secs(60),
+        || {
+            let saved = exec_machines_of(&state, &uid).len();
+            async move { saved == 1 }
+        },
+    )
+    .await;
+    first.assert_running();
+    first.kill();
+    let node = nodes.get(&node_name).await.expect("Node");
+    assert_eq!(
+        node_provider_id(&node),
+        None,
+        "kube-node died before its create was answered, so before the providerID write"
+    );
+    // The killed process's create call still waits; let it finish (its answer goes nowhere).
+    std::fs::remove_file(&hold).expect("hold released");
+
+    let mut second = KubeNode::spawn(env.dir.path(), opts("e2e-restart-2"));
+    second.wait_ready().await;
+    second.wait_leading(Duration::from_secs(60)).await;
+    let node = wait_node(&nodes, &mut second, &node_name, "given a providerID", |n| {
+        node_provider_id(n).is_some()
+    })
+    .await;
+    let machines = exec_machines_of(&state, &uid);
+    assert_eq!(
+        machines.len(),
+        1,
+        "exactly one machine for the Node's UID: {machines:?}"
+    );
+    assert_eq!(
+        node_provider_id(&node).as_deref(),
+        machines[0]["providerId"].as_str(),
+        "the Node names the machine made before the restart"
+    );
+    assert_eq!(
+        exec_provider_ids(&state).len(),
+        1,
+        "no other machine was made"
+    );
+
+    delete_node_and_wait(&client, &node_name, GONE_TIMEOUT).await;
+    assert!(
+        exec_machines_of(&state, &uid).is_empty(),
+        "the machine is deleted with its Node"
+    );
+    assert!(exec_provider_ids(&state).is_empty(), "no machine left");
+    remove_tokens(&client, &uid).await;
+    delete_class_and_wait(&client, &class_name).await;
+    drop(second);
+    drop(first);
+    env.finish().await;
+}
+
+/// Provider calls of a backend and method, whatever their result.
+async fn provider_calls(kn: &KubeNode, provider: &str, method: &str) -> f64 {
+    kn.metric_with(
+        "kube_node_provider_requests_total",
+        &[
+            &format!("provider=\"{provider}\""),
+            &format!("method=\"{method}\""),
+        ],
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+/// Successful provider list calls of a backend: one per orphan-collector wave and NodeClass.
+async fn list_calls(kn: &KubeNode, provider: &str) -> f64 {
+    kn.metric_with(
+        "kube_node_provider_requests_total",
+        &[
+            &format!("provider=\"{provider}\""),
+            "method=\"list\"",
+            "result=\"Ok\"",
+        ],
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+/// Waits until the orphan collector has finished a whole wave that started after this call:
+/// the list counted next may have begun earlier, the one after it did not, and a third list
+/// starts only once that wave's decisions are carried out.
+async fn wait_collector_waves(kn: &mut KubeNode, provider: &str) {
+    let before = list_calls(kn, provider).await;
+    let start = tokio::time::Instant::now();
+    while list_calls(kn, provider).await < before + 3.0 {
+        kn.assert_running();
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the orphan collector made no 3 list calls within 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_orphan_collector_spares_young_and_owned_machines_deletes_old_orphans_and_pauses_when_too_many()
+ {
+    let Some(env) = setup("orphans").await else {
+        return;
+    };
+    let client = env.client.clone();
+    let state = env.dir.path().join("exec-state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let cluster = env.name("e2e");
+    let class_name = env.name("e2e-orphans-class");
+    let nodes: Api<Node> = Api::all(client.clone());
+
+    // First run: a minimum age of ten minutes, so every machine made during it is young.
+    let mut opts = RunOptions::new(&env, "e2e-orphans-young");
+    opts.extra = ["--orphan-min-age", "10m"].map(String::from).to_vec();
+    let mut young_run = KubeNode::spawn(env.dir.path(), opts);
+    young_run.wait_ready().await;
+    young_run.wait_leading(Duration::from_secs(60)).await;
+    apply_class(&client, &exec_class(&class_name, &state)).await;
+    let node_name = env.name("e2e-orphans");
+    let uid = nodes
+        .create(
+            &PostParams::default(),
+            &node_request(&node_name, &class_name),
+        )
+        .await
+        .expect("Node created")
+        .uid()
+        .expect("uid");
+    let node = wait_node(&nodes, &mut young_run, &node_name, "given a machine", |n| {
+        node_provider_id(n).is_some()
+    })
+    .await;
+    let owned = node_provider_id(&node).expect("providerID");
+    assert_eq!(exec_machines_of(&state, &uid).len(), 1);
+
+    let (young, _) = create_orphan(&state, &cluster, &class_name, &env.name("e2e-orphan-a"));
+    wait_collector_waves(&mut young_run, "exec").await;
+    assert_eq!(
+        exec_provider_ids(&state),
+        BTreeSet::from([owned.clone(), young.clone()]),
+        "a young orphan (and the Node's machine) survive a whole collector wave"
+    );
+    assert_eq!(
+        young_run
+            .metric_with("kube_node_orphan_gc_actions_total", &["action=\"deleted\""])
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "nothing collected"
+    );
+    young_run.kill();
+
+    // Two more orphans while no kube-node runs: with the first one, 3 of the class's 4
+    // machines have no Node — more than the default 20% at once.
+    let (second, _) = create_orphan(&state, &cluster, &class_name, &env.name("e2e-orphan-b"));
+    let (third, created) = create_orphan(&state, &cluster, &class_name, &env.name("e2e-orphan-c"));
+    // The next run's minimum age is 1s: once every orphan is older than that, its first wave
+    // already sees all three.
+    while now_unix() < created + 2 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut opts = RunOptions::new(&env, "e2e-orphans-old");
+    opts.lease_name = "kube-node-e2e-old".into();
+    opts.extra = ["--orphan-min-age", "1s"].map(String::from).to_vec();
+    let mut old_run = KubeNode::spawn(env.dir.path(), opts);
+    old_run.wait_ready().await;
+    old_run.wait_leading(Duration::from_secs(60)).await;
+
+    // The circuit breaker: nothing is deleted, a Warning on the NodeClass says why.
+    let paused = Arc::new(Mutex::new(Vec::new()));
+    eventually(
+        "the orphan collection paused, with a Warning on the NodeClass",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            let class_name = class_name.clone();
+            let paused = paused.clone();
+            let run = &old_run;
+            async move {
+                let warnings: Vec<String> = events_about(&client, &class_name)
+                    .await
+                    .into_iter()
+                    .filter(|(t, r, _)| t == "Warning" && r == "OrphanCollectionPaused")
+                    .map(|(_, _, m)| m)
+                    .collect();
+                let open = run.metric("kube_node_orphan_gc_circuit_open").await == Some(1.0);
+                let found = !warnings.is_empty() && open;
+                if let Ok(mut p) = paused.lock() {
+                    *p = warnings;
+                }
+                found
+            }
+        },
+    )
+    .await;
+    let warnings = paused.lock().map(|p| p.clone()).unwrap_or_default();
+    assert!(
+        warnings
+            .iter()
+            .any(|m| m.contains("3 of 4 machines have no Node")),
+        "the Warning counts the orphans: {warnings:?}"
+    );
+    assert_eq!(
+        exec_provider_ids(&state),
+        BTreeSet::from([owned.clone(), young.clone(), second.clone(), third.clone()]),
+        "the breaker deleted nothing"
+    );
+    assert!(
+        old_run
+            .metric_with("kube_node_orphan_gc_actions_total", &["action=\"paused\""])
+            .await
+            .unwrap_or(0.0)
+            >= 1.0,
+        "a paused wave is counted"
+    );
+    assert_eq!(
+        old_run
+            .metric_with("kube_node_orphan_gc_actions_total", &["action=\"deleted\""])
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "nothing collected while paused"
+    );
+
+    // Someone removes two of them by hand: the one orphan left, now old, is collected; the
+    // Node's machine is not.
+    delete_machine(&state, &cluster, &class_name, &second);
+    delete_machine(&state, &cluster, &class_name, &third);
+    eventually("the old orphan collected", Duration::from_secs(60), || {
+        let gone = !exec_provider_ids(&state).contains(&young);
+        async move { gone }
+    })
+    .await;
+    assert_eq!(
+        exec_provider_ids(&state),
+        BTreeSet::from([owned.clone()]),
+        "only the Node's machine is left"
+    );
+    let node = nodes.get(&node_name).await.expect("Node");
+    assert_eq!(node_provider_id(&node), Some(owned.clone()));
+    assert!(node.metadata.deletion_timestamp.is_none(), "the Node stays");
+    let events = events_about(&client, &class_name).await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, r, m)| t == "Normal" && r == "OrphanDeleted" && m.contains(&young)),
+        "OrphanDeleted event naming the machine: {events:?}"
+    );
+    assert!(
+        old_run
+            .metric_with("kube_node_orphan_gc_actions_total", &["action=\"deleted\""])
+            .await
+            .unwrap_or(0.0)
+            >= 1.0,
+        "the deletion is counted"
+    );
+    eventually(
+        "the circuit breaker closed",
+        Duration::from_secs(30),
+        || {
+            let run = &old_run;
+            async move { run.metric("kube_node_orphan_gc_circuit_open").await == Some(0.0) }
+        },
+    )
+    .await;
+
+    delete_node_and_wait(&client, &node_name, GONE_TIMEOUT).await;
+    assert!(exec_provider_ids(&state).is_empty(), "no machine left");
+    delete_class_and_wait(&client, &class_name).await;
+    drop(old_run);
+    drop(young_run);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_machine_that_never_registers_fails_at_the_registration_timeout_and_is_kept() {
+    let Some(env) = setup("registration").await else {
+        return;
+    };
+    let client = env.client.clone();
+    let mut kn = KubeNode::spawn(env.dir.path(), RunOptions::new(&env, "e2e-registration"));
+    kn.wait_ready().await;
+    kn.wait_leading(Duration::from_secs(60)).await;
+    let class_name = env.name("e2e-registration-class");
+    apply_class(
+        &client,
+        &simulated_class(
+            &class_name,
+            json!({"provider": {"simulated": {"register": false}},
+                   "timeouts": {"registration": "5s"}}),
+        ),
+    )
+    .await;
+    let node_name = env.name("e2e-registration");
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &node_request(&node_name, &class_name),
+        )
+        .await
+        .expect("Node created");
+    let node = wait_node(&nodes, &mut kn, &node_name, "Failed", |n| {
+        node_condition(n, names::MACHINE_READY_CONDITION)
+            == Some(("False".to_string(), Some("Failed".to_string())))
+    })
+    .await;
+    assert!(!is_ready(&node), "no kubelet reported Ready");
+    let message = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.type_ == names::MACHINE_READY_CONDITION)
+        })
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("did not report Ready within 5s"),
+        "the condition says why: {message}"
+    );
+    eventually(
+        "a RegistrationTimeout Warning on the Node",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            let node_name = node_name.clone();
+            async move {
+                events_about(&client, &node_name)
+                    .await
+                    .iter()
+                    .any(|(t, r, _)| t == "Warning" && r == "RegistrationTimeout")
+            }
+        },
+    )
+    .await;
+
+    // Kept for inspection: neither the Node controller nor the orphan collector deletes the
+    // machine of a Failed Node, however many passes go by.
+    wait_collector_waves(&mut kn, "simulated").await;
+    let node = nodes.get(&node_name).await.expect("Node");
+    let provider_id = node_provider_id(&node).unwrap_or_default();
+    assert!(
+        provider_id.starts_with("simulated:///"),
+        "the Node keeps its machine: providerID {provider_id:?}"
+    );
+    assert!(node.metadata.deletion_timestamp.is_none(), "the Node stays");
+    assert_eq!(
+        node_condition(&node, names::MACHINE_READY_CONDITION),
+        Some(("False".to_string(), Some("Failed".to_string()))),
+        "Failed sticks"
+    );
+    assert_eq!(
+        provider_calls(&kn, "simulated", "delete").await,
+        0.0,
+        "no machine was deleted"
+    );
+
+    delete_node_and_wait(&client, &node_name, GONE_TIMEOUT).await;
+    assert!(
+        provider_calls(&kn, "simulated", "delete").await >= 1.0,
+        "deleting the Node deleted the machine"
+    );
+    let events: Vec<String> = events_about(&client, &node_name)
+        .await
+        .into_iter()
+        .map(|(_, r, _)| r)
+        .collect();
+    assert!(
+        events.iter().any(|r| r == "MachineDeleted"),
+        "MachineDeleted event: {events:?}"
+    );
+    delete_class_and_wait(&client, &class_name).await;
+    drop(kn);
     env.finish().await;
 }
 

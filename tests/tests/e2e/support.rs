@@ -473,6 +473,28 @@ pub fn simulated_class(name: &str, extra_spec: serde_json::Value) -> NodeClass {
     .expect("NodeClass")
 }
 
+/// A NodeClass of the exec backend running the reference program
+/// (`examples/exec-provider/machines.py`), whose machines are files in `state`: they outlive
+/// any `kube-node` process, and a scenario can read and change them.
+pub fn exec_class(name: &str, state: &Path) -> NodeClass {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass",
+        "metadata": {"name": name, "labels": {SUITE_LABEL: "true"}},
+        "spec": {
+            "provider": {"type": "exec", "exec": {
+                "command": ["python3", repo_root().join(MACHINES_PY)],
+                "timeout": "30s",
+                "config": {"stateDir": state, "zone": "lab-a"}
+            }},
+            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"}
+        }
+    }))
+    .expect("NodeClass")
+}
+
+/// The reference exec program, relative to the repository root.
+pub const MACHINES_PY: &str = "examples/exec-provider/machines.py";
+
 fn merge(base: &mut serde_json::Value, extra: serde_json::Value) {
     match (base, extra) {
         (serde_json::Value::Object(b), serde_json::Value::Object(e)) => {
