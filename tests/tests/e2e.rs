@@ -407,9 +407,7 @@ async fn a_node_naming_a_class_becomes_ready_and_deleting_it_removes_machine_tok
     let Some(env) = setup("create").await else {
         return;
     };
-    let mut kn = KubeNode::spawn(env.dir.path(), RunOptions::new(&env, "e2e-create"));
-    kn.wait_ready().await;
-    kn.wait_leading(Duration::from_secs(60)).await;
+    let mut kn = spawn_leader(&env, RunOptions::new(&env, "e2e-create")).await;
     create_node_scenario(&env, &mut kn, "e2e-create").await;
     drop(kn);
     env.finish().await;
@@ -434,9 +432,7 @@ async fn deleting_a_node_evicts_its_pods_and_a_pdb_blocks_only_until_the_drain_t
         return;
     };
     let client = env.client.clone();
-    let mut kn = KubeNode::spawn(env.dir.path(), RunOptions::new(&env, "e2e-drain"));
-    kn.wait_ready().await;
-    kn.wait_leading(Duration::from_secs(60)).await;
+    let kn = spawn_leader(&env, RunOptions::new(&env, "e2e-drain")).await;
 
     let class_name = env.name("e2e-drain-class");
     let node_name = env.name("e2e-drain");
@@ -716,9 +712,7 @@ async fn a_node_set_scales_0_10_3_0_through_the_scale_subresource_and_never_over
         return;
     };
     let client = env.client.clone();
-    let mut kn = KubeNode::spawn(env.dir.path(), RunOptions::new(&env, "e2e-scale"));
-    kn.wait_ready().await;
-    kn.wait_leading(Duration::from_secs(60)).await;
+    let mut kn = spawn_leader(&env, RunOptions::new(&env, "e2e-scale")).await;
     let class_name = env.name("e2e-scale-class");
     apply_class(&client, &simulated_class(&class_name, json!({}))).await;
     let set = env.name("e2e-scale");
@@ -792,9 +786,7 @@ async fn deleting_a_node_set_cascades_through_the_garbage_collector_and_orphan_k
         return;
     };
     let client = env.client.clone();
-    let mut kn = KubeNode::spawn(env.dir.path(), RunOptions::new(&env, "e2e-cascade"));
-    kn.wait_ready().await;
-    kn.wait_leading(Duration::from_secs(60)).await;
+    let mut kn = spawn_leader(&env, RunOptions::new(&env, "e2e-cascade")).await;
     let class_name = env.name("e2e-cascade-class");
     apply_class(&client, &simulated_class(&class_name, json!({}))).await;
     let api: Api<NodeSet> = Api::all(client.clone());
@@ -1218,9 +1210,7 @@ async fn a_restart_between_the_create_and_the_provider_id_write_leaves_exactly_o
             .to_vec();
         o
     };
-    let mut first = KubeNode::spawn(env.dir.path(), opts("e2e-restart-1"));
-    first.wait_ready().await;
-    first.wait_leading(Duration::from_secs(60)).await;
+    let mut first = spawn_leader(&env, opts("e2e-restart-1")).await;
     let class_name = env.name("e2e-restart-class");
     apply_class(&client, &exec_class(&class_name, &state)).await;
 
@@ -1258,9 +1248,7 @@ async fn a_restart_between_the_create_and_the_provider_id_write_leaves_exactly_o
     // The killed process's create call still waits; let it finish (its answer goes nowhere).
     std::fs::remove_file(&hold).expect("hold released");
 
-    let mut second = KubeNode::spawn(env.dir.path(), opts("e2e-restart-2"));
-    second.wait_ready().await;
-    second.wait_leading(Duration::from_secs(60)).await;
+    let mut second = spawn_leader(&env, opts("e2e-restart-2")).await;
     let node = wait_node(&nodes, &mut second, &node_name, "given a providerID", |n| {
         node_provider_id(n).is_some()
     })
@@ -1361,9 +1349,7 @@ async fn the_orphan_collector_spares_young_and_owned_machines_deletes_old_orphan
     // First run: a minimum age of ten minutes, so every machine made during it is young.
     let mut opts = RunOptions::new(&env, "e2e-orphans-young");
     opts.extra = ["--orphan-min-age", "10m"].map(String::from).to_vec();
-    let mut young_run = KubeNode::spawn(env.dir.path(), opts);
-    young_run.wait_ready().await;
-    young_run.wait_leading(Duration::from_secs(60)).await;
+    let mut young_run = spawn_leader(&env, opts).await;
     apply_class(&client, &exec_class(&class_name, &state)).await;
     let node_name = env.name("e2e-orphans");
     let uid = nodes
@@ -1411,9 +1397,7 @@ async fn the_orphan_collector_spares_young_and_owned_machines_deletes_old_orphan
     let mut opts = RunOptions::new(&env, "e2e-orphans-old");
     opts.lease_name = "kube-node-e2e-old".into();
     opts.extra = ["--orphan-min-age", "1s"].map(String::from).to_vec();
-    let mut old_run = KubeNode::spawn(env.dir.path(), opts);
-    old_run.wait_ready().await;
-    old_run.wait_leading(Duration::from_secs(60)).await;
+    let old_run = spawn_leader(&env, opts).await;
 
     // The circuit breaker: nothing is deleted, a Warning on the NodeClass says why.
     let paused = Arc::new(Mutex::new(Vec::new()));
@@ -1488,13 +1472,22 @@ async fn the_orphan_collector_spares_young_and_owned_machines_deletes_old_orphan
     let node = nodes.get(&node_name).await.expect("Node");
     assert_eq!(node_provider_id(&node), Some(owned.clone()));
     assert!(node.metadata.deletion_timestamp.is_none(), "the Node stays");
-    let events = events_about(&client, &class_name).await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, m)| t == "Normal" && r == "OrphanDeleted" && m.contains(&young)),
-        "OrphanDeleted event naming the machine: {events:?}"
-    );
+    // The event is written after the provider's delete returned: wait for it too.
+    eventually(
+        "an OrphanDeleted event naming the machine",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            let (class_name, young) = (class_name.clone(), young.clone());
+            async move {
+                events_about(&client, &class_name)
+                    .await
+                    .iter()
+                    .any(|(t, r, m)| t == "Normal" && r == "OrphanDeleted" && m.contains(&young))
+            }
+        },
+    )
+    .await;
     assert!(
         old_run
             .metric_with("kube_node_orphan_gc_actions_total", &["action=\"deleted\""])
@@ -1527,9 +1520,7 @@ async fn a_machine_that_never_registers_fails_at_the_registration_timeout_and_is
         return;
     };
     let client = env.client.clone();
-    let mut kn = KubeNode::spawn(env.dir.path(), RunOptions::new(&env, "e2e-registration"));
-    kn.wait_ready().await;
-    kn.wait_leading(Duration::from_secs(60)).await;
+    let mut kn = spawn_leader(&env, RunOptions::new(&env, "e2e-registration")).await;
     let class_name = env.name("e2e-registration-class");
     apply_class(
         &client,
@@ -1977,9 +1968,7 @@ async fn kube_node_running_as_its_service_account_provisions_and_deletes_a_node(
     // Its Role allows Leases only in its own namespace.
     opts.lease_namespace = "kube-node-system".into();
     opts.lease_name = env.name("kube-node-e2e");
-    let mut kn = KubeNode::spawn(env.dir.path(), opts);
-    kn.wait_ready().await;
-    kn.wait_leading(Duration::from_secs(60)).await;
+    let mut kn = spawn_leader(&env, opts).await;
     create_node_scenario(&env, &mut kn, "e2e-as-sa").await;
     let forbidden = forbidden_lines(&kn);
     drop(kn);

@@ -192,9 +192,7 @@ async fn creating_1000_nodes_takes_as_long_as_the_replica_set_controller_creatin
         "--kube-burst".into(),
         burst.to_string(),
     ];
-    let mut kn = KubeNode::spawn(env.dir.path(), opts);
-    kn.wait_ready().await;
-    kn.wait_leading(Duration::from_secs(60)).await;
+    let mut kn = spawn_leader(&env, opts).await;
     let set = env.name("e2e-perf");
     let sets: Api<NodeSet> = Api::all(client.clone());
     sets.create(&PostParams::default(), &nodeset(&set, &class))
@@ -263,9 +261,7 @@ async fn creating_1000_nodes_takes_as_long_as_the_replica_set_controller_creatin
         "--kube-burst".into(),
         "2000".into(),
     ];
-    let mut kn = KubeNode::spawn(env.dir.path(), opts);
-    kn.wait_ready().await;
-    kn.wait_leading(Duration::from_secs(60)).await;
+    let kn = spawn_leader(&env, opts).await;
     sets.delete(&set, &DeleteParams::background())
         .await
         .expect("NodeSet deleted");

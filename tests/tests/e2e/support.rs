@@ -277,6 +277,14 @@ impl RunOptions {
     }
 }
 
+/// Starts a `kube-node run` and waits until it is ready and holds the Lease.
+pub async fn spawn_leader(env: &Env, opts: RunOptions) -> KubeNode {
+    let mut kn = KubeNode::spawn(env.dir.path(), opts);
+    kn.wait_ready().await;
+    kn.wait_leading(Duration::from_secs(60)).await;
+    kn
+}
+
 /// A running `kube-node run`, killed (SIGKILL) and reaped on drop. Its output goes to a file; on
 /// a failing test (a panic) its tail is printed.
 pub struct KubeNode {
