@@ -11,10 +11,12 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 fi
 
 # The moto EC2 emulator for the AWS provider's tests: loopback only, bounded start, stopped on
-# exit (also on failure).
+# exit (also on failure). It is this run's own (keyed by this script's pid), so two runs in one
+# checkout do not share or stop each other's emulators.
+RUN_ID="run-$$"
 tests/emulators/moto.sh install
-eval "$(tests/emulators/moto.sh start)"
-trap 'tests/emulators/moto.sh stop' EXIT
+trap 'tests/emulators/moto.sh stop "$RUN_ID"' EXIT
+eval "$(tests/emulators/moto.sh start "$RUN_ID")"
 
 if [ -z "${KUBE_NODE_E2E_KUBECONFIG:-}" ]; then
   echo "e2e suite: SKIPPED (KUBE_NODE_E2E_KUBECONFIG is not set; its tests return at once)"
