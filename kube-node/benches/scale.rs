@@ -33,11 +33,11 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
 use kube::{CustomResourceExt, ResourceExt};
 use kube_node::cli::{Cli, Command};
-use kube_node::rate::RateLimitLayer;
 use kube_node_crds::{NodeClass, NodeSet};
 use kube_node_embedded_api::EmbeddedApi;
 use kube_node_provider::ProviderMetrics;
 use kube_node_provider_simulated::SimulatedCloud;
+use kube_node_runtime::RateLimitLayer;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 

@@ -4,7 +4,6 @@
 pub mod cli;
 pub mod http;
 pub mod leader;
-pub mod rate;
 pub mod run;
 pub mod simulate;
 pub mod telemetry;

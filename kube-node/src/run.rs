@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use kube::client::ClientBuilder;
 use kube_node_provider::{ProviderMetrics, ProviderRegistry};
 use kube_node_provider_simulated::SimulatedCloud;
 use prometheus_client::registry::Registry;
@@ -11,7 +10,6 @@ use prometheus_client::registry::Registry;
 use crate::cli::{ControllerArgs, RunArgs};
 use crate::http::{self, Health};
 use crate::leader::{self, LeaseConfig};
-use crate::rate::RateLimitLayer;
 
 /// Builds a client for the cluster in KUBECONFIG (or in-cluster), behind the client-side rate
 /// limit. Returns the client and the API server URL it talks to.
@@ -35,10 +33,7 @@ pub async fn cluster_config() -> anyhow::Result<kube::Config> {
 
 /// A client with its own token bucket.
 pub fn limited_client(config: kube::Config, qps: f64, burst: u32) -> anyhow::Result<kube::Client> {
-    Ok(ClientBuilder::try_from(config)
-        .context("building the Kubernetes client")?
-        .with_layer(&RateLimitLayer::new(qps, burst))
-        .build())
+    kube_node_runtime::limited_client(config, qps, burst).context("building the Kubernetes client")
 }
 
 /// The endpoint machines should join: `host:port` of the URL kube-node talks to.
@@ -104,12 +99,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(server = %url, version = %version.git_version, cluster = %args.cluster_name, "connected");
 
     let mut registry = Registry::default();
-    let provider_metrics = ProviderMetrics::register(&mut registry);
-    let node_metrics = node_controller::Metrics::register(&mut registry);
-    let nodeset_metrics = nodeset_controller::Metrics::register_sharing(
-        &mut registry,
-        node_metrics.reconcile_families(),
-    );
+    let metrics = ControllerMetrics::register(&mut registry);
     let leader_gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     registry.register(
         "kube_node_leader",
@@ -117,11 +107,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         leader_gauge.clone(),
     );
     let registry = Arc::new(registry);
-    let metrics = ControllerMetrics {
-        providers: provider_metrics,
-        nodes: node_metrics,
-        nodesets: nodeset_metrics,
-    };
 
     let health = Health::default();
     let _server = http::serve(args.metrics_addr, health.clone(), registry.clone())
@@ -207,11 +192,30 @@ struct Clients {
     kubelet: kube::Client,
 }
 
-/// The controllers' metrics, registered once per process.
-struct ControllerMetrics {
-    providers: ProviderMetrics,
-    nodes: node_controller::Metrics,
-    nodesets: nodeset_controller::Metrics,
+/// The controllers' and providers' metrics, registered once per process.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    /// Provider calls by provider, method and result.
+    pub providers: ProviderMetrics,
+    /// The node-controller's (it registers the reconcile families both controllers share).
+    pub nodes: node_controller::Metrics,
+    /// The nodeset-controller's.
+    pub nodesets: nodeset_controller::Metrics,
+}
+
+impl ControllerMetrics {
+    /// Registers every metric of both controllers and the providers into `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let providers = ProviderMetrics::register(registry);
+        let nodes = node_controller::Metrics::register(registry);
+        let nodesets =
+            nodeset_controller::Metrics::register_sharing(registry, nodes.reconcile_families());
+        Self {
+            providers,
+            nodes,
+            nodesets,
+        }
+    }
 }
 
 /// Why the controllers stop.

@@ -34,9 +34,10 @@ use kube::{Api, Client, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::NODE_CLASS_ANNOTATION;
 use kube_node_provider::{Credentials, Provider, ProviderError, ProviderRegistry, ResolvedClass};
+use kube_node_runtime::Backoff;
 
-pub use error::{Backoff, Error, WAIT_FOR_CHANGE, error_delay};
-pub use metrics::{Metrics, ReconcileFamilies, WorkQueue};
+pub use error::{Error, WAIT_FOR_CHANGE, error_delay};
+pub use metrics::Metrics;
 pub use orphan::{OrphanDecision, select_orphans};
 
 /// The reporter name on every event this controller writes.

@@ -1106,7 +1106,16 @@ async fn event(ctx: &Context, node: &Node, type_: EventType, reason: &str, note:
         // A transition happens once per Node: the recorder's cache of every event it wrote
         // (kept six minutes, for series of repeats) would hold one entry per Node and
         // transition — most of the controller's memory in a scale-up of thousands.
-        EventType::Normal => publish_once(ctx, node, reason, &note).await,
+        EventType::Normal => {
+            kube_node_runtime::publish_transition(
+                &ctx.client,
+                crate::REPORTER,
+                node.object_ref(&()),
+                reason,
+                &note,
+            )
+            .await
+        }
         // Failures repeat with the backoff: the recorder folds them into one series.
         EventType::Warning => {
             let ev = Event {
@@ -1122,40 +1131,6 @@ async fn event(ctx: &Context, node: &Node, type_: EventType, reason: &str, note:
     if let Err(e) = result {
         tracing::debug!(error = %e, "cannot publish event");
     }
-}
-
-/// Writes one Normal events.k8s.io/v1 Event about a Node, as the recorder would, without
-/// keeping it.
-async fn publish_once(
-    ctx: &Context,
-    node: &Node,
-    reason: &str,
-    note: &str,
-) -> Result<(), kube::Error> {
-    use k8s_openapi::api::events::v1::Event as K8sEvent;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-    let now = Timestamp::now();
-    let name = node.name_any();
-    let event = K8sEvent {
-        metadata: kube::api::ObjectMeta {
-            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
-            ..Default::default()
-        },
-        action: Some("Reconcile".to_string()),
-        reason: Some(reason.to_string()),
-        note: Some(note.to_string()),
-        type_: Some("Normal".to_string()),
-        event_time: Some(MicroTime(now)),
-        regarding: Some(node.object_ref(&())),
-        reporting_controller: Some(crate::REPORTER.to_string()),
-        reporting_instance: Some(crate::REPORTER.to_string()),
-        ..Default::default()
-    };
-    // Events about cluster-scoped objects live in `default`.
-    Api::<K8sEvent>::namespaced(ctx.client.clone(), "default")
-        .create(&PostParams::default(), &event)
-        .await
-        .map(|_| ())
 }
 
 /// A Normal event, only when the phase changed.

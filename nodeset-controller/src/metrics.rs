@@ -1,6 +1,6 @@
 //! Prometheus metrics of the NodeSet controller (bounded labels only).
 
-use node_controller::{ReconcileFamilies, WorkQueue};
+use kube_node_runtime::{ReconcileFamilies, WorkQueue};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

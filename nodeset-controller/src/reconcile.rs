@@ -105,8 +105,7 @@ pub(crate) fn error_policy(ns: Arc<NodeSet>, err: &Error, ctx: Arc<Context>) -> 
 
 /// The delay after `n` consecutive failures.
 pub(crate) fn backoff(n: u32) -> Duration {
-    let secs = 1u64 << n.saturating_sub(1).min(9);
-    Duration::from_secs(secs.min(300))
+    kube_node_runtime::Backoff::default().delay(n.saturating_sub(1), None)
 }
 
 /// The labels of a created Node: the template's, plus the NodeSet and NodeClass labels when

@@ -1,5 +1,7 @@
-//! A client-side rate limit (QPS and burst, like client-go's) as a tower layer around the
-//! Kubernetes client, so a large scale-up cannot flood the API server.
+//! Client construction: each controller gets its own client behind its own client-side rate
+//! limit (QPS and burst, like client-go's), as kube-controller-manager gives every controller
+//! its own client, so a large scale-up cannot flood the API server and one busy controller
+//! cannot starve another.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,8 +9,20 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use kube::client::ClientBuilder;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+
+/// A client for `config` with its own token bucket (`qps <= 0` disables the limit).
+pub fn limited_client(
+    config: kube::Config,
+    qps: f64,
+    burst: u32,
+) -> Result<kube::Client, kube::Error> {
+    Ok(ClientBuilder::try_from(config)?
+        .with_layer(&RateLimitLayer::new(qps, burst))
+        .build())
+}
 
 /// A token bucket shared by every clone of the layer's services.
 #[derive(Debug)]

@@ -1,0 +1,22 @@
+//! How a kube-node controller runs: the plumbing every controller of the binary shares and
+//! none of them owns (in the spirit of kube-rs's `kube-runtime` and Karpenter's
+//! `pkg/operator`). The controllers meet each other only through the API server; what they
+//! have in common lives here:
+//!
+//! - [`metrics`]: the reconcile metric families (`kube_node_reconcile_total`,
+//!   `..._duration_seconds`, `..._errors_total`) and each controller's work-queue depth
+//!   (`kube_node_workqueue_depth`), registered once per process and labelled by controller;
+//! - [`backoff`]: the per-object exponential backoff of the error policies;
+//! - [`events`]: the uncached writer of Normal transition events;
+//! - [`client`]: a Kubernetes client behind its own client-side token bucket (QPS and burst),
+//!   one per controller.
+
+pub mod backoff;
+pub mod client;
+pub mod events;
+pub mod metrics;
+
+pub use backoff::Backoff;
+pub use client::{RateLimitLayer, TokenBucket, limited_client};
+pub use events::publish_transition;
+pub use metrics::{ReconcileFamilies, WorkQueue};
