@@ -28,20 +28,17 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
-use kube::{CustomResourceExt, ResourceExt};
 use kube_node::cli::{Cli, Command};
+use kube_node::harness::{API_SERVER_ENDPOINT, Harness, Role};
 use kube_node_crds::{NodeClass, NodeSet};
 use kube_node_embedded_api::EmbeddedApi;
-use kube_node_provider::ProviderMetrics;
-use kube_node_provider_simulated::SimulatedCloud;
 use kube_node_runtime::RateLimitLayer;
-use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
-const SIMULATED_CA: &str = include_str!("../src/simulate/simulated-ca.crt");
 const CLASS: &str = "bench";
 
 /// API writes by (resource, verb), counted on one client.
@@ -157,23 +154,8 @@ fn run_defaults() -> anyhow::Result<kube_node::cli::RunArgs> {
     }
 }
 
+/// The bench's NodeClass (zero boot and delete latency).
 async fn setup_objects(client: &kube::Client) -> anyhow::Result<()> {
-    let ca = ConfigMap {
-        metadata: kube::api::ObjectMeta {
-            name: Some("kube-root-ca.crt".into()),
-            namespace: Some("kube-system".into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            "ca.crt".to_string(),
-            SIMULATED_CA.to_string(),
-        )])),
-        ..Default::default()
-    };
-    Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-        .create(&PostParams::default(), &ca)
-        .await
-        .context("creating kube-system/kube-root-ca.crt")?;
     let class: NodeClass = serde_json::from_value(serde_json::json!({
         "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass",
         "metadata": {"name": CLASS},
@@ -250,14 +232,10 @@ fn print_writes(title: &str, counts: &BTreeMap<(String, String), u64>, nodes: u6
 }
 
 async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
-    let api = EmbeddedApi::new();
-    api.register_crd(&NodeClass::crd())?;
-    api.register_crd(&NodeSet::crd())?;
-    let observer = api.client();
-    setup_objects(&observer).await?;
-
     // One token bucket per controller, as `kube-node run` gives each its own client; a write
-    // counter on each so the breakdown is per controller.
+    // counter on each so the breakdown is per controller. The simulated kubelet stands for N
+    // separate kubelets: its own unlimited client.
+    let api = EmbeddedApi::new();
     let node_writes = WriteCounts::default();
     let nodeset_writes = WriteCounts::default();
     let node_client = ClientBuilder::new(api.service(), "default")
@@ -268,41 +246,29 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         .with_layer(&nodeset_writes)
         .with_layer(&RateLimitLayer::new(qps, burst))
         .build();
-
-    let mut registry = Registry::default();
-    let provider_metrics = ProviderMetrics::register(&mut registry);
-    let node_metrics = node_controller::Metrics::register(&mut registry);
-    let nodeset_metrics = nodeset_controller::Metrics::register_sharing(
-        &mut registry,
-        node_metrics.reconcile_families(),
-    );
-    let cloud = SimulatedCloud::new();
-    let providers = kube_node::run::provider_registry(&cloud, provider_metrics);
     let defaults = run_defaults()?;
     let (node_config, nodeset_config) = kube_node::run::controller_configs(
         "bench",
         &defaults.controllers,
-        Some("simulated-apiserver:6443".to_string()),
+        Some(API_SERVER_ENDPOINT.to_string()),
     );
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    // The simulated kubelet stands for N separate kubelets: its own unlimited client.
-    let kubelet = cloud.start_kubelet(api.client());
-    let node_task = tokio::spawn(node_controller::run(
-        node_client,
-        providers,
-        node_config,
-        node_metrics,
-        stopped(stop_rx.clone()),
-    ));
-    let nodeset_task = tokio::spawn(nodeset_controller::run(
-        nodeset_client,
-        nodeset_config,
-        nodeset_metrics,
-        stopped(stop_rx.clone()),
-    ));
+    let mut cluster = Harness::builder()
+        .with_api(api)
+        .with_compiled_backends()
+        .node_config(node_config)
+        .nodeset_config(nodeset_config)
+        .client(Role::NodeController, node_client)
+        .client(Role::NodesetController, nodeset_client)
+        .controllers_stopped()
+        .start()
+        .await?;
+    let (api, observer, cloud) = (
+        cluster.api.clone(),
+        cluster.client.clone(),
+        cluster.cloud.clone(),
+    );
+    setup_objects(&observer).await?;
+    cluster.start_controllers();
 
     let sets: Api<NodeSet> = Api::all(observer.clone());
     let node_api: Api<Node> = Api::all(observer.clone());
@@ -435,19 +401,16 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         "peak RSS (VmHWM) of this process: {hwm:.1} MiB (at {nodes} Ready: VmRSS {rss_up:.1} MiB, VmHWM {hwm_up:.1} MiB; now VmRSS {rss:.1} MiB) — includes the embedded API server, the simulated cloud and kubelet, not only the controllers"
     );
 
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), node_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), nodeset_task).await;
-    drop(kubelet);
+    if let Err(e) = cluster.shutdown().await {
+        println!("  the controllers did not stop cleanly: {e:#}");
+    }
     Ok(())
 }
 
 async fn memory_phase(sets_n: usize, per_set: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
     let total = sets_n * usize::try_from(per_set)?;
-    let api = EmbeddedApi::new();
-    api.register_crd(&NodeClass::crd())?;
-    api.register_crd(&NodeSet::crd())?;
-    let client = api.client();
+    let cluster = Harness::builder().api_only().start().await?;
+    let (api, client) = (&cluster.api, cluster.client.clone());
     setup_objects(&client).await?;
     let server = api
         .serve("127.0.0.1:0".parse()?)

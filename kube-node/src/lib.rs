@@ -2,6 +2,7 @@
 //! endpoint, and the `simulate` command that runs the real controllers against the embedded API.
 
 pub mod cli;
+pub mod harness;
 pub mod http;
 pub mod leader;
 pub mod run;

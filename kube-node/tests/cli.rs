@@ -11,15 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kube::CustomResourceExt;
-use kube::api::{Api, ObjectMeta, PostParams};
-use kube_node_crds::{NodeClass, NodeSet};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, PostParams};
+use kube_node::harness::Harness;
+use kube_node_crds::NodeClass;
 use kube_node_embedded_api::{EmbeddedApi, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-node");
-const CA: &str = include_str!("../src/simulate/simulated-ca.crt");
 const NAMESPACE: &str = "kube-node-system";
 
 /// A directory under the system temp dir, removed on drop.
@@ -229,6 +228,7 @@ fn a_malformed_scenario_fails_naming_the_field() {
 
 struct Apiserver {
     api: EmbeddedApi,
+    cluster: Harness,
     server: Option<Server>,
     _dir: TempDir,
     kubeconfig: PathBuf,
@@ -242,26 +242,17 @@ impl Apiserver {
     }
 
     fn install_crds(&self) {
-        self.api.register_crd(&NodeClass::crd()).expect("CRD");
-        self.api.register_crd(&NodeSet::crd()).expect("CRD");
+        self.cluster.install_crds().expect("CRDs");
     }
 
     async fn start_without_crds() -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let api = EmbeddedApi::new();
-        let ca = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("kube-root-ca.crt".into()),
-                namespace: Some("kube-system".into()),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([("ca.crt".to_string(), CA.to_string())])),
-            ..Default::default()
-        };
-        Api::<ConfigMap>::namespaced(api.client(), "kube-system")
-            .create(&PostParams::default(), &ca)
+        let cluster = Harness::builder()
+            .api_only()
+            .without_crds()
+            .start()
             .await
-            .expect("CA");
+            .expect("API server");
+        let api = cluster.api.clone();
         let server = api
             .serve("127.0.0.1:0".parse().expect("addr"))
             .await
@@ -270,6 +261,7 @@ impl Apiserver {
         let kubeconfig = dir.write("kubeconfig", &server.kubeconfig());
         Self {
             api,
+            cluster,
             server: Some(server),
             _dir: dir,
             kubeconfig,

@@ -16,30 +16,26 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use kube_node_crds::names::{
     BOOTSTRAP_TOKEN_ANNOTATION, MACHINE_FINALIZER, MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION,
     NODESET_LABEL, UNREGISTERED_TAINT, tags,
 };
 use kube_node_crds::v1alpha1::{AwsProviderSpec, AwsRootVolume};
 use kube_node_crds::{NodeClass, NodeClassSpec, NodeSet};
-use kube_node_embedded_api::EmbeddedApi;
-use kube_node_provider::{CreateRequest, Credentials, ProviderRegistry, ResolvedClass, Sensitive};
+use kube_node_provider::{CreateRequest, Credentials, ProviderFactory, ResolvedClass, Sensitive};
 use kube_node_provider_aws::aws_sdk_ec2;
 use kube_node_provider_aws::emulator::{self, MotoNetwork, MotoServer};
 use kube_node_provider_aws::{AwsFactory, CallCounter, inspect};
 use kube_node_provider_exec::ExecFactory;
 use serde_json::json;
 
-/// The CA certificate the simulated cluster uses (a certificate only; no key exists): the
-/// node-controller hashes `kube-system/kube-root-ca.crt` into every join payload.
-const CA: &str = include_str!("../../kube-node/src/simulate/simulated-ca.crt");
 /// The join endpoint the node-controller puts into user-data.
 const API_SERVER_ENDPOINT: &str = "10.0.0.1:6443";
 /// Where the AWS credentials Secret lives.
@@ -86,95 +82,45 @@ where
 // --- the cluster: embedded API, both controllers, a kubelet stand-in ----------------------
 
 struct Harness {
-    _api: EmbeddedApi,
+    cluster: kube_node::harness::Harness,
     client: Client,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Harness {
-    /// The embedded API with the CRDs and the cluster CA; nothing running yet.
-    async fn new() -> Self {
-        let api = EmbeddedApi::new();
-        api.register_crd(&NodeClass::crd()).expect("NodeClass CRD");
-        api.register_crd(&NodeSet::crd()).expect("NodeSet CRD");
-        let client = api.client();
-        let ca = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("kube-root-ca.crt".into()),
-                namespace: Some("kube-system".into()),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([("ca.crt".to_string(), CA.to_string())])),
-            ..Default::default()
-        };
-        Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-            .create(&PostParams::default(), &ca)
+    /// The embedded API with the CRDs and the cluster CA, and `backend` registered; nothing
+    /// running yet.
+    async fn new(cluster: &str, backend: Arc<dyn ProviderFactory>) -> Self {
+        let cluster = kube_node::harness::Harness::builder()
+            .with_provider(backend)
+            .node_config(node_controller::Config {
+                cluster_name: cluster.to_string(),
+                api_server_endpoint: Some(API_SERVER_ENDPOINT.to_string()),
+                concurrency: 8,
+                // The defaults of `kube-node run` otherwise: the orphan collector lists once
+                // at start and then every 60 s, and collects nothing younger than 10 minutes.
+                ..node_controller::Config::default()
+            })
+            // These machines never boot: the test plays their kubelet (see `start`).
+            .without_kubelet()
+            .controllers_stopped()
+            .start()
             .await
-            .expect("kube-system/kube-root-ca.crt");
-        let (stop, _) = tokio::sync::watch::channel(false);
+            .expect("cluster");
         Self {
-            _api: api,
-            client,
-            stop,
-            tasks: Vec::new(),
+            client: cluster.client.clone(),
+            cluster,
         }
     }
 
-    /// Starts the node-controller (tagging machines with `cluster`), the nodeset-controller
-    /// and the kubelet stand-in.
-    fn start(&mut self, cluster: &str, providers: ProviderRegistry) {
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let node_config = node_controller::Config {
-            cluster_name: cluster.to_string(),
-            api_server_endpoint: Some(API_SERVER_ENDPOINT.to_string()),
-            concurrency: 8,
-            // The defaults of `kube-node run` otherwise: the orphan collector lists once at
-            // start and then every 60 s, and collects nothing younger than 10 minutes.
-            ..node_controller::Config::default()
-        };
-        let (c, rx) = (self.client.clone(), self.stop.subscribe());
-        self.tasks.push(tokio::spawn(async move {
-            node_controller::run(
-                c,
-                providers,
-                node_config,
-                node_controller::Metrics::default(),
-                stopped(rx),
-            )
-            .await
-            .expect("node-controller");
-        }));
-        let (c, rx) = (self.client.clone(), self.stop.subscribe());
-        self.tasks.push(tokio::spawn(async move {
-            nodeset_controller::run(
-                c,
-                nodeset_controller::Config::default(),
-                nodeset_controller::Metrics::default(),
-                stopped(rx),
-            )
-            .await
-            .expect("nodeset-controller");
-        }));
-        let (c, rx) = (self.client.clone(), self.stop.subscribe());
-        self.tasks.push(tokio::spawn(async move {
-            tokio::select! {
-                () = kubelet(c) => {}
-                () = stopped(rx) => {}
-            }
-        }));
+    /// Starts the node-controller (tagging machines with the cluster name), the
+    /// nodeset-controller and the kubelet stand-in.
+    fn start(&mut self) {
+        self.cluster.start_controllers();
+        self.cluster.spawn(kubelet(self.client.clone()));
     }
 
     async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            tokio::time::timeout(Duration::from_secs(10), t)
-                .await
-                .expect("a controller did not stop within 10 s")
-                .expect("controller task");
-        }
+        self.cluster.shutdown().await.expect("controllers stop");
     }
 
     fn nodes(&self) -> Api<Node> {
@@ -482,10 +428,8 @@ async fn exec_nodeset_scales_0_3_1_and_the_reference_program_holds_exactly_its_m
     let cluster = unique("exec-e2e");
     let (class, nodeset) = ("exec-lab", "lab");
 
-    let mut h = Harness::new().await;
-    let mut providers = ProviderRegistry::new();
-    providers.register(std::sync::Arc::new(ExecFactory::new()));
-    h.start(&cluster, providers);
+    let mut h = Harness::new(&cluster, Arc::new(ExecFactory::new())).await;
+    h.start();
     h.create_node_class(
         class,
         json!({"provider": {"type": "exec", "exec": {
@@ -791,13 +735,13 @@ async fn aws_nodeset_scales_0_5_2_0_and_moto_runs_exactly_its_instances() {
     let (class, nodeset) = ("general", "workers");
     let counter = CallCounter::new();
 
-    let mut h = Harness::new().await;
+    let mut h = Harness::new(
+        &cluster,
+        Arc::new(AwsFactory::new().with_call_counter(counter.clone())),
+    )
+    .await;
     h.aws_credentials().await;
-    let mut providers = ProviderRegistry::new();
-    providers.register(std::sync::Arc::new(
-        AwsFactory::new().with_call_counter(counter.clone()),
-    ));
-    h.start(&cluster, providers);
+    h.start();
     h.create_node_class(class, aws.class_spec()).await;
     h.create_node_set(nodeset, class).await;
 
@@ -887,7 +831,13 @@ async fn aws_restart_between_run_instances_and_provider_id_write_launches_no_sec
     let class = "general";
     let node_name = "worker-restarted";
 
-    let mut h = Harness::new().await;
+    // The controllers start only after the crashed controller's leftovers are in place.
+    let counter = CallCounter::new();
+    let mut h = Harness::new(
+        &cluster,
+        Arc::new(AwsFactory::new().with_call_counter(counter.clone())),
+    )
+    .await;
     h.aws_credentials().await;
     h.create_node_class(class, aws.class_spec()).await;
     // The Node as the crashed controller left it: finalizer on, phase Launching, no providerID.
@@ -967,12 +917,7 @@ async fn aws_restart_between_run_instances_and_provider_id_write_launches_no_sec
     assert_eq!(aws.running(&cluster).await.expect("instances").len(), 1);
 
     // The restart.
-    let counter = CallCounter::new();
-    let mut providers = ProviderRegistry::new();
-    providers.register(std::sync::Arc::new(
-        AwsFactory::new().with_call_counter(counter.clone()),
-    ));
-    h.start(&cluster, providers);
+    h.start();
     let pid = eventually("the Node gets its providerID", STEP_TIMEOUT, || async {
         let n = h.nodes().get(node_name).await.map_err(|e| e.to_string())?;
         provider_id(&n).ok_or_else(|| "no providerID yet".to_string())

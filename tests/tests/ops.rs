@@ -6,7 +6,7 @@
 //! Every client here goes through [`Tap`], which records each request as RBAC sees it (verb,
 //! group, resource/subresource, namespace, name) and can make the API unreachable.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::path::PathBuf;
@@ -18,11 +18,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
-use kube::{CustomResourceExt, ResourceExt};
+use kube_node::harness::{Harness, Role as ClientRole};
 use kube_node::leader::{self, LeaseConfig};
 use kube_node_autoscaler::NodeSetCloudProvider;
 use kube_node_autoscaler::proto::cloud_provider_server::CloudProvider;
@@ -32,11 +33,9 @@ use kube_node_autoscaler::proto::{
 use kube_node_crds::names::{MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION};
 use kube_node_crds::{NodeClass, NodeSet};
 use kube_node_embedded_api::{EmbeddedApi, EmbeddedService};
-use kube_node_provider::ProviderMetrics;
-use kube_node_provider_simulated::{KubeletConfig, SimulatedCloud};
+use kube_node_provider_simulated::KubeletConfig;
 use serde_json::json;
 
-const CA: &str = include_str!("../../kube-node/src/simulate/simulated-ca.crt");
 const NAMESPACE: &str = "kube-node-system";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -164,112 +163,53 @@ fn tapped(api: &EmbeddedApi, who: &'static str, calls: &Arc<Mutex<Vec<Call>>>) -
 // The controllers, wired like `kube-node run` / `kube-node simulate`.
 
 struct Cluster {
-    api: EmbeddedApi,
+    harness: Harness,
     /// An admin client whose calls are not recorded (the test's own).
     admin: kube::Client,
     /// The controllers' client (the autoscaler facade and leader election use it too: one
     /// ServiceAccount).
     controller: kube::Client,
     calls: Arc<Mutex<Vec<Call>>>,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Cluster {
     async fn start() -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let api = EmbeddedApi::new();
-        api.register_crd(&NodeClass::crd()).expect("NodeClass CRD");
-        api.register_crd(&NodeSet::crd()).expect("NodeSet CRD");
-        let admin = api.client();
-        let ca = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("kube-root-ca.crt".into()),
-                namespace: Some("kube-system".into()),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([("ca.crt".to_string(), CA.to_string())])),
-            ..Default::default()
-        };
-        Api::<ConfigMap>::namespaced(admin.clone(), "kube-system")
-            .create(&PostParams::default(), &ca)
-            .await
-            .expect("CA ConfigMap");
-
         let calls = Arc::new(Mutex::new(Vec::new()));
         let controller = tapped(&api, "controller", &calls).client;
         let kubelet = tapped(&api, "kubelet", &calls).client;
-
-        let mut registry = prometheus_client_registry();
-        let provider_metrics = ProviderMetrics::register(&mut registry);
-        let node_metrics = node_controller::Metrics::register(&mut registry);
-        let nodeset_metrics = nodeset_controller::Metrics::register_sharing(
-            &mut registry,
-            node_metrics.reconcile_families(),
-        );
-        let cloud = SimulatedCloud::new();
-        let providers = kube_node::run::provider_registry(&cloud, provider_metrics);
-        let node_config = node_controller::Config {
-            cluster_name: "ops".into(),
-            api_server_endpoint: Some("ops-apiserver:6443".into()),
-            orphan_gc_interval: Duration::from_secs(2),
-            ..Default::default()
-        };
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let mut tasks = Vec::new();
-        // Renew node Leases often, so a short test sees renewals too.
-        let handle = cloud.start_kubelet_with(
-            kubelet,
-            KubeletConfig {
+        let harness = Harness::builder()
+            .with_api(api)
+            .with_compiled_backends()
+            .node_config(node_controller::Config {
+                cluster_name: "ops".into(),
+                api_server_endpoint: Some("ops-apiserver:6443".into()),
+                orphan_gc_interval: Duration::from_secs(2),
+                ..Default::default()
+            })
+            .client(ClientRole::NodeController, controller.clone())
+            .client(ClientRole::NodesetController, controller.clone())
+            .client(ClientRole::Kubelet, kubelet)
+            // Renew node Leases often, so a short test sees renewals too.
+            .kubelet(KubeletConfig {
                 lease_interval: Duration::from_millis(300),
                 ..KubeletConfig::default()
-            },
-        );
-        let rx = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            stopped(rx).await;
-            drop(handle);
-        }));
-        let (c, rx) = (controller.clone(), stop_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            node_controller::run(c, providers, node_config, node_metrics, stopped(rx))
-                .await
-                .expect("node-controller");
-        }));
-        let (c, rx) = (controller.clone(), stop_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            nodeset_controller::run(
-                c,
-                nodeset_controller::Config::default(),
-                nodeset_metrics,
-                stopped(rx),
-            )
+            })
+            .start()
             .await
-            .expect("nodeset-controller");
-        }));
+            .expect("cluster");
         Self {
-            api,
-            admin,
+            admin: harness.client.clone(),
+            harness,
             controller,
             calls,
-            stop,
-            tasks,
         }
     }
 
     async fn stop(self) -> (EmbeddedApi, Vec<Call>) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            tokio::time::timeout(Duration::from_secs(30), t)
-                .await
-                .expect("controllers stop in time")
-                .expect("controller task");
-        }
+        let api = self.harness.shutdown().await.expect("controllers stop");
         let calls = self.calls.lock().expect("calls").clone();
-        (self.api, calls)
+        (api, calls)
     }
 
     fn all<K>(&self) -> Api<K>
@@ -289,10 +229,6 @@ where
     api.create(&PostParams::default(), &obj)
         .await
         .expect("create fixture")
-}
-
-fn prometheus_client_registry() -> prometheus_client::registry::Registry {
-    prometheus_client::registry::Registry::default()
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `limit`.
@@ -1010,7 +946,7 @@ async fn rbac_allows_every_call_the_code_makes_and_grants_nothing_unused() {
     let calls_for_lease = cluster.calls.clone();
     let lease_client = {
         let tap = Tap {
-            inner: cluster.api.service(),
+            inner: cluster.harness.api.service(),
             who: "controller",
             calls: calls_for_lease,
             mode: Arc::new(AtomicU8::new(UP)),

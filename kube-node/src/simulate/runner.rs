@@ -1,26 +1,19 @@
 //! Runs a scenario against the embedded API and prints a progress view and a summary.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
-use kube::{CustomResourceExt, ResourceExt};
 use kube_node_crds::names;
 use kube_node_crds::{NodeClass, NodeSet};
 use kube_node_embedded_api::EmbeddedApi;
-use kube_node_provider::ProviderMetrics;
-use kube_node_provider_simulated::SimulatedCloud;
-use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::scenario::{Expect, ObjectRef, Scenario, Step};
 use crate::cli::SimulateArgs;
-
-/// The simulated cluster's CA certificate (a certificate only; no key exists). Machines'
-/// join payloads carry its hash like a real cluster's `kube-root-ca.crt`.
-const SIMULATED_CA: &str = include_str!("simulated-ca.crt");
+use crate::harness::{API_SERVER_ENDPOINT, Harness};
 
 const MANAGER: &str = "kube-node-simulate";
 
@@ -115,116 +108,51 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 
 /// A running simulation: the embedded API, the simulated cloud and both controllers.
 struct Simulation {
-    api: EmbeddedApi,
-    client: kube::Client,
-    cloud: SimulatedCloud,
-    provider_metrics: ProviderMetrics,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    cluster: Harness,
 }
 
 impl Simulation {
     async fn start(args: &SimulateArgs) -> anyhow::Result<Self> {
-        let api = EmbeddedApi::new().with_watch_lag(args.watch_lag.into());
-        api.register_crd(&NodeClass::crd())?;
-        api.register_crd(&NodeSet::crd())?;
-        let client = api.client();
-        let ca = ConfigMap {
-            metadata: kube::api::ObjectMeta {
-                name: Some("kube-root-ca.crt".into()),
-                namespace: Some("kube-system".into()),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([(
-                "ca.crt".to_string(),
-                SIMULATED_CA.to_string(),
-            )])),
-            ..Default::default()
-        };
-        Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-            .create(&Default::default(), &ca)
-            .await
-            .context("creating kube-system/kube-root-ca.crt")?;
-
-        let mut registry = Registry::default();
-        let provider_metrics = ProviderMetrics::register(&mut registry);
-        let node_metrics = node_controller::Metrics::register(&mut registry);
-        let nodeset_metrics = nodeset_controller::Metrics::register_sharing(
-            &mut registry,
-            node_metrics.reconcile_families(),
-        );
-        let cloud = SimulatedCloud::new();
-        let providers = crate::run::provider_registry(&cloud, provider_metrics.clone());
         let (mut node_config, nodeset_config) = crate::run::controller_configs(
             "simulation",
             &args.controllers,
-            Some("simulated-apiserver:6443".to_string()),
+            Some(API_SERVER_ENDPOINT.to_string()),
         );
         // Simulated time is short: look for vanished machines and orphans every few seconds
         // rather than every minute (still overridable with --orphan-gc-interval).
         if node_config.orphan_gc_interval == std::time::Duration::from_secs(60) {
             node_config.orphan_gc_interval = std::time::Duration::from_secs(3);
         }
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let mut tasks = Vec::new();
-        let kubelet = cloud.start_kubelet(client.clone());
-        let rx = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            stopped(rx).await;
-            drop(kubelet);
-        }));
-        let c = client.clone();
-        let rx = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                node_controller::run(c, providers, node_config, node_metrics, stopped(rx)).await
-            {
-                tracing::error!(error = %e, "node-controller stopped");
-            }
-        }));
-        let c = client.clone();
-        let rx = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                nodeset_controller::run(c, nodeset_config, nodeset_metrics, stopped(rx)).await
-            {
-                tracing::error!(error = %e, "nodeset-controller stopped");
-            }
-        }));
-        Ok(Self {
-            api,
-            client,
-            cloud,
-            provider_metrics,
-            stop,
-            tasks,
-        })
+        let cluster = Harness::builder()
+            .with_api(EmbeddedApi::new().with_watch_lag(args.watch_lag.into()))
+            .with_compiled_backends()
+            .node_config(node_config)
+            .nodeset_config(nodeset_config)
+            .start()
+            .await?;
+        Ok(Self { cluster })
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        if let Err(e) = self.cluster.shutdown().await {
+            tracing::warn!(error = %e, "simulation did not stop cleanly");
         }
     }
 
     fn provider_calls(&self) -> u64 {
         ["create", "get", "list", "delete", "validate"]
             .iter()
-            .map(|m| self.provider_metrics.calls("simulated", m))
+            .map(|m| self.cluster.provider_metrics.calls("simulated", m))
             .sum()
     }
 
     fn counters(&self) -> (u64, u64, u64) {
-        let stats = self.api.stats();
+        let stats = self.cluster.api.stats();
         // The simulated kubelet's writes (status, Leases, pods) are the machines', not the
         // controllers'.
         let controller_writes = stats
             .total_writes()
-            .saturating_sub(self.cloud.kubelet_writes());
+            .saturating_sub(self.cluster.cloud.kubelet_writes());
         (
             stats.count("nodes", "create"),
             stats.count("nodes", "delete"),
@@ -237,7 +165,7 @@ impl Simulation {
             self.apply(obj).await?;
         }
         if let Some(scale) = &step.scale {
-            let api: Api<NodeSet> = Api::all(self.client.clone());
+            let api: Api<NodeSet> = Api::all(self.cluster.client.clone());
             api.patch_scale(
                 &scale.node_set,
                 &PatchParams::default(),
@@ -254,25 +182,25 @@ impl Simulation {
                 .take(remove.count)
                 .map(|n| n.name_any())
                 .collect();
-            nodeset_controller::remove_nodes(&self.client, &remove.node_set, &names)
+            nodeset_controller::remove_nodes(&self.cluster.client, &remove.node_set, &names)
                 .await
                 .with_context(|| format!("removing {names:?} from NodeSet {}", remove.node_set))?;
         }
         if let Some(n) = step.terminate_machines {
-            for m in self.cloud.machines().into_iter().take(n) {
-                self.cloud.terminate_out_of_band(&m.provider_id);
+            for m in self.cluster.cloud.machines().into_iter().take(n) {
+                self.cluster.cloud.terminate_out_of_band(&m.provider_id);
             }
         }
         for p in &step.patch {
             let ar = api_resource(&p.kind)?;
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let api: Api<DynamicObject> = Api::all_with(self.cluster.client.clone(), &ar);
             api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&p.patch))
                 .await
                 .with_context(|| format!("patching {} {}", p.kind, p.name))?;
         }
         for ObjectRef { kind, name } in &step.delete {
             let ar = api_resource(kind)?;
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let api: Api<DynamicObject> = Api::all_with(self.cluster.client.clone(), &ar);
             api.delete(name, &DeleteParams::default())
                 .await
                 .with_context(|| format!("deleting {kind} {name}"))?;
@@ -289,7 +217,7 @@ impl Simulation {
             .as_str()
             .context("apply: a manifest has no metadata.name")?;
         let ar = api_resource(kind)?;
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let api: Api<DynamicObject> = Api::all_with(self.cluster.client.clone(), &ar);
         api.patch(
             name,
             &PatchParams::apply(MANAGER).force(),
@@ -301,7 +229,7 @@ impl Simulation {
     }
 
     async fn nodes_of(&self, nodeset: &str) -> anyhow::Result<Vec<Node>> {
-        let nodes = Api::<Node>::all(self.client.clone())
+        let nodes = Api::<Node>::all(self.cluster.client.clone())
             .list(&ListParams::default())
             .await?;
         Ok(nodes
@@ -317,7 +245,7 @@ impl Simulation {
     }
 
     async fn observe(&self, expect: &Expect) -> anyhow::Result<Observed> {
-        let nodes = Api::<Node>::all(self.client.clone())
+        let nodes = Api::<Node>::all(self.cluster.client.clone())
             .list(&ListParams::default())
             .await?;
         let annotated: Vec<&Node> = nodes
@@ -327,7 +255,7 @@ impl Simulation {
             .collect();
         let ready = annotated.iter().filter(|n| kubelet_ready(n)).count();
         let ready_replicas = match &expect.node_set {
-            Some(ns) => Api::<NodeSet>::all(self.client.clone())
+            Some(ns) => Api::<NodeSet>::all(self.cluster.client.clone())
                 .get_opt(ns)
                 .await?
                 .and_then(|s| s.status)
@@ -337,7 +265,7 @@ impl Simulation {
         Ok(Observed {
             nodes: annotated.len(),
             ready_nodes: ready,
-            machines: self.cloud.machine_count(),
+            machines: self.cluster.cloud.machine_count(),
             ready_replicas,
         })
     }

@@ -1,37 +1,36 @@
-//! The node-controller against the embedded API server and the simulated cloud.
+//! The node-controller against the embedded API server and the simulated cloud (moved here from
+//! `node-controller/tests/` to use the one harness, which `cargo test -p node-controller` must
+//! not compile: it wires every backend).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kube_node_crds::NodeClass;
 use kube_node_crds::names::{
     INSTANCE_ID_ANNOTATION, MACHINE_FINALIZER, MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION,
     UNREGISTERED_TAINT, tags,
 };
-use kube_node_crds::{NodeClass, NodeSet};
 use kube_node_embedded_api::EmbeddedApi;
-use kube_node_provider::{CreateRequest, Provider, ProviderRegistry, ResolvedClass};
-use kube_node_provider_simulated::{KubeletConfig, KubeletHandle, SimulatedCloud};
+use kube_node_provider::{CreateRequest, Provider, ResolvedClass};
+use kube_node_provider_simulated::{KubeletConfig, SimulatedCloud};
 use node_controller::{Config, Metrics};
 use serde_json::json;
 
-const CA: &str = include_str!("fixtures/ca.pem");
 const CLUSTER: &str = "test-cluster";
 
+/// The node-controller alone (no nodeset-controller) with the simulated cloud and kubelet.
 struct Harness {
+    cluster: kube_node::harness::Harness,
     api: EmbeddedApi,
     client: Client,
     cloud: SimulatedCloud,
     metrics: Metrics,
-    config: Config,
-    stop: Option<tokio::sync::watch::Sender<bool>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _kubelet: KubeletHandle,
 }
 
 fn config() -> Config {
@@ -52,74 +51,37 @@ impl Harness {
     }
 
     async fn new_with(config: Config, start: bool) -> Self {
-        let api = EmbeddedApi::new();
-        api.register_crd(&NodeClass::crd()).expect("nodeclass crd");
-        api.register_crd(&NodeSet::crd()).expect("nodeset crd");
-        let client = api.client();
-        let ca = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("kube-root-ca.crt".into()),
-                namespace: Some("kube-system".into()),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([("ca.crt".to_string(), CA.to_string())])),
-            ..Default::default()
-        };
-        Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-            .create(&PostParams::default(), &ca)
-            .await
-            .expect("ca configmap");
-        let cloud = SimulatedCloud::new();
-        let kubelet = cloud.start_kubelet_with(
-            client.clone(),
-            KubeletConfig {
+        let builder = kube_node::harness::Harness::builder()
+            .node_config(config)
+            .without_nodeset_controller()
+            .kubelet(KubeletConfig {
                 scan_interval: Duration::from_millis(100),
                 ..KubeletConfig::default()
-            },
-        );
-        let mut h = Self {
-            api,
-            client,
-            cloud,
-            metrics: Metrics::default(),
-            config,
-            stop: None,
-            task: None,
-            _kubelet: kubelet,
+            });
+        let builder = if start {
+            builder
+        } else {
+            builder.controllers_stopped()
         };
-        if start {
-            h.start();
+        let cluster = builder.start().await.expect("cluster");
+        Self {
+            api: cluster.api.clone(),
+            client: cluster.client.clone(),
+            cloud: cluster.cloud.clone(),
+            metrics: cluster.node_metrics.clone(),
+            cluster,
         }
-        h
     }
 
     fn start(&mut self) {
-        let mut providers = ProviderRegistry::new();
-        providers.register(self.cloud.factory());
-        let (tx, mut rx) = tokio::sync::watch::channel(false);
-        let client = self.client.clone();
-        let config = self.config.clone();
-        let metrics = self.metrics.clone();
-        self.task = Some(tokio::spawn(async move {
-            node_controller::run(client, providers, config, metrics, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-            .expect("run");
-        }));
-        self.stop = Some(tx);
+        self.cluster.start_controllers();
     }
 
     async fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(true);
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), t)
-                .await
-                .expect("controller stops")
-                .expect("controller task");
-        }
+        self.cluster
+            .stop_controllers()
+            .await
+            .expect("controller stops");
     }
 
     fn nodes(&self) -> Api<Node> {
@@ -213,14 +175,6 @@ impl Harness {
             user_data: None,
         };
         provider.create(&req).await.expect("create").provider_id
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(true);
-        }
     }
 }
 
