@@ -33,8 +33,8 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
 use kube_node::cli::{Cli, Command};
-use kube_node::harness::{API_SERVER_ENDPOINT, Harness, Role};
-use kube_node_crds::{NodeClass, NodeSet};
+use kube_node::harness::{self, API_SERVER_ENDPOINT, Harness, Role};
+use kube_node_crds::NodeSet;
 use kube_node_embedded_api::EmbeddedApi;
 use kube_node_runtime::RateLimitLayer;
 use tokio::time::Instant;
@@ -155,38 +155,20 @@ fn run_defaults() -> anyhow::Result<kube_node::cli::RunArgs> {
 }
 
 /// The bench's NodeClass (zero boot and delete latency).
-async fn setup_objects(client: &kube::Client) -> anyhow::Result<()> {
-    let class: NodeClass = serde_json::from_value(serde_json::json!({
-        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass",
-        "metadata": {"name": CLASS},
-        "spec": {
-            "provider": {"type": "simulated", "simulated": {
-                "instanceType": "sim.large", "zones": ["sim-a", "sim-b", "sim-c"],
-                "bootDelay": "0s", "deleteDelay": "0s",
-            }},
-            "labels": {"node-role.kubernetes.io/worker": ""},
-        },
-    }))?;
-    Api::<NodeClass>::all(client.clone())
-        .create(&PostParams::default(), &class)
-        .await
-        .context("creating the NodeClass")?;
+async fn setup_objects(cluster: &Harness) -> anyhow::Result<()> {
+    let spec = serde_json::json!({
+        "provider": {"type": "simulated", "simulated": {
+            "instanceType": "sim.large", "zones": ["sim-a", "sim-b", "sim-c"],
+            "bootDelay": "0s", "deleteDelay": "0s",
+        }},
+        "labels": {"node-role.kubernetes.io/worker": ""},
+    });
+    cluster.create_node_class(CLASS, spec).await?;
     Ok(())
 }
 
 fn node_set(name: &str, replicas: i32) -> anyhow::Result<NodeSet> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeSet",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"kube-node.io/nodeset": name}},
-            "template": {
-                "metadata": {"labels": {"kube-node.io/nodeset": name}},
-                "spec": {"nodeClassName": CLASS},
-            },
-        },
-    }))?)
+    harness::node_set(name, CLASS, replicas)
 }
 
 fn kubelet_ready(n: &Node) -> bool {
@@ -267,7 +249,7 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         cluster.client.clone(),
         cluster.cloud.clone(),
     );
-    setup_objects(&observer).await?;
+    setup_objects(&cluster).await?;
     cluster.start_controllers();
 
     let sets: Api<NodeSet> = Api::all(observer.clone());
@@ -411,7 +393,7 @@ async fn memory_phase(sets_n: usize, per_set: i32, qps: f64, burst: u32) -> anyh
     let total = sets_n * usize::try_from(per_set)?;
     let cluster = Harness::builder().api_only().start().await?;
     let (api, client) = (&cluster.api, cluster.client.clone());
-    setup_objects(&client).await?;
+    setup_objects(&cluster).await?;
     let server = api
         .serve("127.0.0.1:0".parse()?)
         .await

@@ -12,7 +12,9 @@
 //!     .with_provider(factory)
 //!     .start()
 //!     .await?;
-//! // create a NodeClass and Nodes through cluster.client, watch them converge …
+//! cluster.create_node_class("lab", serde_json::json!({"provider": {"type": "mine"}})).await?;
+//! cluster.create_node_set("workers", "lab", 3).await?;
+//! // … wait for the Nodes through cluster.client, check the backend's machines …
 //! cluster.shutdown().await?;
 //! # Ok(()) }
 //! ```
@@ -26,6 +28,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, CustomResourceExt};
+use kube_node_crds::names::NODESET_LABEL;
 use kube_node_crds::{NodeClass, NodeSet};
 use kube_node_embedded_api::EmbeddedApi;
 use kube_node_provider::{ProviderFactory, ProviderMetrics, ProviderRegistry};
@@ -292,6 +295,39 @@ impl Harness {
         Ok(())
     }
 
+    /// Creates the NodeClass `name` with `spec` (as in a manifest).
+    pub async fn create_node_class(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> anyhow::Result<NodeClass> {
+        let class: NodeClass = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kube-node.io/v1alpha1",
+            "kind": "NodeClass",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .with_context(|| format!("NodeClass {name}"))?;
+        Api::<NodeClass>::all(self.client.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .with_context(|| format!("creating NodeClass {name}"))
+    }
+
+    /// Creates the NodeSet `name`: `replicas` Nodes of `class`, selected by the
+    /// `kube-node.io/nodeset` label.
+    pub async fn create_node_set(
+        &self,
+        name: &str,
+        class: &str,
+        replicas: i32,
+    ) -> anyhow::Result<NodeSet> {
+        Api::<NodeSet>::all(self.client.clone())
+            .create(&PostParams::default(), &node_set(name, class, replicas)?)
+            .await
+            .with_context(|| format!("creating NodeSet {name}"))
+    }
+
     /// Starts the configured controllers (again, after [`Harness::stop_controllers`]: a
     /// restart, with the same cloud, API and metrics).
     pub fn start_controllers(&mut self) {
@@ -379,6 +415,24 @@ impl Drop for Harness {
             t.abort();
         }
     }
+}
+
+/// A NodeSet `name` of `replicas` Nodes of `class`, selected by the `kube-node.io/nodeset` label.
+pub fn node_set(name: &str, class: &str, replicas: i32) -> anyhow::Result<NodeSet> {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "kube-node.io/v1alpha1",
+        "kind": "NodeSet",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {NODESET_LABEL: name}},
+            "template": {
+                "metadata": {"labels": {NODESET_LABEL: name}},
+                "spec": {"nodeClassName": class},
+            },
+        },
+    }))
+    .with_context(|| format!("NodeSet {name}"))
 }
 
 /// Runs a controller, logging (and returning) its error.

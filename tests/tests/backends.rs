@@ -25,10 +25,10 @@ use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostPa
 use kube::{Api, Client, ResourceExt};
 use kube_node_crds::names::{
     BOOTSTRAP_TOKEN_ANNOTATION, MACHINE_FINALIZER, MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION,
-    NODESET_LABEL, UNREGISTERED_TAINT, tags,
+    UNREGISTERED_TAINT, tags,
 };
 use kube_node_crds::v1alpha1::{AwsProviderSpec, AwsRootVolume};
-use kube_node_crds::{NodeClass, NodeClassSpec, NodeSet};
+use kube_node_crds::{NodeClassSpec, NodeSet};
 use kube_node_provider::{CreateRequest, Credentials, ProviderFactory, ResolvedClass, Sensitive};
 use kube_node_provider_aws::aws_sdk_ec2;
 use kube_node_provider_aws::emulator::{self, MotoNetwork, MotoServer};
@@ -132,36 +132,15 @@ impl Harness {
     }
 
     async fn create_node_class(&self, name: &str, spec: serde_json::Value) {
-        let nc: NodeClass = serde_json::from_value(json!({
-            "apiVersion": "kube-node.io/v1alpha1",
-            "kind": "NodeClass",
-            "metadata": {"name": name},
-            "spec": spec,
-        }))
-        .expect("NodeClass");
-        Api::<NodeClass>::all(self.client.clone())
-            .create(&PostParams::default(), &nc)
+        self.cluster
+            .create_node_class(name, spec)
             .await
             .expect("create NodeClass");
     }
 
     async fn create_node_set(&self, name: &str, class: &str) {
-        let ns: NodeSet = serde_json::from_value(json!({
-            "apiVersion": "kube-node.io/v1alpha1",
-            "kind": "NodeSet",
-            "metadata": {"name": name},
-            "spec": {
-                "replicas": 0,
-                "selector": {"matchLabels": {NODESET_LABEL: name}},
-                "template": {
-                    "metadata": {"labels": {NODESET_LABEL: name}},
-                    "spec": {"nodeClassName": class},
-                },
-            },
-        }))
-        .expect("NodeSet");
-        self.nodesets()
-            .create(&PostParams::default(), &ns)
+        self.cluster
+            .create_node_set(name, class, 0)
             .await
             .expect("create NodeSet");
     }

@@ -89,15 +89,8 @@ impl Harness {
     }
 
     async fn node_class(&self, name: &str, spec: serde_json::Value) {
-        let nc: NodeClass = serde_json::from_value(json!({
-            "apiVersion": "kube-node.io/v1alpha1",
-            "kind": "NodeClass",
-            "metadata": {"name": name},
-            "spec": spec,
-        }))
-        .expect("nodeclass");
-        Api::<NodeClass>::all(self.client.clone())
-            .create(&PostParams::default(), &nc)
+        self.cluster
+            .create_node_class(name, spec)
             .await
             .expect("create nodeclass");
     }
