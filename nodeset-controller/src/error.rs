@@ -27,9 +27,14 @@ pub enum Error {
         /// `spec.minSize`.
         min_size: i32,
     },
-    /// Optimistic concurrency kept failing.
-    #[error("gave up after repeated conflicts updating NodeSet {0}")]
-    Conflict(String),
+    /// Optimistic concurrency kept failing until the deadline.
+    #[error("gave up after {attempts} conflicting updates of NodeSet {nodeset}")]
+    Conflict {
+        /// The NodeSet.
+        nodeset: String,
+        /// How many updates were tried.
+        attempts: u32,
+    },
     /// The object has no name or UID (it was not read from the API server).
     #[error("object is missing {0}")]
     MissingField(&'static str),
@@ -49,7 +54,7 @@ impl Error {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::NotChildren { .. } => "InvalidRemoval",
             Self::BelowMinSize { .. } => "BelowMinSize",
-            Self::Conflict(_) => "Conflict",
+            Self::Conflict { .. } => "Conflict",
             Self::MissingField(_) => "MissingField",
             Self::CreateFailed(_) => "FailedCreate",
             Self::Watch(_) => "WatchFailed",

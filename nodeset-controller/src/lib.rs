@@ -21,6 +21,7 @@
 //! Events are aggregated per batch and the NodeSet status is written at most once per pass,
 //! only when it changed.
 
+pub mod conflict;
 pub mod error;
 pub mod expectations;
 pub mod metrics;
@@ -241,6 +242,10 @@ fn nodesets_of_class(nodesets: &Store<NodeSet>, class: &NodeClass) -> Vec<Object
         .collect()
 }
 
+/// How long [`remove_nodes`] keeps retrying conflicts: cluster-autoscaler's own deadline for
+/// a cloud-provider call (its externalgrpc `grpcTimeout`) less a margin.
+pub const REMOVE_NODES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// Removes exactly the named Nodes from a NodeSet in one write: a single update of the
 /// NodeSet (with its resourceVersion as precondition) that appends the names to
 /// `spec.removeNodes` and lowers `spec.replicas` by the number of them that are live Nodes of
@@ -249,11 +254,41 @@ fn nodesets_of_class(nodesets: &Store<NodeSet>, class: &NodeClass) -> Vec<Object
 /// Refuses names that are not Nodes of this NodeSet (another NodeSet's, unowned, or
 /// nonexistent) and removals that would take `replicas` below `spec.minSize`. Names already in
 /// `spec.removeNodes` are accepted and ignored, so a retry is harmless. On a conflict the
-/// NodeSet is read again and the update retried (a few times).
+/// NodeSet is read again and the update recomputed and retried ([`conflict`]) for up to
+/// [`REMOVE_NODES_TIMEOUT`].
 pub async fn remove_nodes(client: &Client, nodeset: &str, names: &[String]) -> Result<(), Error> {
+    remove_nodes_until(
+        client,
+        nodeset,
+        names,
+        tokio::time::Instant::now() + REMOVE_NODES_TIMEOUT,
+    )
+    .await
+}
+
+/// [`remove_nodes`], retrying conflicts until `deadline`.
+pub async fn remove_nodes_until(
+    client: &Client,
+    nodeset: &str,
+    names: &[String],
+    deadline: tokio::time::Instant,
+) -> Result<(), Error> {
     let api: Api<NodeSet> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
-    for _ in 0..5 {
+    // The Nodes first (their owner does not change under us): the read-to-write window of the
+    // NodeSet, where a status write makes the update conflict, is then one GET and one PUT.
+    let mut owners: Vec<(String, Option<(String, bool)>)> = Vec::with_capacity(names.len());
+    for name in names {
+        if owners.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let owner = nodes.get_opt(name).await?.and_then(|node| {
+            let live = node.metadata.deletion_timestamp.is_none();
+            nodeset_owner(&node).map(|(_, uid)| (uid.to_string(), live))
+        });
+        owners.push((name.clone(), owner));
+    }
+    let attempt = || async {
         let mut ns = api.get(nodeset).await?;
         let uid = ns
             .metadata
@@ -262,13 +297,13 @@ pub async fn remove_nodes(client: &Client, nodeset: &str, names: &[String]) -> R
             .ok_or(Error::MissingField("metadata.uid"))?;
         let mut add: Vec<String> = Vec::new();
         let mut refused: Vec<String> = Vec::new();
-        for name in names {
-            if ns.spec.remove_nodes.contains(name) || add.contains(name) {
+        for (name, owner) in &owners {
+            if ns.spec.remove_nodes.contains(name) {
                 continue;
             }
-            match nodes.get_opt(name).await? {
-                Some(node) if nodeset_owner(&node).is_some_and(|(_, u)| u == uid) => {
-                    if node.metadata.deletion_timestamp.is_none() {
+            match owner {
+                Some((u, live)) if *u == uid => {
+                    if *live {
                         add.push(name.clone());
                     }
                 }
@@ -298,11 +333,17 @@ pub async fn remove_nodes(client: &Client, nodeset: &str, names: &[String]) -> R
         ns.spec.remove_nodes.extend(add);
         ns.spec.replicas = replicas;
         // `replace` sends metadata.resourceVersion: a concurrent change gets a 409.
-        match api.replace(nodeset, &PostParams::default(), &ns).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(s)) if s.is_conflict() => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(Error::Conflict(nodeset.to_string()))
+        api.replace(nodeset, &PostParams::default(), &ns).await?;
+        Ok(())
+    };
+    let is_conflict = |e: &Error| matches!(e, Error::Kube(kube::Error::Api(s)) if s.is_conflict());
+    conflict::retry_on_conflict(deadline, is_conflict, attempt)
+        .await
+        .map_err(|e| match e {
+            conflict::RetryError::Failed(e) => e,
+            conflict::RetryError::GaveUp { attempts, .. } => Error::Conflict {
+                nodeset: nodeset.to_string(),
+                attempts,
+            },
+        })
 }
