@@ -3,13 +3,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet};
+use nodeset_controller::conflict::{RetryError, retry_on_conflict};
 use nodeset_controller::observe::nodeset_owner;
 use prost::Message;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -168,14 +171,15 @@ fn removal_status(e: nodeset_controller::Error) -> Status {
         E::Kube(k) => kube_status(k),
         E::NotChildren { .. } => Status::invalid_argument(e.to_string()),
         E::BelowMinSize { .. } => Status::failed_precondition(e.to_string()),
-        E::Conflict(_) => Status::aborted(e.to_string()),
+        E::Conflict { .. } => Status::aborted(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
 
-/// A scale of `spec.replicas` from `from` to `to`, guarded by the NodeSet's resourceVersion:
-/// a concurrent change makes it fail with a conflict (Aborted) instead of being overwritten.
-async fn scale(api: &Api<NodeSet>, ns: &NodeSet, to: i32) -> Result<(), Status> {
+/// A scale of `spec.replicas` to `to`, guarded by the resourceVersion of the NodeSet `ns` it
+/// was computed from: a concurrent change makes it fail with a conflict instead of being
+/// overwritten (and the caller recomputes from a fresh read).
+async fn scale(api: &Api<NodeSet>, ns: &NodeSet, to: i32) -> Result<(), kube::Error> {
     let mut patch = serde_json::json!({ "spec": { "replicas": to } });
     if let Some(rv) = &ns.metadata.resource_version {
         patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
@@ -185,9 +189,95 @@ async fn scale(api: &Api<NodeSet>, ns: &NodeSet, to: i32) -> Result<(), Status> 
         &PatchParams::default(),
         &Patch::Merge(&patch),
     )
-    .await
-    .map_err(kube_status)?;
+    .await?;
     Ok(())
+}
+
+/// What one attempt of a guarded NodeSet write ended with.
+enum WriteError {
+    /// The resourceVersion moved between the read and the write: read again and retry.
+    Conflict(kube::Error),
+    /// Anything else, already the status cluster-autoscaler gets.
+    Status(Status),
+}
+
+impl From<Status> for WriteError {
+    fn from(s: Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+impl From<kube::Error> for WriteError {
+    fn from(e: kube::Error) -> Self {
+        match &e {
+            kube::Error::Api(s) if s.is_conflict() => Self::Conflict(e),
+            _ => Self::Status(kube_status(e)),
+        }
+    }
+}
+
+/// cluster-autoscaler's externalgrpc client gives every call a deadline, 5 s unless its
+/// cloud-config sets `grpc_timeout` (`externalgrpc_cloud_provider.go`: a fixed `grpcTimeout`
+/// in 1.28, `defaultGRPCTimeout` in 1.31), and sends it as `grpc-timeout`; a client that sends
+/// none gets this.
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a write keeps retrying, whatever the client's deadline.
+const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Kept free at the end of a call for the answer to reach the client.
+const CALL_MARGIN: Duration = Duration::from_millis(500);
+
+/// Parses a `grpc-timeout` header value (`1-8 digits` then `H M S m u n`).
+pub(crate) fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Until when a write may retry conflicts: the client's deadline ([`DEFAULT_CALL_TIMEOUT`]
+/// without one, at most [`MAX_CALL_TIMEOUT`]) less [`CALL_MARGIN`].
+pub(crate) fn call_deadline(metadata: &tonic::metadata::MetadataMap) -> Instant {
+    let timeout = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(DEFAULT_CALL_TIMEOUT, |t| t.min(MAX_CALL_TIMEOUT));
+    Instant::now() + timeout.saturating_sub(CALL_MARGIN)
+}
+
+/// Runs a guarded read-compute-write `attempt` until it does not conflict or `deadline`.
+async fn retry_write<T, F, Fut>(id: &str, deadline: Instant, attempt: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, WriteError>>,
+{
+    let is_conflict = |e: &WriteError| matches!(e, WriteError::Conflict(_));
+    match retry_on_conflict(deadline, is_conflict, attempt).await {
+        Ok(v) => Ok(v),
+        Err(RetryError::Failed(WriteError::Status(s))) => Err(s),
+        Err(RetryError::Failed(WriteError::Conflict(e))) => Err(kube_status(e)),
+        Err(RetryError::GaveUp { attempts, last }) => {
+            let detail = match last {
+                WriteError::Conflict(e) => e.to_string(),
+                WriteError::Status(s) => s.message().to_string(),
+            };
+            warn!(nodeset = %id, attempts, "gave up on conflicting NodeSet writes");
+            Err(Status::aborted(format!(
+                "NodeSet {id} kept changing: {attempts} conflicting writes before the deadline \
+                 (last: {detail})"
+            )))
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -341,6 +431,7 @@ impl CloudProvider for NodeSetCloudProvider {
         &self,
         request: Request<NodeGroupIncreaseSizeRequest>,
     ) -> Result<Response<NodeGroupIncreaseSizeResponse>, Status> {
+        let deadline = call_deadline(request.metadata());
         let req = request.into_inner();
         if req.delta <= 0 {
             return Err(Status::invalid_argument(format!(
@@ -348,17 +439,26 @@ impl CloudProvider for NodeSetCloudProvider {
                 req.delta
             )));
         }
-        let ns = self.group(&req.id).await?;
-        let max = ns.spec.max_size.unwrap_or(0);
-        let target = ns.spec.replicas.saturating_add(req.delta);
-        if target > max {
-            return Err(Status::failed_precondition(format!(
-                "size increase too large: NodeSet {} would have {target} replicas, maxSize is {max}",
-                req.id
-            )));
-        }
-        scale(&self.nodesets(), &ns, target).await?;
-        info!(nodeset = %req.id, from = ns.spec.replicas, to = target, "increased node group size");
+        let api = self.nodesets();
+        // Every attempt reads the NodeSet afresh and recomputes: only one guarded write can
+        // succeed per resourceVersion, so the delta is applied exactly once, on top of
+        // whatever changed meanwhile, and the maxSize check holds for what is written.
+        let (from, target) = retry_write(&req.id, deadline, || async {
+            let ns = self.group(&req.id).await?;
+            let max = ns.spec.max_size.unwrap_or(0);
+            let target = ns.spec.replicas.saturating_add(req.delta);
+            if target > max {
+                return Err(Status::failed_precondition(format!(
+                    "size increase too large: NodeSet {} would have {target} replicas, maxSize is {max}",
+                    req.id
+                ))
+                .into());
+            }
+            scale(&api, &ns, target).await?;
+            Ok((ns.spec.replicas, target))
+        })
+        .await?;
+        info!(nodeset = %req.id, from, to = target, "increased node group size");
         Ok(Response::new(NodeGroupIncreaseSizeResponse {}))
     }
 
@@ -366,6 +466,7 @@ impl CloudProvider for NodeSetCloudProvider {
         &self,
         request: Request<NodeGroupDeleteNodesRequest>,
     ) -> Result<Response<NodeGroupDeleteNodesResponse>, Status> {
+        let deadline = call_deadline(request.metadata());
         let req = request.into_inner();
         self.group(&req.id).await?;
         let mut names: Vec<String> = Vec::with_capacity(req.nodes.len());
@@ -383,7 +484,7 @@ impl CloudProvider for NodeSetCloudProvider {
         if names.is_empty() {
             return Ok(Response::new(NodeGroupDeleteNodesResponse {}));
         }
-        nodeset_controller::remove_nodes(&self.client, &req.id, &names)
+        nodeset_controller::remove_nodes_until(&self.client, &req.id, &names, deadline)
             .await
             .map_err(removal_status)?;
         info!(nodeset = %req.id, count = names.len(), nodes = ?names, "removed nodes from node group");
@@ -394,6 +495,7 @@ impl CloudProvider for NodeSetCloudProvider {
         &self,
         request: Request<NodeGroupDecreaseTargetSizeRequest>,
     ) -> Result<Response<NodeGroupDecreaseTargetSizeResponse>, Status> {
+        let deadline = call_deadline(request.metadata());
         let req = request.into_inner();
         if req.delta >= 0 {
             return Err(Status::invalid_argument(format!(
@@ -401,22 +503,28 @@ impl CloudProvider for NodeSetCloudProvider {
                 req.delta
             )));
         }
-        let ns = self.group(&req.id).await?;
-        let nodes = self.group_nodes(&ns).await?;
-        let registered = i32::try_from(instances::registered(&ns, &nodes)).unwrap_or(i32::MAX);
-        let target = ns.spec.replicas.saturating_add(req.delta);
-        // Only requests not yet fulfilled may go: the NodeSet removes unregistered Nodes
-        // before registered ones, so a target no lower than the registered count never
-        // touches a running Node.
-        if target < registered {
-            return Err(Status::failed_precondition(format!(
-                "attempt to delete existing nodes: NodeSet {} has {registered} registered Nodes, \
-                 target size {} delta {}",
-                req.id, ns.spec.replicas, req.delta
-            )));
-        }
-        scale(&self.nodesets(), &ns, target).await?;
-        info!(nodeset = %req.id, from = ns.spec.replicas, to = target, "decreased node group target size");
+        let api = self.nodesets();
+        let (from, target) = retry_write(&req.id, deadline, || async {
+            let ns = self.group(&req.id).await?;
+            let nodes = self.group_nodes(&ns).await?;
+            let registered = i32::try_from(instances::registered(&ns, &nodes)).unwrap_or(i32::MAX);
+            let target = ns.spec.replicas.saturating_add(req.delta);
+            // Only requests not yet fulfilled may go: the NodeSet removes unregistered Nodes
+            // before registered ones, so a target no lower than the registered count never
+            // touches a running Node.
+            if target < registered {
+                return Err(Status::failed_precondition(format!(
+                    "attempt to delete existing nodes: NodeSet {} has {registered} registered \
+                     Nodes, target size {} delta {}",
+                    req.id, ns.spec.replicas, req.delta
+                ))
+                .into());
+            }
+            scale(&api, &ns, target).await?;
+            Ok((ns.spec.replicas, target))
+        })
+        .await?;
+        info!(nodeset = %req.id, from, to = target, "decreased node group target size");
         Ok(Response::new(NodeGroupDecreaseTargetSizeResponse {}))
     }
 
@@ -445,7 +553,12 @@ impl CloudProvider for NodeSetCloudProvider {
             .ok_or_else(|| {
                 Status::failed_precondition(format!("NodeClass {class_name} not found"))
             })?;
-        let node = template::template_node(&ns, &class);
+        let uid = ns.metadata.uid.clone();
+        let nodes = self.group_nodes(&ns).await?;
+        let own = nodes
+            .iter()
+            .filter(|n| nodeset_owner(n).is_some_and(|(_, u)| Some(u) == uid.as_deref()));
+        let node = template::template_node_from(&ns, &class, template::registered_example(own));
         // Field 2 is `v1.Node#Marshal()`: the bare message, no `k8s\0` envelope; CA 1.34+
         // decodes it with `v1.Node#Unmarshal`. Field 1 serves CA <= 1.33.
         let node_bytes = node.encode_to_vec();
@@ -476,5 +589,41 @@ impl CloudProvider for NodeSetCloudProvider {
                 "no autoscaling options on this NodeSet",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        assert_eq!(
+            parse_grpc_timeout("4999m"),
+            Some(Duration::from_millis(4999))
+        );
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("1M"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "5", "5x", "-5m", "123456789m"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_is_the_clients_less_a_margin() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        let now = Instant::now();
+        assert_eq!(call_deadline(&md), now + Duration::from_millis(4500));
+        md.insert("grpc-timeout", "2S".parse().expect("value"));
+        assert_eq!(call_deadline(&md), now + Duration::from_millis(1500));
+        md.insert("grpc-timeout", "10S".parse().expect("value"));
+        assert_eq!(call_deadline(&md), now + Duration::from_millis(9500));
+        md.insert("grpc-timeout", "2H".parse().expect("value"));
+        assert_eq!(call_deadline(&md), now + Duration::from_millis(59_500));
+        md.insert("grpc-timeout", "100m".parse().expect("value"));
+        assert_eq!(call_deadline(&md), now);
     }
 }

@@ -5,12 +5,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_pb::api::core::v1 as pb;
 use k8s_pb::apimachinery::pkg::api::resource::Quantity as PbQuantity;
 use k8s_pb::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube_node_crds::names::{NODE_CLASS_LABEL, NODESET_LABEL};
+use kube_node_crds::names::{
+    AUTOSCALER_UNREGISTERED_TAINT, NODE_CLASS_LABEL, NODESET_LABEL, UNREGISTERED_TAINT,
+};
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet, NodeTaint, ProviderType};
 
 /// The label cluster-autoscaler is told (by the `GPULabel` RPC) marks GPU nodes. Its value
@@ -73,9 +76,30 @@ pub fn template_labels(nodeset: &NodeSet, class: &NodeClass) -> BTreeMap<String,
     labels
 }
 
+/// Taint-key prefixes cluster-autoscaler reads as "transient, gone once the Node is in
+/// service": `ignore-taint.` (all releases), `startup-taint.` and `status-taint.` (1.29+;
+/// `utils/taints/taints.go`). CA 1.28 does not know the last two, so the template drops them
+/// itself rather than let an old autoscaler hold them against every pod.
+pub const TRANSIENT_TAINT_PREFIXES: &[&str] = &[
+    "ignore-taint.cluster-autoscaler.kubernetes.io/",
+    "startup-taint.cluster-autoscaler.kubernetes.io/",
+    "status-taint.cluster-autoscaler.kubernetes.io/",
+];
+
+/// Whether a taint is one a Node carries only on its way into service (kube-node's
+/// unregistered taint and its autoscaler marker, CA's transient prefixes): never part of a
+/// template, which describes a Node that is Ready.
+pub fn is_transient_taint(key: &str) -> bool {
+    key == UNREGISTERED_TAINT
+        || key == AUTOSCALER_UNREGISTERED_TAINT
+        || TRANSIENT_TAINT_PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
 /// The template Node's taints: the NodeClass's then the NodeSet template's, without
-/// duplicates (same key and effect). Never `kube-node.io/unregistered`: that one is gone
-/// once the Node is Ready, which is the state the template describes.
+/// duplicates (same key and effect). Never a transient taint ([`is_transient_taint`]): those
+/// are gone once the Node is Ready, which is the state the template describes; a pod that
+/// does not tolerate them must still fit the template, or the autoscaler could not scale up
+/// for it at all.
 pub fn template_taints(nodeset: &NodeSet, class: &NodeClass) -> Vec<NodeTaint> {
     let mut out: Vec<NodeTaint> = Vec::new();
     for t in class
@@ -84,7 +108,7 @@ pub fn template_taints(nodeset: &NodeSet, class: &NodeClass) -> Vec<NodeTaint> {
         .iter()
         .chain(&nodeset.spec.template.spec.taints)
     {
-        if t.key == kube_node_crds::names::UNREGISTERED_TAINT {
+        if is_transient_taint(&t.key) {
             continue;
         }
         if let Some(existing) = out
@@ -117,8 +141,71 @@ fn pb_resources(map: &BTreeMap<String, Quantity>) -> BTreeMap<String, PbQuantity
     out
 }
 
+/// A registered Node of the group whose resources the template may take: its kubelet is
+/// Ready, it is not being deleted, it no longer carries the unregistered taint, and it reports
+/// allocatable. The first such Node by name, so the answer is stable.
+///
+/// cluster-autoscaler itself prefers a real Node of the group to the provider's template
+/// (`MixedTemplateNodeInfoProvider`), but only one Ready and stable for a minute, and it
+/// forgets them when it restarts; serving what a registered machine really reports keeps a
+/// wrong declaration (see the NodeClass `CapacityMatches` condition) from making it buy
+/// machines the pods do not fit on.
+pub fn registered_example<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Option<&'a Node> {
+    nodes
+        .into_iter()
+        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter(|n| {
+            !n.spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| t.key == UNREGISTERED_TAINT))
+        })
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.allocatable.as_ref())
+                .is_some_and(|a| !a.is_empty())
+        })
+        .min_by(|a, b| a.metadata.name.cmp(&b.metadata.name))
+}
+
+/// The declared resources overridden by what a registered Node reports, except extended
+/// resources (`vendor/name`) it does not advertise yet (absent or zero: a device plugin comes
+/// up after the kubelet, and a template without the GPU would never be chosen for GPU pods).
+fn merged(
+    declared: &BTreeMap<String, Quantity>,
+    observed: Option<&BTreeMap<String, Quantity>>,
+) -> BTreeMap<String, Quantity> {
+    let mut out = declared.clone();
+    for (k, v) in observed.into_iter().flatten() {
+        let unadvertised = k.contains('/') && matches!(v.0.trim(), "" | "0");
+        if !unadvertised {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
 /// The template Node, as the Kubernetes protobuf message cluster-autoscaler decodes.
 pub fn template_node(nodeset: &NodeSet, class: &NodeClass) -> pb::Node {
+    template_node_from(nodeset, class, None)
+}
+
+/// The template Node, its capacity and allocatable taken from `example` (a
+/// [`registered_example`]) where it reports them. Nothing else of the example goes in: names,
+/// labels such as the hostname or zone, taints and conditions are a particular Node's; the
+/// template's come from the NodeSet and NodeClass.
+pub fn template_node_from(
+    nodeset: &NodeSet,
+    class: &NodeClass,
+    example: Option<&Node>,
+) -> pb::Node {
     let name = format!("template-{}", nodeset.name_any());
     let labels: HashMap<String, String> = template_labels(nodeset, class).into_iter().collect();
     let taints = template_taints(nodeset, class)
@@ -130,8 +217,15 @@ pub fn template_node(nodeset: &NodeSet, class: &NodeClass) -> pb::Node {
             time_added: None,
         })
         .collect();
-    let capacity = pb_resources(&class.spec.capacity);
-    let allocatable = pb_resources(class.spec.allocatable_or_capacity());
+    let status = example.and_then(|n| n.status.as_ref());
+    let capacity = pb_resources(&merged(
+        &class.spec.capacity,
+        status.and_then(|s| s.capacity.as_ref()),
+    ));
+    let allocatable = pb_resources(&merged(
+        class.spec.allocatable_or_capacity(),
+        status.and_then(|s| s.allocatable.as_ref()),
+    ));
     pb::Node {
         metadata: Some(ObjectMeta {
             name: Some(name),
@@ -226,6 +320,16 @@ mod tests {
                         value: None,
                         effect: TaintEffect::NoSchedule,
                     },
+                    NodeTaint {
+                        key: AUTOSCALER_UNREGISTERED_TAINT.into(),
+                        value: None,
+                        effect: TaintEffect::NoSchedule,
+                    },
+                    NodeTaint {
+                        key: "startup-taint.cluster-autoscaler.kubernetes.io/cni".into(),
+                        value: None,
+                        effect: TaintEffect::NoSchedule,
+                    },
                 ],
                 capacity: [
                     ("cpu".to_string(), Quantity("8".into())),
@@ -299,7 +403,7 @@ mod tests {
         );
         let taints = back.spec.expect("spec").taints;
         // The template's taint overrides the class's with the same key and effect; the
-        // unregistered taint is dropped.
+        // unregistered taint, its autoscaler marker and CA's startup taints are dropped.
         assert_eq!(taints.len(), 1);
         assert_eq!(taints[0].value.as_deref(), Some("yes"));
         let status = back.status.expect("status");
@@ -310,6 +414,71 @@ mod tests {
             Some(DEFAULT_MAX_PODS)
         );
         assert_eq!(status.conditions[0].status.as_deref(), Some("True"));
+    }
+
+    fn registered(name: &str, ready: bool, taints: &[&str], alloc: &[(&str, &str)]) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"taints": taints.iter().map(|k| serde_json::json!({"key": k, "effect": "NoSchedule"})).collect::<Vec<_>>()},
+            "status": {
+                "capacity": {"cpu": "8", "memory": "31Gi"},
+                "allocatable": alloc.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect::<BTreeMap<_, _>>(),
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+            }
+        }))
+        .expect("node")
+    }
+
+    #[test]
+    fn template_takes_resources_of_a_registered_node_only() {
+        let joining = registered(
+            "a",
+            true,
+            &[kube_node_crds::names::UNREGISTERED_TAINT],
+            &[("cpu", "1")],
+        );
+        let not_ready = registered("b", false, &[], &[("cpu", "1")]);
+        let good = registered(
+            "c",
+            true,
+            &["gpu"],
+            &[
+                ("cpu", "7800m"),
+                ("memory", "29Gi"),
+                ("nvidia.com/gpu", "0"),
+            ],
+        );
+        let nodes = [joining, not_ready, good];
+        let example = registered_example(&nodes).expect("a registered Node");
+        assert_eq!(example.metadata.name.as_deref(), Some("c"));
+        assert!(registered_example(&nodes[..2]).is_none());
+
+        let node = template_node_from(&nodeset(), &class(), Some(example));
+        let meta = node.metadata.expect("metadata");
+        // Names and labels stay the template's, never the example's.
+        assert_eq!(meta.name.as_deref(), Some("template-pool"));
+        assert_eq!(
+            meta.labels
+                .get("kubernetes.io/hostname")
+                .map(String::as_str),
+            Some("template-pool")
+        );
+        let status = node.status.expect("status");
+        let q = |m: &BTreeMap<String, PbQuantity>, k: &str| m.get(k).and_then(|q| q.string.clone());
+        assert_eq!(q(&status.allocatable, "cpu").as_deref(), Some("7800m"));
+        assert_eq!(q(&status.allocatable, "memory").as_deref(), Some("29Gi"));
+        assert_eq!(q(&status.capacity, "memory").as_deref(), Some("31Gi"));
+        // The GPU the device plugin has not advertised yet stays as declared.
+        assert_eq!(
+            q(&status.allocatable, "nvidia.com/gpu").as_deref(),
+            Some("1")
+        );
+        assert_eq!(status.conditions.len(), 1);
+        assert_eq!(
+            node.spec.expect("spec").taints.len(),
+            1,
+            "the template's taints"
+        );
     }
 
     #[test]

@@ -383,6 +383,44 @@ async fn template_node_in_both_fields() {
             .any(|c| c.r#type.as_deref() == Some("Ready") && c.status.as_deref() == Some("True"))
     );
 
+    // Once a Node of the group has registered (kubelet Ready, unregistered taint gone), the
+    // template carries what it reports instead of the declaration; names stay the template's.
+    let set = env.get_set("pool").await;
+    env.create_child(&set, "pool-1").await;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(env.client.clone());
+    let status = serde_json::json!({"status": {
+        "capacity": {"cpu": "4", "memory": "16Gi", "pods": "58", "nvidia.com/gpu": "1"},
+        "allocatable": {"cpu": "3800m", "memory": "14Gi", "pods": "58", "nvidia.com/gpu": "1"},
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    nodes
+        .patch_status(
+            "pool-1",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status),
+        )
+        .await
+        .expect("kubelet status");
+    let node = env
+        .grpc
+        .node_group_template_node_info(NodeGroupTemplateNodeInfoRequest { id: "pool".into() })
+        .await
+        .expect("template")
+        .into_inner()
+        .node_info
+        .expect("node");
+    let status = node.status.expect("status");
+    assert_eq!(q(&status.allocatable, "cpu").as_deref(), Some("3800m"));
+    assert_eq!(q(&status.allocatable, "memory").as_deref(), Some("14Gi"));
+    let meta = node.metadata.expect("metadata");
+    assert_eq!(meta.name.as_deref(), Some("template-pool"));
+    assert_eq!(
+        meta.labels
+            .get("kubernetes.io/hostname")
+            .map(String::as_str),
+        Some("template-pool")
+    );
+
     // GPU discovery from the same NodeClass.
     let label = env
         .grpc

@@ -38,6 +38,21 @@ pub const MACHINE_FINALIZER: &str = "kube-node.io/machine";
 /// scheduled onto a machine that does not exist yet.
 pub const UNREGISTERED_TAINT: &str = "kube-node.io/unregistered";
 
+/// Taint that rides along with [`UNREGISTERED_TAINT`] (added in the same write, removed in the
+/// same write) so that a stock cluster-autoscaler counts a Node that is not in service yet as
+/// upcoming capacity, not as a full Node: every release from 1.28 on treats a Node with a taint
+/// under the `ignore-taint.cluster-autoscaler.kubernetes.io/` prefix as not ready
+/// (`FilterOutNodesWithIgnoredTaints` / `FilterOutNodesWithStartupTaints` in
+/// `utils/taints/taints.go`), hence as `NotStarted` and replaced by the node group's template in
+/// its scale-up simulation, and drops it from templates (`SanitizeTaints`). Its effect is
+/// `PreferNoSchedule`: it is only a marker; keeping pods off the Node is the unregistered
+/// taint's job, and a pod that tolerates the unregistered taint (a CNI agent, say) must still
+/// be able to land.
+pub const AUTOSCALER_UNREGISTERED_TAINT: &str =
+    "ignore-taint.cluster-autoscaler.kubernetes.io/kube-node-unregistered";
+/// The effect of [`AUTOSCALER_UNREGISTERED_TAINT`].
+pub const AUTOSCALER_UNREGISTERED_TAINT_EFFECT: &str = "PreferNoSchedule";
+
 /// Node condition type that carries the machine's lifecycle phase as its reason.
 pub const MACHINE_READY_CONDITION: &str = "MachineReady";
 
@@ -47,6 +62,13 @@ pub const READY_CONDITION: &str = "Ready";
 pub const REPLICA_FAILURE_CONDITION: &str = "ReplicaFailure";
 /// NodeSet condition: replacements are paused because too many Nodes are unhealthy.
 pub const CIRCUIT_BREAKER_CONDITION: &str = "CircuitBreakerOpen";
+/// NodeClass condition: the registered Nodes of the class report the allocatable the class
+/// declares (False, reason [`CAPACITY_MISMATCH_REASON`], names the resource and both values).
+pub const CAPACITY_CONDITION: &str = "CapacityMatches";
+/// Reason of a True [`CAPACITY_CONDITION`] (and of the Normal event when it clears).
+pub const CAPACITY_MATCHES_REASON: &str = "CapacityMatches";
+/// Reason of a False [`CAPACITY_CONDITION`] and of its Warning event.
+pub const CAPACITY_MISMATCH_REASON: &str = "CapacityMismatch";
 /// NodeSet condition: some Nodes were built from an older generation of the NodeClass.
 pub const OUTDATED_CONDITION: &str = "NodeClassOutdated";
 

@@ -14,6 +14,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::{
+    AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT,
     BOOTSTRAP_TOKEN_ANNOTATION, INSTANCE_ID_ANNOTATION, LAUNCHED_AT_ANNOTATION, MACHINE_FINALIZER,
     MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
     NODE_CLASS_LABEL, READY_CONDITION, UNREGISTERED_TAINT, tags,
@@ -874,6 +875,12 @@ fn wanted_meta(
             effect: "NoExecute".to_string(),
             time_added: None,
         });
+        add_taints.push(Taint {
+            key: AUTOSCALER_UNREGISTERED_TAINT.to_string(),
+            value: None,
+            effect: AUTOSCALER_UNREGISTERED_TAINT_EFFECT.to_string(),
+            time_added: None,
+        });
     }
     MetaWant {
         labels,
@@ -1001,6 +1008,11 @@ impl<'a> NodePatch<'a> {
             if !want.iter().any(|w| w.key == t.key && w.effect == t.effect) {
                 want.push(t.clone());
             }
+        }
+        // The autoscaler's marker never outlives the unregistered taint: left alone, it
+        // would make cluster-autoscaler count a serving Node as not started, then unready.
+        if !want.iter().any(|t| t.key == UNREGISTERED_TAINT) {
+            want.retain(|t| t.key != AUTOSCALER_UNREGISTERED_TAINT);
         }
         if want == current.clone().unwrap_or_default() {
             return;

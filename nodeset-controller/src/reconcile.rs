@@ -16,9 +16,10 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_node_crds::names::{
-    CIRCUIT_BREAKER_CONDITION, FIELD_MANAGER, MACHINE_FINALIZER, NODE_CLASS_ANNOTATION,
-    NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, NODESET_LABEL, OUTDATED_CONDITION,
-    READY_CONDITION, REPLICA_FAILURE_CONDITION, UNREGISTERED_TAINT,
+    AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT, CIRCUIT_BREAKER_CONDITION,
+    FIELD_MANAGER, MACHINE_FINALIZER, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
+    NODE_CLASS_LABEL, NODESET_LABEL, OUTDATED_CONDITION, READY_CONDITION,
+    REPLICA_FAILURE_CONDITION, UNREGISTERED_TAINT,
 };
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet, NodeSetStatus};
 use rand::Rng;
@@ -185,6 +186,19 @@ pub(crate) fn build_node(
             key: UNREGISTERED_TAINT.to_string(),
             value: None,
             effect: "NoExecute".to_string(),
+            time_added: None,
+        });
+    }
+    // cluster-autoscaler counts a Node carrying this one as upcoming (see the constant); the
+    // node-controller removes both in one write when the kubelet is Ready.
+    if !taints
+        .iter()
+        .any(|t| t.key == AUTOSCALER_UNREGISTERED_TAINT)
+    {
+        taints.push(Taint {
+            key: AUTOSCALER_UNREGISTERED_TAINT.to_string(),
+            value: None,
+            effect: AUTOSCALER_UNREGISTERED_TAINT_EFFECT.to_string(),
             time_added: None,
         });
     }
@@ -1118,12 +1132,15 @@ mod tests {
         assert_eq!(a.get("a").map(String::as_str), Some("b"));
         assert_eq!(node.finalizers(), [MACHINE_FINALIZER.to_string()]);
         let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
-        assert_eq!(taints.len(), 2);
+        assert_eq!(taints.len(), 3);
         assert!(
             taints
                 .iter()
                 .any(|t| t.key == UNREGISTERED_TAINT && t.effect == "NoExecute")
         );
+        // The autoscaler's marker comes with it, as a preference only.
+        assert!(taints.iter().any(|t| t.key == AUTOSCALER_UNREGISTERED_TAINT
+            && t.effect == AUTOSCALER_UNREGISTERED_TAINT_EFFECT));
         let o = &node.metadata.owner_references.unwrap_or_default()[0];
         assert_eq!(o.uid, "u-1");
         assert_eq!(o.kind, "NodeSet");

@@ -13,8 +13,8 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::{
-    INSTANCE_ID_ANNOTATION, MACHINE_FINALIZER, MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION,
-    UNREGISTERED_TAINT, tags,
+    AUTOSCALER_UNREGISTERED_TAINT, INSTANCE_ID_ANNOTATION, MACHINE_FINALIZER,
+    MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION, UNREGISTERED_TAINT, tags,
 };
 use kube_node_embedded_api::EmbeddedApi;
 use kube_node_provider::{CreateRequest, Provider, ResolvedClass};
@@ -282,7 +282,9 @@ async fn node_becomes_ready_then_drains_and_goes() {
                 .map(String::as_str)
                 == Some("zone-a")
             && taint_keys(&n).contains(&"example.com/dedicated".to_string())
-            && !taint_keys(&n).contains(&UNREGISTERED_TAINT.to_string());
+            && !taint_keys(&n).contains(&UNREGISTERED_TAINT.to_string())
+            // The autoscaler's marker goes in the same write.
+            && !taint_keys(&n).contains(&AUTOSCALER_UNREGISTERED_TAINT.to_string());
         ok.then_some(n)
     })
     .await;
@@ -592,6 +594,8 @@ async fn malformed_node_classes_leave_nodes_pending_without_a_hot_loop() {
     })
     .await;
     assert!(taint_keys(&n).contains(&UNREGISTERED_TAINT.to_string()));
+    // A hand-made Node gets the autoscaler's marker along with the unregistered taint.
+    assert!(taint_keys(&n).contains(&AUTOSCALER_UNREGISTERED_TAINT.to_string()));
     eventually(10, "pending with InvalidConfig", || async {
         let n = h.nodes().get("bad-config").await.ok()?;
         let (_, reason, msg) = machine_phase(&n)?;
