@@ -11,6 +11,7 @@
 //!   call each.
 
 pub mod bootstrap;
+pub mod capacity;
 mod error;
 mod gc;
 mod metrics;
@@ -111,6 +112,8 @@ pub(crate) struct Context {
     cache: Mutex<HashMap<String, CachedProvider>>,
     pub(crate) inventory: Mutex<HashMap<String, Inventory>>,
     attempts: Mutex<HashMap<String, u32>>,
+    /// Asks the NodeClass controller for a pass (a Node of the class just registered).
+    capacity_checks: futures::channel::mpsc::UnboundedSender<ObjectRef<NodeClass>>,
     /// Bootstrap tokens this process created, by Node UID, with their expiry: the only place a
     /// token's secret half is kept outside its Secret and the machine's user-data.
     tokens: Mutex<HashMap<String, (bootstrap::BootstrapToken, jiff::Timestamp)>>,
@@ -120,6 +123,28 @@ pub(crate) struct Context {
 const CA_TTL: Duration = Duration::from_secs(60);
 
 impl Context {
+    /// A Node of `class` registered: has the NodeClass controller compare the class's declared
+    /// capacity with its Nodes now, unless the class already has a verdict for its current
+    /// generation (the NodeClass resync re-checks those every few minutes). So the first
+    /// registered Nodes of a class are checked at once, and a burst costs one check, not one
+    /// per Node.
+    pub(crate) fn check_capacity_soon(&self, class: &str) {
+        let known = self.node_class(class).is_some_and(|nc| {
+            nc.status
+                .as_ref()
+                .and_then(|s| {
+                    kube_node_crds::v1alpha1::find_condition(
+                        &s.conditions,
+                        kube_node_crds::names::CAPACITY_CONDITION,
+                    )
+                })
+                .is_some_and(|c| c.observed_generation == nc.metadata.generation)
+        });
+        if !known {
+            let _ = self.capacity_checks.unbounded_send(ObjectRef::new(class));
+        }
+    }
+
     /// The `sha256:` hash of the cluster CA from kube-system/kube-root-ca.crt, read at most once
     /// a minute (one GET per create would double the reads of a scale-up).
     pub(crate) async fn ca_cert_hash(&self) -> Result<String, Error> {
@@ -365,6 +390,7 @@ pub async fn run(
             instance: None,
         },
     );
+    let (capacity_tx, capacity_rx) = futures::channel::mpsc::unbounded::<ObjectRef<NodeClass>>();
     let ctx = Arc::new(Context {
         client: client.clone(),
         providers,
@@ -380,6 +406,7 @@ pub async fn run(
         inventory: Mutex::default(),
         attempts: Mutex::default(),
         tokens: Mutex::default(),
+        capacity_checks: capacity_tx,
     });
 
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<Node>>();
@@ -448,6 +475,7 @@ pub async fn run(
         });
 
     let classes = class_ctrl
+        .reconcile_on(capacity_rx)
         .graceful_shutdown_on(stopped())
         .run(nodeclass::reconcile, nodeclass::error_policy, ctx.clone())
         .for_each(|r| async move {

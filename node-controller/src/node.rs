@@ -57,7 +57,7 @@ fn current_phase(node: &Node) -> Option<MachinePhase> {
     machine_condition(node).and_then(|c| c.reason.as_deref().and_then(MachinePhase::parse))
 }
 
-fn kubelet_ready(node: &Node) -> bool {
+pub(crate) fn kubelet_ready(node: &Node) -> bool {
     node.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -486,6 +486,9 @@ async fn act(
                 "the machine's kubelet joined the Node and reported Ready",
             )
             .await;
+            if let Some(class) = pass.node.annotations().get(NODE_CLASS_ANNOTATION) {
+                ctx.check_capacity_soon(class);
+            }
             Ok(long)
         }
         Action::Fail { reason, message } => {

@@ -1,15 +1,22 @@
 //! The NodeClass controller: builds each class's provider, validates it once per generation
-//! and credentials version, and reports the result in the NodeClass `Ready` condition.
+//! and credentials version, and reports the result in the NodeClass `Ready` condition; compares
+//! the declared allocatable with what the class's registered Nodes report ([`crate::capacity`])
+//! and reports that in the `CapacityMatches` condition.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
 use kube_node_crds::NodeClass;
-use kube_node_crds::names::{FIELD_MANAGER, READY_CONDITION};
+use kube_node_crds::names::{
+    CAPACITY_CONDITION, CAPACITY_MATCHES_REASON, CAPACITY_MISMATCH_REASON, FIELD_MANAGER,
+    NODE_CLASS_LABEL, READY_CONDITION,
+};
 use kube_node_crds::v1alpha1::find_condition;
 
 use tracing::Instrument;
@@ -19,6 +26,14 @@ use crate::{Context, Error};
 /// How often a NodeClass is looked at again (re-reads its credentials Secret, which is not
 /// watched).
 const RESYNC: Duration = Duration::from_secs(120);
+
+/// How many Nodes of a class one pass compares: machines of a class are alike, so a sample
+/// finds a wrong declaration, and a class of thousands of Nodes costs one small list per
+/// resync, not a full one.
+const CAPACITY_SAMPLE: u32 = 100;
+
+/// A condition to write: status, reason, message.
+type Verdict = (&'static str, &'static str, String);
 
 pub(crate) async fn reconcile(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", nodeclass = %nc.name_any());
@@ -54,13 +69,25 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
         ),
         Err(e) => ("False", e.reason(), e.to_string()),
     };
-    if let Err(e) = write_ready(&ctx, &nc, status, reason, &message).await {
+    // A failed look at the Nodes keeps the last verdict: it must not fail the Ready condition.
+    let capacity = match observe_capacity(&ctx, &nc).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list the nodeclass's nodes");
+            None
+        }
+    };
+    let ready = (status, reason, message.clone());
+    if let Err(e) = write_status(&ctx, &nc, ready, capacity.clone()).await {
         ctx.metrics.reconciled(
             "nodeclass",
             started.elapsed().as_secs_f64(),
             Some(e.reason()),
         );
         return Err(e);
+    }
+    if let Some(v) = &capacity {
+        capacity_event(&ctx, &nc, v).await;
     }
     match &result {
         Ok(()) => tracing::debug!("validated nodeclass"),
@@ -79,43 +106,174 @@ pub(crate) fn error_policy(nc: Arc<NodeClass>, err: &Error, ctx: Arc<Context>) -
     Action::requeue(ctx.backoff.delay(attempt, err.retry_after()))
 }
 
-/// Writes `status.observedGeneration` and the Ready condition by server-side apply, unless
-/// nothing but time would change.
-async fn write_ready(
-    ctx: &Context,
-    nc: &NodeClass,
-    status: &str,
-    reason: &str,
-    message: &str,
-) -> Result<(), Error> {
-    let generation = nc.metadata.generation;
-    let current = nc.status.as_ref();
-    let existing = current.and_then(|s| find_condition(&s.conditions, READY_CONDITION));
-    if let Some(c) = existing
-        && c.status == status
-        && c.reason == reason
-        && c.message == message
-        && c.observed_generation == generation
-        && current.and_then(|s| s.observed_generation) == generation
-    {
-        return Ok(());
+/// The `CapacityMatches` verdict from the class's registered Nodes (a sample of them); `None`
+/// when none is registered and Ready yet, which leaves the last verdict standing.
+async fn observe_capacity(ctx: &Context, nc: &NodeClass) -> Result<Option<Verdict>, kube::Error> {
+    if nc.spec.allocatable_or_capacity().is_empty() {
+        return Ok(None);
     }
-    let transition = existing.filter(|c| c.status == status).map_or_else(
+    let selector = format!("{NODE_CLASS_LABEL}={}", nc.name_any());
+    let nodes = Api::<Node>::all(ctx.client.clone())
+        .list(
+            &ListParams::default()
+                .labels(&selector)
+                .limit(CAPACITY_SAMPLE),
+        )
+        .await?;
+    Ok(capacity_verdict(nc, &nodes.items))
+}
+
+/// Pure: the `CapacityMatches` verdict for a class from its Nodes. Only Nodes whose kubelet
+/// is Ready (and that are not being deleted) count: before that a Node reports nothing.
+pub(crate) fn capacity_verdict(nc: &NodeClass, nodes: &[Node]) -> Option<Verdict> {
+    let declared = nc.spec.allocatable_or_capacity();
+    if declared.is_empty() {
+        return None;
+    }
+    let field = if nc.spec.allocatable.is_some() {
+        "allocatable"
+    } else {
+        "capacity"
+    };
+    let mut compared = 0usize;
+    let mut differing = 0usize;
+    let mut first: Option<(String, Vec<crate::capacity::Mismatch>)> = None;
+    for node in nodes {
+        if node.metadata.deletion_timestamp.is_some() || !crate::node::kubelet_ready(node) {
+            continue;
+        }
+        let Some(allocatable) = node.status.as_ref().and_then(|s| s.allocatable.as_ref()) else {
+            continue;
+        };
+        compared += 1;
+        let mismatches = crate::capacity::compare(declared, allocatable);
+        if !mismatches.is_empty() {
+            differing += 1;
+            if first.is_none() {
+                first = Some((node.name_any(), mismatches));
+            }
+        }
+    }
+    if compared == 0 {
+        return None;
+    }
+    Some(match first {
+        None => (
+            "True",
+            CAPACITY_MATCHES_REASON,
+            format!("the allocatable of {compared} registered Node(s) matches spec.{field}"),
+        ),
+        Some((node, mismatches)) => {
+            let what: Vec<String> = mismatches.iter().map(ToString::to_string).collect();
+            (
+                "False",
+                CAPACITY_MISMATCH_REASON,
+                format!(
+                    "Node {node} reports {}; {differing} of {compared} registered Node(s) \
+                     differ from spec.{field}, which cluster-autoscaler's scale-from-zero \
+                     template advertises: correct spec.{field}",
+                    what.join(", ")
+                ),
+            )
+        }
+    })
+}
+
+/// A Warning event when the verdict turns (or first is) a mismatch, a Normal one when a
+/// mismatch clears; nothing while it stays the same.
+async fn capacity_event(ctx: &Context, nc: &NodeClass, verdict: &Verdict) {
+    let before = nc
+        .status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, CAPACITY_CONDITION))
+        .map(|c| c.status.as_str());
+    let (type_, reason) = match (before, verdict.0) {
+        (Some("False"), "False") | (None | Some("True" | "Unknown"), "True") => return,
+        (_, "False") => (EventType::Warning, CAPACITY_MISMATCH_REASON),
+        _ => (EventType::Normal, CAPACITY_MATCHES_REASON),
+    };
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(verdict.2.clone()),
+        action: "CompareCapacity".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &nc.object_ref(&())).await {
+        tracing::debug!(error = %e, "cannot publish event");
+    }
+}
+
+/// The condition to write for `verdict`, keeping `lastTransitionTime` unless the status flips.
+fn condition(
+    existing: Option<&Condition>,
+    type_: &str,
+    verdict: &Verdict,
+    generation: Option<i64>,
+) -> Condition {
+    let (status, reason, message) = verdict;
+    let transition = existing.filter(|c| c.status == *status).map_or_else(
         || Time(jiff::Timestamp::now()),
         |c| c.last_transition_time.clone(),
     );
-    let cond = Condition {
-        type_: READY_CONDITION.to_string(),
-        status: status.to_string(),
-        reason: reason.to_string(),
-        message: message.to_string(),
+    Condition {
+        type_: type_.to_string(),
+        status: (*status).to_string(),
+        reason: (*reason).to_string(),
+        message: message.clone(),
         observed_generation: generation,
         last_transition_time: transition,
-    };
+    }
+}
+
+fn unchanged(existing: Option<&Condition>, verdict: &Verdict, generation: Option<i64>) -> bool {
+    existing.is_some_and(|c| {
+        c.status == verdict.0
+            && c.reason == verdict.1
+            && c.message == verdict.2
+            && c.observed_generation == generation
+    })
+}
+
+/// Writes `status.observedGeneration`, the Ready condition and the `CapacityMatches` condition
+/// (the last one kept as it is when `capacity` is `None`) by server-side apply, in one write,
+/// unless nothing but time would change. Both go together: `conditions` is an atomic list, so
+/// applying one alone would drop the other.
+async fn write_status(
+    ctx: &Context,
+    nc: &NodeClass,
+    ready: Verdict,
+    capacity: Option<Verdict>,
+) -> Result<(), Error> {
+    let generation = nc.metadata.generation;
+    let current = nc.status.as_ref();
+    let existing = |t: &str| current.and_then(|s| find_condition(&s.conditions, t));
+    let ready_same = unchanged(existing(READY_CONDITION), &ready, generation);
+    let capacity_same = capacity
+        .as_ref()
+        .is_none_or(|v| unchanged(existing(CAPACITY_CONDITION), v, generation));
+    if ready_same && capacity_same && current.and_then(|s| s.observed_generation) == generation {
+        return Ok(());
+    }
+    let mut conditions = vec![condition(
+        existing(READY_CONDITION),
+        READY_CONDITION,
+        &ready,
+        generation,
+    )];
+    match &capacity {
+        Some(v) => conditions.push(condition(
+            existing(CAPACITY_CONDITION),
+            CAPACITY_CONDITION,
+            v,
+            generation,
+        )),
+        None => conditions.extend(existing(CAPACITY_CONDITION).cloned()),
+    }
     let patch = serde_json::json!({
         "apiVersion": "kube-node.io/v1alpha1",
         "kind": "NodeClass",
-        "status": { "observedGeneration": generation, "conditions": [cond] },
+        "status": { "observedGeneration": generation, "conditions": conditions },
     });
     Api::<NodeClass>::all(ctx.client.clone())
         .patch_status(
@@ -125,4 +283,81 @@ async fn write_ready(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use std::collections::BTreeMap;
+
+    fn class(allocatable: &[(&str, &str)]) -> NodeClass {
+        let spec = serde_json::json!({
+            "provider": {"type": "simulated", "simulated": {}},
+            "capacity": {"cpu": "4", "memory": "16Gi"},
+            "allocatable": allocatable.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect::<BTreeMap<_, _>>(),
+        });
+        NodeClass::new("c", serde_json::from_value(spec).expect("spec"))
+    }
+
+    fn node(name: &str, ready: bool, allocatable: &[(&str, &str)]) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.status = Some(NodeStatus {
+            allocatable: Some(
+                allocatable
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), Quantity((*v).to_string())))
+                    .collect(),
+            ),
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        n
+    }
+
+    #[test]
+    fn no_registered_node_no_verdict() {
+        let c = class(&[("cpu", "3900m")]);
+        assert_eq!(capacity_verdict(&c, &[]), None);
+        assert_eq!(
+            capacity_verdict(&c, &[node("a", false, &[("cpu", "1")])]),
+            None
+        );
+    }
+
+    #[test]
+    fn matching_and_mismatching_nodes() {
+        let c = class(&[("cpu", "3900m"), ("memory", "15Gi")]);
+        let ok = node("a", true, &[("cpu", "3900m"), ("memory", "15200Mi")]);
+        let v = capacity_verdict(&c, std::slice::from_ref(&ok)).expect("verdict");
+        assert_eq!((v.0, v.1), ("True", CAPACITY_MATCHES_REASON));
+        assert!(v.2.contains("1 registered Node(s)"), "{}", v.2);
+        let bad = node("b", true, &[("cpu", "3900m"), ("memory", "7Gi")]);
+        let v = capacity_verdict(&c, &[ok, bad]).expect("verdict");
+        assert_eq!((v.0, v.1), ("False", CAPACITY_MISMATCH_REASON));
+        assert!(
+            v.2.contains("Node b reports memory allocatable 7Gi (declared 15Gi)"),
+            "{}",
+            v.2
+        );
+        assert!(v.2.contains("1 of 2"), "{}", v.2);
+        assert!(v.2.contains("spec.allocatable"), "{}", v.2);
+    }
+
+    #[test]
+    fn capacity_is_the_declaration_without_allocatable() {
+        let mut c = class(&[]);
+        c.spec.allocatable = None;
+        let v = capacity_verdict(&c, &[node("a", true, &[("cpu", "2"), ("memory", "16Gi")])])
+            .expect("verdict");
+        assert_eq!(v.0, "False");
+        assert!(v.2.contains("cpu allocatable 2 (declared 4)"), "{}", v.2);
+        assert!(v.2.contains("spec.capacity"), "{}", v.2);
+    }
 }

@@ -371,6 +371,10 @@ pub struct NodeClassStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` is True when the provider accepted the configuration and credentials.
+    /// `CapacityMatches` is False (reason `CapacityMismatch`) when registered Nodes of the
+    /// class report an allocatable other than the declared `allocatable` (or `capacity`):
+    /// cpu, pods and other resources exactly, memory, ephemeral-storage and hugepages within
+    /// 5 %. cluster-autoscaler's scale-from-zero template is built from the declaration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
