@@ -47,6 +47,10 @@ pub const READY_CONDITION: &str = "Ready";
 pub const REPLICA_FAILURE_CONDITION: &str = "ReplicaFailure";
 /// NodeSet condition: replacements are paused because too many Nodes are unhealthy.
 pub const CIRCUIT_BREAKER_CONDITION: &str = "CircuitBreakerOpen";
+/// NodeSet condition: launching machines is slowed down because machines keep failing.
+pub const BACKOFF_CONDITION: &str = "Backoff";
+/// NodeSet event reason: one more step of the replacement backoff.
+pub const BACKOFF_EVENT_REASON: &str = "ReplacementBackoff";
 /// NodeSet condition: some Nodes were built from an older generation of the NodeClass.
 pub const OUTDATED_CONDITION: &str = "NodeClassOutdated";
 
