@@ -271,6 +271,7 @@ mod tests {
                 remove_nodes: vec![],
                 max_unhealthy: None,
                 min_ready_seconds: None,
+                replacement_backoff: None,
             },
         )
     }
