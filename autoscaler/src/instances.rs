@@ -6,7 +6,9 @@
 use k8s_openapi::api::core::v1::Node;
 use kube_node_crds::names::REPLICA_FAILURE_CONDITION;
 use kube_node_crds::v1alpha1::{NodeSet, find_condition};
-use nodeset_controller::{InstanceState, NodeInstance, nodeset_instances};
+use nodeset_controller::{
+    InstanceError as NodeInstanceError, InstanceState, NodeInstance, nodeset_instances,
+};
 
 use crate::proto::{Instance, InstanceErrorInfo, InstanceStatus, instance_status};
 
@@ -35,6 +37,32 @@ fn replica_failure(nodeset: &NodeSet) -> Option<&str> {
         .map(|c| c.reason.as_str())
 }
 
+/// Why the NodeSet is backing off launching machines, when it is: (reason, message) for
+/// cluster-autoscaler.
+pub fn backoff(nodeset: &NodeSet) -> Option<(String, String)> {
+    let b = nodeset.status.as_ref()?.backoff.as_ref()?;
+    if b.consecutive_failures <= 0 {
+        return None;
+    }
+    let reason = b
+        .last_failure_reason
+        .clone()
+        .unwrap_or_else(|| "MachineFailed".to_string());
+    let next = b
+        .next_attempt_time
+        .as_ref()
+        .map_or_else(|| "soon".to_string(), |t| t.0.to_string());
+    let message = format!(
+        "NodeSet {} is backing off after {} consecutive machine failures (last: {}: {}); \
+         next launch at {next}",
+        nodeset.metadata.name.as_deref().unwrap_or_default(),
+        b.consecutive_failures,
+        reason,
+        b.last_failure_message.as_deref().unwrap_or_default(),
+    );
+    Some((reason, message))
+}
+
 /// The instance id of a Node of the group.
 pub fn instance_id(name: &str, provider_id: Option<&str>) -> String {
     match provider_id {
@@ -43,13 +71,33 @@ pub fn instance_id(name: &str, provider_id: Option<&str>) -> String {
     }
 }
 
-fn to_proto(i: &NodeInstance, set_failure: Option<&str>) -> Instance {
+fn to_proto(
+    i: &NodeInstance,
+    set_failure: Option<&str>,
+    backoff: Option<&(String, String)>,
+) -> Instance {
     let state = match i.state {
         InstanceState::Creating => instance_status::InstanceState::InstanceCreating,
         InstanceState::Running => instance_status::InstanceState::InstanceRunning,
         InstanceState::Deleting => instance_status::InstanceState::InstanceDeleting,
     };
-    let error_info = i.error.as_ref().map(|e| {
+    // A machine still being created in a NodeSet that backs off is reported with the
+    // NodeSet's failure, so cluster-autoscaler backs off the group and tries another one.
+    // A specific error of the Node itself (InsufficientCapacity, …) stays; a Node that only
+    // says it is pending gets the NodeSet's.
+    let generic = i
+        .error
+        .as_ref()
+        .is_none_or(|e| matches!(e.reason.as_str(), "" | "MachinePending" | "MachineFailed"));
+    let from_backoff = match (generic, i.state, backoff) {
+        (true, InstanceState::Creating, Some((reason, message))) => Some(NodeInstanceError {
+            reason: reason.clone(),
+            message: message.clone(),
+            out_of_resources: false,
+        }),
+        _ => None,
+    };
+    let error_info = from_backoff.as_ref().or(i.error.as_ref()).map(|e| {
         // Tolerant on purpose: the node-controller writes "Reason: message" into the
         // MachineReady condition; older or other writers may only mention the reason, or
         // the NodeSet's ReplicaFailure condition may be the only place naming it.
@@ -87,9 +135,10 @@ pub fn instances<'a>(
     nodes: impl IntoIterator<Item = &'a Node>,
 ) -> Vec<Instance> {
     let failure = replica_failure(nodeset);
+    let backoff = backoff(nodeset);
     nodeset_instances(nodeset, nodes)
         .iter()
-        .map(|i| to_proto(i, failure))
+        .map(|i| to_proto(i, failure, backoff.as_ref()))
         .collect()
 }
 

@@ -445,6 +445,15 @@ impl CloudProvider for NodeSetCloudProvider {
         // whatever changed meanwhile, and the maxSize check holds for what is written.
         let (from, target) = retry_write(&req.id, deadline, || async {
             let ns = self.group(&req.id).await?;
+            if let Some((_, message)) = instances::backoff(&ns) {
+                // Accepting a size that will not be met would keep cluster-autoscaler waiting
+                // on this group instead of trying another.
+                return Err(Status::failed_precondition(format!(
+                    "cannot increase the size of node group {}: {message}",
+                    req.id
+                ))
+                .into());
+            }
             let max = ns.spec.max_size.unwrap_or(0);
             let target = ns.spec.replicas.saturating_add(req.delta);
             if target > max {

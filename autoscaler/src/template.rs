@@ -375,6 +375,7 @@ mod tests {
                 remove_nodes: vec![],
                 max_unhealthy: None,
                 min_ready_seconds: None,
+                replacement_backoff: None,
             },
         )
     }

@@ -572,3 +572,93 @@ async fn out_of_resources_reported_for_capacity_failures() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_node_set_in_backoff_reports_its_error_and_refuses_to_grow() {
+    let mut env = Env::new().await;
+    env.create_class(&nodeclass("ml")).await;
+    let set = env
+        .create_set(&nodeset("pool", "ml", 2, Some(0), Some(5)))
+        .await;
+    for n in ["pool-a", "pool-b"] {
+        env.create_child(&set, n).await;
+    }
+    env.make_ready("pool-a").await;
+    env.set_machine(
+        "pool-b",
+        "Registering",
+        "the machine runs; waiting for its kubelet to report Ready",
+    )
+    .await;
+    // Growing works while the NodeSet is healthy.
+    env.grpc
+        .node_group_increase_size(NodeGroupIncreaseSizeRequest {
+            id: "pool".into(),
+            delta: 1,
+        })
+        .await
+        .expect("increase while healthy");
+
+    // The nodeset-controller records a backoff in the NodeSet's status.
+    let api: kube::Api<kube_node_crds::NodeSet> = kube::Api::all(env.client.clone());
+    api.patch_status(
+        "pool",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"status": {"backoff": {
+            "consecutiveFailures": 3,
+            "lastFailureReason": "RegistrationTimeout",
+            "lastFailureMessage": "pool-x: RegistrationTimeout: the kubelet did not report Ready within 20s of launch",
+            "nextAttemptTime": "2030-01-01T00:00:00Z",
+        }}})),
+    )
+    .await
+    .expect("status patched");
+
+    let instances = env
+        .grpc
+        .node_group_nodes(NodeGroupNodesRequest { id: "pool".into() })
+        .await
+        .expect("nodes")
+        .into_inner()
+        .instances;
+    let errors: Vec<(String, Option<String>)> = instances
+        .into_iter()
+        .map(|i| {
+            let st = i.status.expect("status");
+            (i.id, st.error_info.map(|e| e.error_code))
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            ("simulated://pool-a".into(), None),
+            (
+                "kube-node://pool-b".into(),
+                Some("RegistrationTimeout".into())
+            ),
+        ],
+        "the Node still being created carries the NodeSet's failure; the running one none"
+    );
+
+    let err = env
+        .grpc
+        .node_group_increase_size(NodeGroupIncreaseSizeRequest {
+            id: "pool".into(),
+            delta: 1,
+        })
+        .await
+        .expect_err("no growth in backoff");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("backing off after 3 consecutive machine failures")
+            && err.message().contains("RegistrationTimeout"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        env.get_set("pool").await.spec.replicas,
+        3,
+        "nothing written"
+    );
+}

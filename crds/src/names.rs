@@ -69,6 +69,10 @@ pub const CAPACITY_CONDITION: &str = "CapacityMatches";
 pub const CAPACITY_MATCHES_REASON: &str = "CapacityMatches";
 /// Reason of a False [`CAPACITY_CONDITION`] and of its Warning event.
 pub const CAPACITY_MISMATCH_REASON: &str = "CapacityMismatch";
+/// NodeSet condition: launching machines is slowed down because machines keep failing.
+pub const BACKOFF_CONDITION: &str = "Backoff";
+/// NodeSet event reason: one more step of the replacement backoff.
+pub const BACKOFF_EVENT_REASON: &str = "ReplacementBackoff";
 /// NodeSet condition: some Nodes were built from an older generation of the NodeClass.
 pub const OUTDATED_CONDITION: &str = "NodeClassOutdated";
 

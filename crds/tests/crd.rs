@@ -95,7 +95,18 @@ fn crds_are_cluster_scoped_with_subresources_and_columns() {
         .flatten()
         .map(|c| c.name.to_uppercase())
         .collect();
-    assert_eq!(cols, ["CLASS", "DESIRED", "CURRENT", "READY", "AGE"]);
+    assert_eq!(
+        cols,
+        [
+            "CLASS",
+            "DESIRED",
+            "CURRENT",
+            "READY",
+            "FAILURES",
+            "NEXT-ATTEMPT",
+            "AGE"
+        ]
+    );
     let nc = NodeClass::crd();
     let cols: Vec<String> = nc.spec.versions[0]
         .additional_printer_columns
@@ -132,6 +143,32 @@ fn min_size_above_max_size_is_rejected_naming_the_field() {
     let errors = cel_errors(&schema, &nodeset(spec));
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].contains("spec.minSize"), "{errors:?}");
+}
+
+#[test]
+fn a_bad_replacement_backoff_is_rejected_naming_the_field() {
+    let schema = schema_of(&NodeSet::crd());
+    let mut spec = good_nodeset_spec();
+    spec["replacementBackoff"] = json!({"base": "30s", "max": "30m"});
+    assert_eq!(
+        cel_errors(&schema, &nodeset(spec.clone())),
+        Vec::<String>::new()
+    );
+    for (backoff, field) in [
+        (
+            json!({"base": "10m", "max": "1m"}),
+            "spec.replacementBackoff.max",
+        ),
+        (json!({"base": "0s"}), "spec.replacementBackoff.base"),
+        (json!({"max": "0s"}), "spec.replacementBackoff.max"),
+    ] {
+        spec["replacementBackoff"] = backoff.clone();
+        let errors = cel_errors(&schema, &nodeset(spec.clone()));
+        assert!(
+            !errors.is_empty() && errors.iter().all(|e| e.contains(field)),
+            "{backoff}: {errors:?}"
+        );
+    }
 }
 
 #[test]

@@ -492,6 +492,9 @@ async fn act(
             Ok(long)
         }
         Action::Fail { reason, message } => {
+            // "Reason: text", as failures are written elsewhere, so a NodeSet (and
+            // cluster-autoscaler) reports RegistrationTimeout rather than a generic failure.
+            let message = format!("{reason}: {message}");
             set_condition(pass, ctx, MachinePhase::Failed, &message).await?;
             tracing::warn!(reason, "machine failed");
             event(ctx, &pass.node, EventType::Warning, reason, &message).await;

@@ -21,6 +21,7 @@
 //! Events are aggregated per batch and the NodeSet status is written at most once per pass,
 //! only when it changed.
 
+pub mod backoff;
 pub mod conflict;
 pub mod error;
 pub mod expectations;

@@ -19,12 +19,20 @@ pub struct NodesLabels {
     pub phase: &'static str,
 }
 
+/// Labels of `kube_node_nodeset_backoff_seconds` (bounded like [`NodesLabels`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeSetLabels {
+    /// The NodeSet.
+    pub nodeset: String,
+}
+
 /// The controller's metrics. Clones share the same series.
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub(crate) families: ReconcileFamilies,
     pub(crate) queue: WorkQueue,
     pub(crate) nodes: Family<NodesLabels, Gauge>,
+    pub(crate) backoff: Family<NodeSetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub(crate) creates: Counter,
     pub(crate) deletes: Counter,
 }
@@ -41,6 +49,7 @@ impl Metrics {
             queue: families.work_queue("nodeset"),
             families,
             nodes: Family::default(),
+            backoff: Family::default(),
             creates: Counter::default(),
             deletes: Counter::default(),
         }
@@ -77,6 +86,12 @@ impl Metrics {
             m.nodes.clone(),
         );
         registry.register(
+            "kube_node_nodeset_backoff_seconds",
+            "The current replacement backoff of each NodeSet: how long launching waits after \
+             its latest machine failure (0 when not backing off)",
+            m.backoff.clone(),
+        );
+        registry.register(
             "kube_node_nodeset_node_creates",
             "Nodes created by the NodeSet controller",
             m.creates.clone(),
@@ -86,6 +101,22 @@ impl Metrics {
             "Nodes deleted by the NodeSet controller",
             m.deletes.clone(),
         );
+    }
+
+    /// Sets `kube_node_nodeset_backoff_seconds` of one NodeSet.
+    pub(crate) fn set_backoff(&self, nodeset: &str, seconds: f64) {
+        self.backoff
+            .get_or_create(&NodeSetLabels {
+                nodeset: nodeset.to_string(),
+            })
+            .set(seconds);
+    }
+
+    /// Forgets the series of a deleted NodeSet.
+    pub(crate) fn forget(&self, nodeset: &str) {
+        self.backoff.remove(&NodeSetLabels {
+            nodeset: nodeset.to_string(),
+        });
     }
 
     pub(crate) fn reconciled(&self, result: &'static str, seconds: f64) {

@@ -7,11 +7,12 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube_node_crds::names::{
-    DELETE_NODE_ANNOTATION, MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION,
-    NODE_CLASS_GENERATION_ANNOTATION,
+    DELETE_NODE_ANNOTATION, LAUNCHED_AT_ANNOTATION, MACHINE_READY_CONDITION, MachinePhase,
+    NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
 };
 use kube_node_crds::v1alpha1::NodeSet;
 
+use crate::backoff::NON_RETRYABLE_REASONS;
 use crate::plan::{ChildNode, Failure, Health, Ownership};
 
 /// The controller owner reference of a Node, if it is a NodeSet's: (name, uid).
@@ -45,6 +46,22 @@ fn kubelet_ready(node: &Node) -> Option<Timestamp> {
                 .as_ref()
                 .map_or(Timestamp::UNIX_EPOCH, |t| t.0)
         })
+}
+
+/// When the `MachineReady` condition was last written: for a Failed machine (a phase the
+/// node-controller writes once and keeps), when it failed.
+fn machine_written_at(node: &Node) -> Option<Timestamp> {
+    let c = node
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == MACHINE_READY_CONDITION)?;
+    c.last_heartbeat_time
+        .as_ref()
+        .or(c.last_transition_time.as_ref())
+        .map(|t| t.0)
 }
 
 /// The `MachineReady` condition: (phase, message).
@@ -117,6 +134,15 @@ pub fn child(nodeset: &NodeSet, node: &Node) -> ChildNode {
             message: format!("{}: {m}", node.name_any()),
         }),
     };
+    // What the replacement backoff counts: a failed machine, or a create that retrying
+    // cannot fix.
+    let failed_at = match (&health, &failure) {
+        (Health::Failed, _) => machine_written_at(node).or(Some(Timestamp::UNIX_EPOCH)),
+        (Health::Unregistered, Some(f)) if NON_RETRYABLE_REASONS.contains(&f.reason.as_str()) => {
+            machine_written_at(node)
+        }
+        _ => None,
+    };
     ChildNode {
         name: node.name_any(),
         ownership,
@@ -130,10 +156,14 @@ pub fn child(nodeset: &NodeSet, node: &Node) -> ChildNode {
         health,
         ready_since,
         created: node.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        launched: annotations
+            .get(LAUNCHED_AT_ANNOTATION)
+            .and_then(|t| t.parse().ok()),
         class_generation: annotations
             .get(NODE_CLASS_GENERATION_ANNOTATION)
             .and_then(|g| g.parse().ok()),
         failure,
+        failed_at,
     }
 }
 

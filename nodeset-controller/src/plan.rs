@@ -14,11 +14,29 @@
 //! * it **does** count toward the cap on creates: creates are `replicas − (alive + deleting)`,
 //!   so the number of Nodes (with a machine) never exceeds `max(replicas, Nodes that already
 //!   exist)`. A replacement (of a Failed or named Node) is made only once the old Node is gone.
+//!
+//! # Unhealthy Nodes and the circuit breaker
+//!
+//! Failed Nodes, registered Nodes whose kubelet is not Ready, and *late* Nodes (launched longer
+//! ago than half the NodeClass's registration timeout and still not Ready) count against
+//! `maxUnhealthy`. Counting late Nodes matters when every machine fails: the failures arrive
+//! one at a time, and fresh replacements would otherwise look healthy until their own
+//! timeout, so the breaker would never open. Nodes built from an older NodeClass generation do
+//! not count: the breaker stops replacing Nodes with a configuration that fails, and a new
+//! generation is a new configuration.
+//!
+//! # Replacement backoff
+//!
+//! Consecutive machine failures slow launches down exponentially (see [`crate::backoff`]):
+//! while the backoff is active, nothing is launched before the next attempt is due, and then
+//! one machine at a time. Scale-downs and named removals are never held.
 
 use std::collections::{BTreeSet, HashMap};
 
 use jiff::{SignedDuration, Timestamp};
 use kube_node_crds::v1alpha1::DeletePolicy;
+
+use crate::backoff::{self, BackoffPolicy, BackoffState};
 
 /// Who controls a Node, seen from one NodeSet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,14 +92,19 @@ pub struct ChildNode {
     pub ready_since: Option<Timestamp>,
     /// Its creation time (`None` sorts as the newest).
     pub created: Option<Timestamp>,
+    /// When its machine was launched (the launched-at annotation).
+    pub launched: Option<Timestamp>,
     /// The NodeClass generation it was built from.
     pub class_generation: Option<i64>,
     /// The failure its `MachineReady` condition reports, if any.
     pub failure: Option<Failure>,
+    /// When its machine failed in a way that counts for the replacement backoff (Failed, or a
+    /// create error retrying cannot fix).
+    pub failed_at: Option<Timestamp>,
 }
 
 /// What the NodeSet wants, resolved from its spec and its NodeClass.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
     /// `spec.replicas`.
     pub replicas: usize,
@@ -97,6 +120,14 @@ pub struct Desired {
     pub class_generation: Option<i64>,
     /// Seed of the `Random` delete policy.
     pub seed: u64,
+    /// The NodeClass's registration timeout, when the class exists (for late Nodes).
+    pub registration_timeout: Option<SignedDuration>,
+    /// `spec.replacementBackoff`, resolved.
+    pub backoff: BackoffPolicy,
+    /// The backoff state as last written (`status.backoff`).
+    pub history: BackoffState,
+    /// A hash of `spec.template` (a change starts the backoff over).
+    pub template_hash: String,
 }
 
 /// The counts a NodeSet's status reports.
@@ -108,7 +139,7 @@ pub struct Counts {
     pub ready: usize,
     /// Ready Nodes that have been Ready for `minReadySeconds`.
     pub available: usize,
-    /// Failed Nodes plus registered Nodes whose kubelet is not Ready.
+    /// Failed Nodes, registered Nodes whose kubelet is not Ready, and late unregistered Nodes.
     pub unhealthy: usize,
     /// Nodes built from an older NodeClass generation.
     pub outdated: usize,
@@ -136,6 +167,14 @@ pub struct Plan {
     pub circuit_breaker_open: bool,
     /// `maxUnhealthy` as a count.
     pub max_unhealthy: usize,
+    /// How many of the Nodes that stay count against `maxUnhealthy`.
+    pub breaker_unhealthy: usize,
+    /// The backoff state after this pass (to write to `status.backoff`).
+    pub backoff: BackoffState,
+    /// How long launches are held back by the backoff (for the requeue).
+    pub backoff_wait: Option<SignedDuration>,
+    /// Launches the backoff held back this pass (creates and Failed-Node replacements).
+    pub held: usize,
     /// Status counts (before the plan is applied).
     pub counts: Counts,
     /// The most relevant Node failure, with how many Nodes report one.
@@ -171,6 +210,21 @@ fn member(c: &ChildNode) -> bool {
 
 fn adoptable(c: &ChildNode) -> bool {
     c.ownership == Ownership::Orphan && c.matches_selector && c.class_matches && !c.deleting
+}
+
+/// Whether a Node has been launching for longer than half the registration timeout without
+/// becoming Ready: no evidence of health.
+fn late(c: &ChildNode, timeout: Option<SignedDuration>, now: Timestamp) -> bool {
+    c.health == Health::Unregistered
+        && match (timeout, c.launched) {
+            (Some(t), Some(l)) => now.duration_since(l) >= t / 2,
+            _ => false,
+        }
+}
+
+/// Whether a Node counts as unhealthy.
+fn unhealthy(c: &ChildNode, timeout: Option<SignedDuration>, now: Timestamp) -> bool {
+    matches!(c.health, Health::Failed | Health::NotReady) || late(c, timeout, now)
 }
 
 /// The scale-down rank of a Node (lower goes first) after named removals.
@@ -302,7 +356,7 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
                 next_available = Some(next_available.map_or(left, |n| n.min(left)));
             }
         }
-        if matches!(c.health, Health::Failed | Health::NotReady) {
+        if unhealthy(c, desired.registration_timeout, now) {
             out.counts.unhealthy += 1;
         }
         if let (Some(current), Some(built)) = (desired.class_generation, c.class_generation)
@@ -359,11 +413,14 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
     // breaker on the survivors (not on the Nodes a scale-down removes anyway) keeps the plan
     // stable: planning again after this one is applied gives the same verdict.
     out.max_unhealthy = desired.max_unhealthy;
-    let unhealthy = survivors
+    out.breaker_unhealthy = survivors
         .iter()
-        .filter(|c| matches!(c.health, Health::Failed | Health::NotReady))
+        .filter(|c| {
+            unhealthy(c, desired.registration_timeout, now)
+                && !backoff::outdated(c, desired.class_generation)
+        })
         .count();
-    out.circuit_breaker_open = unhealthy > desired.max_unhealthy;
+    out.circuit_breaker_open = out.breaker_unhealthy > desired.max_unhealthy;
     if !out.circuit_breaker_open {
         let mut failed: Vec<&&ChildNode> = survivors
             .iter()
@@ -378,6 +435,46 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
 
     // Scale up, never above `replicas` counting the Nodes still being deleted.
     out.creates = r.saturating_sub(total);
+
+    // The replacement backoff holds launches: none before the next attempt is due, then one
+    // at a time (a probe whose outcome is the next step).
+    out.backoff = backoff::advance(
+        &desired.backoff,
+        &desired.history,
+        &members,
+        desired.class_generation,
+        &desired.template_hash,
+    );
+    if out.backoff.active() {
+        let due = out.backoff.next_attempt.is_none_or(|t| now >= t);
+        if !due {
+            out.backoff_wait = out.backoff.next_attempt.map(|t| t.duration_since(now));
+        }
+        // A machine launching whose outcome is not known yet (and that this plan keeps: one
+        // it deletes decides nothing, and the next pass would not see it).
+        let in_flight = alive.iter().any(|c| {
+            c.health == Health::Unregistered
+                && c.failed_at.is_none()
+                && !out.deletes.contains(&c.name)
+        });
+        let replacing = members.iter().any(|c| c.deleting);
+        let wanted = out.creates + out.replacements;
+        let (creates, replacements) = if !due || in_flight {
+            (0, 0)
+        } else if out.creates > 0 {
+            (1, 0)
+        } else if replacing {
+            (0, 0)
+        } else {
+            (0, out.replacements.min(1))
+        };
+        // Replacements are the last entries of `deletes`.
+        let keep = out.deletes.len() - out.replacements + replacements;
+        out.deletes.truncate(keep);
+        out.replacements = replacements;
+        out.creates = creates;
+        out.held = wanted - creates - replacements;
+    }
     out
 }
 
@@ -401,8 +498,10 @@ mod tests {
             health: Health::Ready,
             ready_since: Some(ts(created)),
             created: Some(ts(created)),
+            launched: Some(ts(created)),
             class_generation: Some(1),
             failure: None,
+            failed_at: None,
         }
     }
 
@@ -415,6 +514,7 @@ mod tests {
             min_ready: SignedDuration::ZERO,
             class_generation: Some(1),
             seed: 7,
+            ..Desired::default()
         }
     }
 
@@ -579,6 +679,92 @@ mod tests {
         assert!(resolve_max_unhealthy(Some(&IntOrString::Int(-1)), 5).is_err());
     }
 
+    fn failed_at(name: &str, at: i64) -> ChildNode {
+        let mut n = node(name, 0);
+        n.health = Health::Failed;
+        n.ready_since = None;
+        n.failed_at = Some(ts(at));
+        n.failure = Some(Failure {
+            reason: "RegistrationTimeout".into(),
+            message: format!("{name}: RegistrationTimeout"),
+        });
+        n
+    }
+
+    #[test]
+    fn late_unregistered_nodes_open_the_breaker() {
+        // One Failed Node, two launched long ago and still not Ready: all three count.
+        let mut a = node("a", 9_900);
+        a.health = Health::Unregistered;
+        a.ready_since = None;
+        let mut b = a.clone();
+        b.name = "b".into();
+        let f = failed_at("f", 9_990);
+        let mut d = desired(3);
+        d.max_unhealthy = 2;
+        d.registration_timeout = Some(SignedDuration::from_secs(120));
+        let p = plan(&d, &[a.clone(), b.clone(), f.clone()], now());
+        assert_eq!(p.breaker_unhealthy, 3);
+        assert_eq!(p.counts.unhealthy, 3);
+        assert!(p.circuit_breaker_open);
+        assert!(p.deletes.is_empty());
+        // Launched under half the timeout ago: still presumed healthy.
+        d.registration_timeout = Some(SignedDuration::from_secs(400));
+        let p = plan(&d, &[a, b, f.clone()], now());
+        assert_eq!(p.breaker_unhealthy, 1);
+        assert!(!p.circuit_breaker_open);
+        // A Failed Node built from an older NodeClass generation does not hold the breaker.
+        let mut old = f;
+        old.class_generation = Some(0);
+        let mut d = desired(1);
+        d.max_unhealthy = 0;
+        let p = plan(&d, &[old], now());
+        assert!(!p.circuit_breaker_open);
+        assert_eq!(p.replacements, 1);
+    }
+
+    #[test]
+    fn backoff_holds_replacements_and_scale_ups_but_not_scale_downs() {
+        let mut d = desired(3);
+        d.max_unhealthy = 3;
+        let kids = [failed_at("f1", 9_990), node("a", 1), node("b", 2)];
+        // The first failure: replaced at once? No: the next launch waits base (30 s).
+        let p = plan(&d, &kids, now());
+        assert_eq!(p.backoff.failures, 1);
+        assert_eq!(p.backoff.next_attempt, Some(ts(9_990 + 30)));
+        assert!(p.deletes.is_empty(), "the replacement waits");
+        assert_eq!(p.held, 1);
+        assert_eq!(p.backoff_wait, Some(SignedDuration::from_secs(20)));
+        d.history = p.backoff.clone();
+        // Scale-up is held too.
+        d.replicas = 5;
+        let p = plan(&d, &kids, now());
+        assert_eq!((p.creates, p.held), (0, 3));
+        // Scale-down and named removals are not.
+        d.replicas = 1;
+        d.remove_nodes = vec!["a".into()];
+        let p = plan(&d, &kids, now());
+        assert_eq!(p.deletes, vec!["a", "f1"]);
+        assert_eq!(p.replacements, 0);
+        // Once due: one launch at a time.
+        d.replicas = 5;
+        d.remove_nodes.clear();
+        let p = plan(&d, &kids, ts(10_021));
+        assert_eq!((p.creates, p.deletes.len()), (1, 0));
+        d.replicas = 3;
+        let p = plan(&d, &kids, ts(10_021));
+        assert_eq!(
+            (p.deletes.clone(), p.replacements),
+            (vec!["f1".to_string()], 1)
+        );
+        // A Node Ready after the failure ends the backoff.
+        let mut fresh = node("c", 9_995);
+        fresh.ready_since = Some(ts(9_995));
+        let p = plan(&d, &[kids[0].clone(), kids[1].clone(), fresh], now());
+        assert_eq!(p.backoff.failures, 0);
+        assert_eq!(p.replacements, 1);
+    }
+
     /// Applies a plan the way the controller and the cluster would (deletes only set the
     /// deletionTimestamp: the machine teardown may take a while).
     fn apply(desired: &mut Desired, children: &mut Vec<ChildNode>, p: &Plan) {
@@ -596,6 +782,7 @@ mod tests {
         for i in 0..p.creates {
             let mut n = node(&format!("new-{i}-{}", children.len()), 0);
             n.created = None;
+            n.launched = None;
             n.health = Health::Unregistered;
             n.ready_since = None;
             children.push(n);
@@ -603,6 +790,7 @@ mod tests {
         desired
             .remove_nodes
             .retain(|n| !p.prune_removals.contains(n));
+        desired.history = p.backoff.clone();
     }
 
     fn arb_child() -> impl Strategy<Value = ChildNode> {
@@ -636,8 +824,10 @@ mod tests {
                     },
                     ready_since: Some(ts(created)),
                     created: Some(ts(created)),
+                    launched: Some(ts(created)),
                     class_generation: Some(generation),
                     failure: None,
+                    failed_at: None,
                 },
             )
     }
@@ -668,10 +858,156 @@ mod tests {
                         min_ready: SignedDuration::ZERO,
                         class_generation: Some(2),
                         seed,
+                        ..Desired::default()
                     };
                     (d, kids)
                 },
             )
+    }
+
+    /// Cases where the backoff may be active: Failed Nodes with failure times, late Nodes,
+    /// and a history of failures.
+    fn arb_backoff_case() -> impl Strategy<Value = (Desired, Vec<ChildNode>, Timestamp)> {
+        (
+            arb_case(),
+            prop::collection::vec(0i64..200, 30),
+            0u32..6,
+            0i64..200,
+            0i64..300,
+        )
+            .prop_map(|((mut d, mut kids), times, failures, next, now_at)| {
+                for (k, t) in kids.iter_mut().zip(times) {
+                    k.launched = Some(ts(t));
+                    if k.health == Health::Failed {
+                        k.failed_at = Some(ts(t));
+                    }
+                    if k.health != Health::Ready {
+                        k.ready_since = None;
+                    }
+                }
+                d.registration_timeout = Some(SignedDuration::from_secs(100));
+                d.backoff = BackoffPolicy {
+                    base: SignedDuration::from_secs(10),
+                    max: SignedDuration::from_secs(600),
+                };
+                d.template_hash = "h".into();
+                if failures > 0 {
+                    d.history = BackoffState {
+                        failures,
+                        last_failure_at: Some(ts(50)),
+                        next_attempt: Some(ts(next)),
+                        class_generation: Some(2),
+                        template_hash: Some("h".into()),
+                        ..BackoffState::default()
+                    };
+                }
+                (d, kids, ts(now_at))
+            })
+    }
+
+    /// Plays a provider whose machines never register: every launch fails after the
+    /// registration timeout, deletes finish at once. Returns the launch times.
+    fn never_registering(d: &mut Desired, step: i64, horizon: i64) -> Vec<i64> {
+        let timeout = d.registration_timeout.map_or(60, |t| t.as_secs());
+        let mut kids: Vec<ChildNode> = Vec::new();
+        let mut launches = Vec::new();
+        let mut serial = 0;
+        let mut t = 0;
+        while t <= horizon {
+            kids.retain(|c| !c.deleting);
+            for c in kids.iter_mut() {
+                let launched = c.launched.map_or(0, |l| l.duration_since(ts(0)).as_secs());
+                if c.health == Health::Unregistered && t - launched >= timeout {
+                    c.health = Health::Failed;
+                    c.failed_at = Some(ts(t));
+                    c.failure = Some(Failure {
+                        reason: "RegistrationTimeout".into(),
+                        message: "no kubelet".into(),
+                    });
+                }
+            }
+            let p = plan(d, &kids, ts(t));
+            d.history = p.backoff.clone();
+            for c in kids.iter_mut() {
+                if p.deletes.contains(&c.name) {
+                    c.deleting = true;
+                }
+            }
+            for _ in 0..p.creates {
+                serial += 1;
+                let mut n = node(&format!("m{serial}"), t);
+                n.health = Health::Unregistered;
+                n.ready_since = None;
+                kids.push(n);
+                launches.push(t);
+            }
+            t += step;
+        }
+        launches
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// With machines that never register, launches in any window of length T are
+        /// O(log T): at most `replicas + log2(T / base + 1) + 1`.
+        #[test]
+        fn never_registering_launches_are_logarithmic_in_time(
+            replicas in 1usize..6,
+            max_unhealthy in 0usize..8,
+            timeout in 5i64..120,
+            base in 1i64..60,
+            step in 1i64..15,
+        ) {
+            let horizon = 4 * 3600;
+            let mut d = desired(replicas);
+            d.max_unhealthy = max_unhealthy;
+            d.registration_timeout = Some(SignedDuration::from_secs(timeout));
+            d.backoff = BackoffPolicy {
+                base: SignedDuration::from_secs(base),
+                max: SignedDuration::from_secs(horizon),
+            };
+            d.template_hash = "h".into();
+            let launches = never_registering(&mut d, step, horizon);
+            for window in [600i64, 3600, horizon] {
+                let bound = replicas as f64 + ((window as f64 / base as f64) + 1.0).log2() + 1.0;
+                for (i, start) in launches.iter().enumerate() {
+                    let n = launches[i..].iter().take_while(|t| **t <= start + window).count();
+                    prop_assert!(
+                        n as f64 <= bound,
+                        "{} launches in {}s from {}s, bound {:.1}: {:?}", n, window, start, bound, launches
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn backoff_launches_at_most_one_at_a_time((d, kids, now) in arb_backoff_case()) {
+            let p = plan(&d, &kids, now);
+            if p.backoff.active() {
+                prop_assert!(p.creates + p.replacements <= 1);
+                if p.backoff.next_attempt.is_some_and(|t| now < t) {
+                    prop_assert_eq!(p.creates + p.replacements, 0);
+                }
+            }
+            // The safety properties hold with the backoff too.
+            let members = kids.iter().filter(|c| member(c)).count();
+            prop_assert!(members + p.creates <= d.replicas.max(members));
+            let alive = kids.iter().filter(|c| member(c) && !c.deleting).count();
+            let named = p.deletes.iter().filter(|n| d.remove_nodes.contains(n)).count();
+            prop_assert!(alive - p.deletes.len() + p.replacements >= d.replicas.min(alive - named));
+        }
+
+        #[test]
+        fn backoff_replanning_after_applying_is_idle((d, kids, now) in arb_backoff_case()) {
+            let mut d = d;
+            let mut kids = kids;
+            let p = plan(&d, &kids, now);
+            apply(&mut d, &mut kids, &p);
+            let again = plan(&d, &kids, now);
+            prop_assert!(again.is_idle(), "first {:?}, then {:?}", p, again);
+            prop_assert_eq!(&again.backoff, &p.backoff, "the backoff state is a fixed point");
+        }
     }
 
     proptest! {

@@ -16,15 +16,16 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_node_crds::names::{
-    AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT, CIRCUIT_BREAKER_CONDITION,
-    FIELD_MANAGER, MACHINE_FINALIZER, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
-    NODE_CLASS_LABEL, NODESET_LABEL, OUTDATED_CONDITION, READY_CONDITION,
-    REPLICA_FAILURE_CONDITION, UNREGISTERED_TAINT,
+    AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT, BACKOFF_CONDITION,
+    BACKOFF_EVENT_REASON, CIRCUIT_BREAKER_CONDITION, FIELD_MANAGER, MACHINE_FINALIZER,
+    NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, NODESET_LABEL,
+    OUTDATED_CONDITION, READY_CONDITION, REPLICA_FAILURE_CONDITION, UNREGISTERED_TAINT,
 };
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet, NodeSetStatus};
 use rand::Rng;
 use serde_json::json;
 
+use crate::backoff::{BackoffPolicy, BackoffState};
 use crate::expectations::Expectations;
 use crate::observe::{child, phase_counts, related};
 use crate::plan::{ChildNode, Desired, Failure, Ownership, Plan, plan, resolve_max_unhealthy};
@@ -288,6 +289,7 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     if ns.metadata.deletion_timestamp.is_some() {
         // Garbage collection deletes (or orphans) the Nodes; nothing to fight over.
         ctx.expectations.clear(&name);
+        ctx.metrics.forget(&name);
         return Ok(Action::await_change());
     }
     // Until the Node cache has listed once, it would show no children at all.
@@ -309,6 +311,12 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     let labels = node_labels(ns)?;
     let min_ready =
         SignedDuration::from_secs(i64::from(ns.spec.min_ready_seconds.unwrap_or(0).max(0)));
+    // The backoff as last written: ours (the cache may lag) or the object's.
+    let previous = lock(&ctx.written)
+        .get(&uid)
+        .cloned()
+        .or_else(|| ns.status.clone())
+        .unwrap_or_default();
     let desired = Desired {
         replicas,
         remove_nodes: ns.spec.remove_nodes.clone(),
@@ -317,6 +325,12 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         min_ready,
         class_generation,
         seed: rand::random(),
+        registration_timeout: class
+            .as_ref()
+            .and_then(|c| SignedDuration::try_from(c.spec.registration_timeout()).ok()),
+        backoff: BackoffPolicy::from_spec(&ns.spec),
+        history: BackoffState::from_status(previous.backoff.as_ref()),
+        template_hash: template_hash(ns),
     };
 
     // Observe and plan, from the cache first.
@@ -403,11 +417,6 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
 
     // Status, once.
     let create_failure = lock(&ctx.create_failures).get(&name).cloned();
-    let previous = lock(&ctx.written)
-        .get(&uid)
-        .cloned()
-        .or_else(|| ns.status.clone())
-        .unwrap_or_default();
     let status = build_status(
         ns,
         &desired,
@@ -431,7 +440,7 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         {
             let message = format!(
                 "{} Nodes are unhealthy (maxUnhealthy {}): replacing Failed Nodes is paused",
-                the_plan.counts.unhealthy, the_plan.max_unhealthy
+                the_plan.breaker_unhealthy, the_plan.max_unhealthy
             );
             publish(
                 ctx,
@@ -443,7 +452,33 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         }
+        // One Warning per backoff step, not per retry.
+        let before = BackoffState::from_status(previous.backoff.as_ref()).failures;
+        if the_plan.backoff.failures > before {
+            let message = backoff_message(&desired, &the_plan.backoff);
+            tracing::warn!(
+                failures = the_plan.backoff.failures,
+                next_attempt = ?the_plan.backoff.next_attempt,
+                "replacement backoff"
+            );
+            publish(
+                ctx,
+                ns,
+                EventType::Warning,
+                BACKOFF_EVENT_REASON,
+                "Replace",
+                message,
+            )
+            .await;
+        }
     }
+    ctx.metrics.set_backoff(
+        &name,
+        desired
+            .backoff
+            .delay(the_plan.backoff.failures)
+            .as_secs_f64(),
+    );
 
     // Metrics: Nodes of this NodeSet by phase.
     let ours: Vec<&Node> = cached
@@ -471,6 +506,11 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     }
     if let Some(until) = create_hold {
         requeue = requeue.min(until.saturating_duration_since(Instant::now()));
+    }
+    if let Some(wait) = the_plan.backoff_wait {
+        // Just past the due time, so the pass finds it due.
+        let wait = Duration::try_from(wait).unwrap_or_default() + Duration::from_millis(100);
+        requeue = requeue.min(wait);
     }
     if let Some(wait) = status_deferred {
         requeue = requeue.min(wait);
@@ -824,6 +864,38 @@ fn to_i32(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+/// A stable hash of `spec.template`: a change of it starts the backoff over.
+pub(crate) fn template_hash(ns: &NodeSet) -> String {
+    let text = serde_json::to_string(&ns.spec.template).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// "3 consecutive machines failed (last: RegistrationTimeout: …); launching waits 2m until …".
+fn backoff_message(desired: &Desired, b: &BackoffState) -> String {
+    let last = b
+        .last_failure
+        .as_ref()
+        .map(|f| format!("{}: {}", f.reason, f.message))
+        .unwrap_or_default();
+    let delay = desired.backoff.delay(b.failures);
+    let next = b
+        .next_attempt
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "now".to_string());
+    format!(
+        "{} consecutive machine{} failed without a Node becoming Ready (last: {last}); \
+         launching waits {}s after the last failure: next attempt at {next}, then one machine at a time",
+        b.failures,
+        if b.failures == 1 { "" } else { "s" },
+        delay.as_secs_f64(),
+    )
+}
+
 /// The status a pass writes. Pure.
 pub(crate) fn build_status(
     ns: &NodeSet,
@@ -905,8 +977,9 @@ pub(crate) fn build_status(
             true,
             "TooManyUnhealthy",
             format!(
-                "{} Nodes are unhealthy, more than maxUnhealthy {}: replacing Failed Nodes is paused",
-                c.unhealthy, p.max_unhealthy
+                "{} Nodes are unhealthy (failed, not Ready, or not registered after half the \
+                 registration timeout), more than maxUnhealthy {}: replacing Failed Nodes is paused",
+                p.breaker_unhealthy, p.max_unhealthy
             ),
             generation,
             now,
@@ -917,6 +990,30 @@ pub(crate) fn build_status(
             CIRCUIT_BREAKER_CONDITION,
             false,
             "WithinLimit",
+            String::new(),
+            generation,
+            now,
+        )
+    };
+    let backoff = if p.backoff.active() {
+        condition(
+            prev,
+            BACKOFF_CONDITION,
+            true,
+            p.backoff
+                .last_failure
+                .as_ref()
+                .map_or("MachineFailed", |f| f.reason.as_str()),
+            backoff_message(desired, &p.backoff),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            prev,
+            BACKOFF_CONDITION,
+            false,
+            "NoBackoff",
             String::new(),
             generation,
             now,
@@ -966,7 +1063,8 @@ pub(crate) fn build_status(
         outdated_replicas: Some(to_i32(c.outdated)),
         observed_generation: generation,
         selector: Some(ns.spec.selector.to_selector_string()),
-        conditions: vec![ready, replica_failure, breaker, outdated],
+        backoff: p.backoff.to_status(),
+        conditions: vec![ready, replica_failure, breaker, backoff, outdated],
     }
 }
 
@@ -1042,6 +1140,7 @@ fn only_counts_changed(previous: &NodeSetStatus, status: &NodeSetStatus) -> bool
     };
     previous.observed_generation == status.observed_generation
         && previous.selector == status.selector
+        && previous.backoff == status.backoff
         && states(previous) == states(status)
 }
 
@@ -1176,6 +1275,7 @@ mod tests {
             min_ready: SignedDuration::ZERO,
             class_generation: Some(1),
             seed: 0,
+            ..Desired::default()
         };
         let counts = |ready| Plan {
             counts: Counts {
@@ -1219,6 +1319,7 @@ mod tests {
             min_ready: SignedDuration::ZERO,
             class_generation: Some(1),
             seed: 0,
+            ..Desired::default()
         };
         let mut p = Plan {
             counts: Counts {

@@ -633,7 +633,17 @@ async fn replaces_failed_nodes_until_the_circuit_breaker_opens() {
     let mut env = env().await;
     env.play_node_controller(true);
     env.start(Config::default());
-    create_nodeset(&env.client, &nodeset("cb", 4, json!({"maxUnhealthy": 1}))).await;
+    // A short replacement backoff: this test is about the breaker (the first failure would
+    // otherwise hold the replacement for the default 30 s).
+    create_nodeset(
+        &env.client,
+        &nodeset(
+            "cb",
+            4,
+            json!({"maxUnhealthy": 1, "replacementBackoff": {"base": "100ms", "max": "1s"}}),
+        ),
+    )
+    .await;
     wait_count(&env.client, "cb", 4).await;
     let nodes: Api<Node> = Api::all(env.client.clone());
     eventually("all ready", || async {

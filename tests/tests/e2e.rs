@@ -1981,3 +1981,111 @@ async fn kube_node_running_as_its_service_account_provisions_and_deletes_a_node(
     assert!(forbidden.is_empty(), "{forbidden}");
     env.finish().await;
 }
+
+/// Issue #18 on a real API server: a NodeSet whose machines never register backs off instead
+/// of launching a machine per registration timeout per replica. The issue's durations scaled
+/// down tenfold: registration 20 s → 2 s, backoff base 30 s → 3 s, 10 minutes → 60 s.
+#[tokio::test]
+async fn a_node_set_whose_machines_never_register_backs_off_exponentially() {
+    let Some(env) = setup("backoff").await else {
+        return;
+    };
+    let client = env.client.clone();
+    let mut kn = spawn_leader(&env, RunOptions::new(&env, "e2e-backoff")).await;
+    let class_name = env.name("e2e-backoff-class");
+    apply_class(
+        &client,
+        &simulated_class(
+            &class_name,
+            json!({"provider": {"simulated": {"register": false}},
+                   "timeouts": {"registration": "2s"}}),
+        ),
+    )
+    .await;
+    let set = env.name("e2e-backoff");
+    let mut ns = nodeset(&set, &class_name, 3);
+    ns.spec.max_unhealthy =
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("100%".into()));
+    ns.spec.replacement_backoff = Some(kube_node_crds::v1alpha1::ReplacementBackoff {
+        base: Some("3s".parse().expect("duration")),
+        max: Some("180s".parse().expect("duration")),
+    });
+    let api: Api<NodeSet> = Api::all(client.clone());
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("NodeSet created");
+
+    let window = Duration::from_secs(60);
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < window {
+        kn.assert_running();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let launches = provider_calls(&kn, "simulated", "create").await;
+    // replicas + log2(T / base + 1) + 1
+    let bound = 3.0 + (60.0f64 / 3.0 + 1.0).log2().floor() + 1.0;
+    println!(
+        "launches in 60s (10 minutes scaled 1:10): {launches}; bound {bound}; without backoff about 90"
+    );
+    assert!(
+        launches <= bound,
+        "{launches} launches in 60s, more than {bound}"
+    );
+
+    let got = api.get(&set).await.expect("NodeSet");
+    let status = got.status.clone().unwrap_or_default();
+    let b = status.backoff.clone().expect("status.backoff");
+    assert!(b.consecutive_failures >= 3, "{b:?}");
+    assert_eq!(
+        b.last_failure_reason.as_deref(),
+        Some("RegistrationTimeout")
+    );
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == names::BACKOFF_CONDITION)
+        .expect("Backoff condition");
+    assert_eq!(c.status, "True", "{c:?}");
+    assert!(c.message.contains("next attempt at"), "{}", c.message);
+    let backoff_seconds = kn
+        .metric_with(
+            "kube_node_nodeset_backoff_seconds",
+            &[&format!("nodeset=\"{set}\"")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert!(backoff_seconds >= 12.0, "the gauge: {backoff_seconds}");
+    let events = events_about(&client, &set).await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, r, _)| t == "Warning" && r == names::BACKOFF_EVENT_REASON),
+        "a ReplacementBackoff Warning: {events:?}"
+    );
+    // `kubectl get nodeset` shows it.
+    let row = table_row(&client, "/apis/kube-node.io/v1alpha1/nodesets", &set).await;
+    assert_eq!(
+        row.get("Failures").and_then(|v| v.as_i64()),
+        Some(i64::from(b.consecutive_failures)),
+        "{row:?}"
+    );
+
+    api.delete(&set, &DeleteParams::default())
+        .await
+        .expect("NodeSet deleted");
+    eventually("NodeSet gone", GONE_TIMEOUT, || {
+        let api = api.clone();
+        let set = set.clone();
+        async move { matches!(api.get_opt(&set).await, Ok(None)) }
+    })
+    .await;
+    eventually("its Nodes gone", GONE_TIMEOUT, || {
+        let client = client.clone();
+        let set = set.clone();
+        async move { set_nodes(&client, &set).await.is_empty() }
+    })
+    .await;
+    delete_class_and_wait(&client, &class_name).await;
+    drop(kn);
+    env.finish().await;
+}

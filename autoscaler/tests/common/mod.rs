@@ -106,6 +106,7 @@ pub fn nodeset(
             remove_nodes: vec![],
             max_unhealthy: None,
             min_ready_seconds: None,
+            replacement_backoff: None,
         },
     )
 }

@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,18 @@ use super::NodeTaint;
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Current", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(
+        name = "Failures",
+        type_ = "integer",
+        json_path = ".status.backoff.consecutiveFailures",
+        description = "Consecutive machines that failed without a success in between"
+    ),
+    printcolumn(
+        name = "Next-Attempt",
+        type_ = "string",
+        json_path = ".status.backoff.nextAttemptTime",
+        description = "When replacing failed machines is tried again"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -94,6 +107,64 @@ pub struct NodeSetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub min_ready_seconds: Option<i32>,
+
+    /// How replacing machines slows down while they keep failing: after the k-th consecutive
+    /// machine that failed to register (or failed at create with an error that retrying
+    /// cannot fix), the next launch waits `min(base × 2^(k−1), max)`. A Node of the NodeSet
+    /// becoming Ready, a new NodeClass generation or a change of `template` starts over.
+    /// Scale-ups wait too; scale-downs and `removeNodes` never do. Default `base: 30s`,
+    /// `max: 30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacement_backoff: Option<ReplacementBackoff>,
+}
+
+/// The exponential backoff of replacing failing machines.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.base) || duration(self.base) > duration('0s')").message("spec.replacementBackoff.base must be a positive duration").field_path(".base"))]
+#[x_kube(validation = Rule::new("!has(self.max) || duration(self.max) > duration('0s')").message("spec.replacementBackoff.max must be a positive duration").field_path(".max"))]
+#[x_kube(validation = Rule::new("!has(self.base) || !has(self.max) || duration(self.base) <= duration(self.max)").message("spec.replacementBackoff.max must not be less than spec.replacementBackoff.base").field_path(".max"))]
+pub struct ReplacementBackoff {
+    /// The wait after the first failure, a duration such as `30s`. Default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Duration>,
+    /// The longest wait, a duration such as `30m`. Default `30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<Duration>,
+}
+
+/// Default `spec.replacementBackoff.base`.
+pub const DEFAULT_BACKOFF_BASE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default `spec.replacementBackoff.max`.
+pub const DEFAULT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// The replacement backoff of a NodeSet, persisted in its status so a restart of the
+/// controller does not start it over.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackoffStatus {
+    /// Machines that failed in a row without a Node of the NodeSet becoming Ready in between
+    /// (0: no backoff).
+    #[serde(default)]
+    pub consecutive_failures: i32,
+    /// When the most recent counted failure happened (failures up to then are counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// The reason of the most recent failure, e.g. `RegistrationTimeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_reason: Option<String>,
+    /// The message of the most recent failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_message: Option<String>,
+    /// When the next machine may be launched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<Time>,
+    /// The NodeClass generation the failures were counted against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_class_generation: Option<i64>,
+    /// A hash of `spec.template` the failures were counted against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_hash: Option<String>,
 }
 
 fn default_replicas() -> i32 {
@@ -218,7 +289,10 @@ pub struct NodeSetStatus {
     /// cluster-autoscaler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// `Ready`, `ReplicaFailure`, `CircuitBreakerOpen`, `NodeClassOutdated`.
+    /// The replacement backoff: consecutive machine failures and when the next launch is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<BackoffStatus>,
+    /// `Ready`, `ReplicaFailure`, `CircuitBreakerOpen`, `Backoff`, `NodeClassOutdated`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -265,6 +339,18 @@ impl NodeSetSpec {
     /// The delete policy, defaulted.
     pub fn delete_policy(&self) -> DeletePolicy {
         self.delete_policy.unwrap_or_default()
+    }
+
+    /// `spec.replacementBackoff`, defaulted: (base, max), max never below base.
+    pub fn replacement_backoff(&self) -> (std::time::Duration, std::time::Duration) {
+        let b = self.replacement_backoff.as_ref();
+        let base = b
+            .and_then(|b| b.base)
+            .map_or(DEFAULT_BACKOFF_BASE, Into::into);
+        let max = b
+            .and_then(|b| b.max)
+            .map_or(DEFAULT_BACKOFF_MAX, Into::into);
+        (base, max.max(base))
     }
 
     /// Whether cluster-autoscaler may drive this NodeSet.
