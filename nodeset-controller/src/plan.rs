@@ -14,6 +14,14 @@
 //! * it **does** count toward the cap on creates: creates are `replicas − (alive + deleting)`,
 //!   so the number of Nodes (with a machine) never exceeds `max(replicas, Nodes that already
 //!   exist)`. A replacement (of a Failed or named Node) is made only once the old Node is gone.
+//!
+//! # A NodeClass that is missing or being deleted
+//!
+//! Nothing is created while the template's NodeClass does not exist (or is being deleted): a
+//! Node created then could never get a machine, yet every user and controller of the cluster
+//! would see it in `kubectl get nodes` as `Unknown`, and a Node of a NodeClass being deleted
+//! would hold that deletion back. Deletes and adoption go on; creates start when the class
+//! (re)appears, since a NodeClass event requeues the NodeSets naming it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -95,6 +103,8 @@ pub struct Desired {
     pub min_ready: SignedDuration,
     /// The current NodeClass generation, when the class exists.
     pub class_generation: Option<i64>,
+    /// Whether the NodeClass exists and is not being deleted: only then are Nodes created.
+    pub class_usable: bool,
     /// Seed of the `Random` delete policy.
     pub seed: u64,
 }
@@ -376,8 +386,13 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
         }
     }
 
-    // Scale up, never above `replicas` counting the Nodes still being deleted.
-    out.creates = r.saturating_sub(total);
+    // Scale up, never above `replicas` counting the Nodes still being deleted, and only with a
+    // NodeClass to make machines from.
+    out.creates = if desired.class_usable {
+        r.saturating_sub(total)
+    } else {
+        0
+    };
     out
 }
 
@@ -414,6 +429,7 @@ mod tests {
             max_unhealthy: replicas.div_ceil(2),
             min_ready: SignedDuration::ZERO,
             class_generation: Some(1),
+            class_usable: true,
             seed: 7,
         }
     }
@@ -427,6 +443,20 @@ mod tests {
         let p = plan(&desired(3), &[node("a", 1)], now());
         assert_eq!(p.creates, 2);
         assert!(p.deletes.is_empty());
+    }
+
+    #[test]
+    fn nothing_is_created_without_a_usable_node_class() {
+        let d = Desired {
+            class_usable: false,
+            class_generation: None,
+            ..desired(3)
+        };
+        let p = plan(&d, &[node("a", 1)], now());
+        assert_eq!(p.creates, 0);
+        // Scaling down still works.
+        let p = plan(&Desired { replicas: 0, ..d }, &[node("a", 1)], now());
+        assert_eq!(p.deletes, vec!["a".to_string()]);
     }
 
     #[test]
@@ -667,6 +697,7 @@ mod tests {
                         max_unhealthy,
                         min_ready: SignedDuration::ZERO,
                         class_generation: Some(2),
+                        class_usable: true,
                         seed,
                     };
                     (d, kids)
@@ -730,6 +761,17 @@ mod tests {
                     prop_assert!(victim_order(d.delete_policy, d.seed, v, s) != std::cmp::Ordering::Greater);
                 }
             }
+        }
+
+        #[test]
+        fn no_creates_without_a_usable_class_else_the_same_plan((d, kids) in arb_case()) {
+            let with = plan(&d, &kids, now());
+            let without = plan(&Desired { class_usable: false, ..d.clone() }, &kids, now());
+            prop_assert_eq!(without.creates, 0);
+            // Everything but the creates is planned as with the class.
+            prop_assert_eq!(&without.deletes, &with.deletes);
+            prop_assert_eq!(&without.adopt, &with.adopt);
+            prop_assert_eq!(&without.release, &with.release);
         }
 
         #[test]
