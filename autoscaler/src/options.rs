@@ -105,14 +105,23 @@ fn fill_both(o: &mut NodeGroupAutoscalingOptions) {
 
 /// The options of a NodeSet with these annotations: cluster-autoscaler's `defaults` with the
 /// annotated overrides applied, every duration in both the legacy (3-5) and the current
-/// (8-10) fields. `None` when no option annotation is present: cluster-autoscaler then uses
-/// its defaults (the RPC answers Unimplemented). Unusable values are ignored and reported.
+/// (8-10) fields. Unusable values are ignored and reported.
+///
+/// Without option annotations the answer is the `defaults` the request carries, unchanged but
+/// for filling both duration generations. Answering Unimplemented instead would be read as
+/// "use your defaults" only by cluster-autoscaler 1.29 and later; 1.28 treats it as an error
+/// for every node ("Couldn't retrieve IgnoreDaemonSetsUtilization option") and never scales
+/// down. `None` only when there is nothing to answer with: no annotations and no defaults.
 pub fn options(
     annotations: &BTreeMap<String, String>,
     defaults: Option<&NodeGroupAutoscalingOptions>,
 ) -> (Option<NodeGroupAutoscalingOptions>, Vec<BadOption>) {
     if !ALL.iter().any(|k| annotations.contains_key(*k)) {
-        return (None, Vec::new());
+        let echoed = defaults.cloned().map(|mut o| {
+            fill_both(&mut o);
+            o
+        });
+        return (echoed, Vec::new());
     }
     // CA replaces all of its options with the answer, so start from what it sent.
     let mut o = defaults.cloned().unwrap_or_default();
@@ -168,10 +177,35 @@ mod tests {
     }
 
     #[test]
-    fn no_annotations_means_no_options() {
+    fn no_annotations_and_no_defaults_means_no_options() {
         let (o, bad) = options(&BTreeMap::new(), None);
         assert!(o.is_none());
         assert!(bad.is_empty());
+    }
+
+    #[test]
+    fn no_annotations_answers_the_defaults_in_both_generations() {
+        // As cluster-autoscaler 1.28 sends them: legacy durations only, and the booleans.
+        let defaults = NodeGroupAutoscalingOptions {
+            scale_down_utilization_threshold: 0.5,
+            scale_down_gpu_utilization_threshold: 0.5,
+            scale_down_unneeded_time: Some(MetaDuration {
+                duration: Some(600_000_000_000),
+            }),
+            ignore_daemon_sets_utilization: true,
+            ..Default::default()
+        };
+        let (o, bad) = options(&BTreeMap::new(), Some(&defaults));
+        assert!(bad.is_empty());
+        let o = o.expect("the defaults, not Unimplemented");
+        assert_eq!(o.scale_down_utilization_threshold, 0.5);
+        assert!(o.ignore_daemon_sets_utilization);
+        assert_eq!(
+            o.scale_down_unneeded_time.and_then(|d| d.duration),
+            Some(600_000_000_000)
+        );
+        assert_eq!(o.scale_down_unneeded_duration, Some(secs(600)));
+        assert_eq!(o.scale_down_unready_time, None, "unset stays unset");
     }
 
     #[test]

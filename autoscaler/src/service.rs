@@ -593,9 +593,10 @@ impl CloudProvider for NodeSetCloudProvider {
             Some(o) => Ok(Response::new(NodeGroupAutoscalingOptionsResponse {
                 node_group_autoscaling_options: Some(o),
             })),
-            // CA then uses its own defaults for this group.
+            // No annotations and no defaults in the request: nothing to answer with. CA
+            // 1.29+ then uses its own defaults; every CA version sends defaults.
             None => Err(Status::unimplemented(
-                "no autoscaling options on this NodeSet",
+                "no autoscaling options on this NodeSet and no defaults in the request",
             )),
         }
     }

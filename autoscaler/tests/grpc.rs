@@ -441,7 +441,7 @@ async fn template_node_in_both_fields() {
 }
 
 #[tokio::test]
-async fn options_from_annotations_else_unimplemented() {
+async fn options_from_annotations_else_the_request_defaults() {
     let mut env = Env::new().await;
     env.create_class(&nodeclass("ml")).await;
     env.create_set(&nodeset("plain", "ml", 0, Some(0), Some(3)))
@@ -463,15 +463,24 @@ async fn options_from_annotations_else_unimplemented() {
         }),
         ..Default::default()
     };
-    let err = env
+    // No overrides: the defaults come back (cluster-autoscaler 1.28 reads Unimplemented as an
+    // error; see tests/get_options.rs).
+    let plain = env
         .grpc
         .node_group_get_options(NodeGroupAutoscalingOptionsRequest {
             id: "plain".into(),
             defaults: Some(defaults),
         })
         .await
-        .expect_err("no overrides");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect("the defaults")
+        .into_inner()
+        .node_group_autoscaling_options
+        .expect("options");
+    assert_eq!(plain.scale_down_utilization_threshold, 0.5);
+    assert_eq!(
+        plain.scale_down_unneeded_duration,
+        defaults.scale_down_unneeded_duration
+    );
     let o = env
         .grpc
         .node_group_get_options(NodeGroupAutoscalingOptionsRequest {

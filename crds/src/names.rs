@@ -25,6 +25,13 @@ pub const DELETE_NODE_ANNOTATION: &str = "kube-node.io/delete-node";
 pub const BOOTSTRAP_TOKEN_ANNOTATION: &str = "kube-node.io/bootstrap-token";
 /// Annotation with the RFC 3339 time the machine was created, used for the registration timeout.
 pub const LAUNCHED_AT_ANNOTATION: &str = "kube-node.io/launched-at";
+/// Annotation listing the label keys kube-node applied to the Node from its NodeClass
+/// (comma-separated), so that a label removed from the NodeClass is removed from the Node while
+/// labels others set (kubelet, users, other controllers) are left alone.
+pub const APPLIED_LABELS_ANNOTATION: &str = "kube-node.io/applied-labels";
+/// Annotation listing the taints kube-node applied to the Node from its NodeClass, as
+/// comma-separated `key:Effect`, for the same reason as [`APPLIED_LABELS_ANNOTATION`].
+pub const APPLIED_TAINTS_ANNOTATION: &str = "kube-node.io/applied-taints";
 
 /// Label on Nodes created by a NodeSet naming it (the NodeSet's selector usually matches on it).
 pub const NODESET_LABEL: &str = "kube-node.io/nodeset";
@@ -33,6 +40,9 @@ pub const NODE_CLASS_LABEL: &str = "kube-node.io/node-class";
 
 /// Finalizer that keeps a Node until its machine is confirmed gone.
 pub const MACHINE_FINALIZER: &str = "kube-node.io/machine";
+/// Finalizer that keeps a NodeClass while Nodes still use it (as `kubernetes.io/pvc-protection`
+/// keeps a PersistentVolumeClaim in use): deleting their machines needs the class.
+pub const NODECLASS_IN_USE_FINALIZER: &str = "kube-node.io/nodeclass-in-use";
 
 /// Taint kept on a Node from its creation until its kubelet reports Ready, so nothing is
 /// scheduled onto a machine that does not exist yet.
@@ -75,6 +85,9 @@ pub const BACKOFF_CONDITION: &str = "Backoff";
 pub const BACKOFF_EVENT_REASON: &str = "ReplacementBackoff";
 /// NodeSet condition: some Nodes were built from an older generation of the NodeClass.
 pub const OUTDATED_CONDITION: &str = "NodeClassOutdated";
+/// NodeClass condition: Nodes still use the NodeClass (True with their count); while it is
+/// being deleted, the deletion waits for them.
+pub const IN_USE_CONDITION: &str = "InUse";
 
 /// Field manager name used for server-side apply by kube-node's controllers.
 pub const FIELD_MANAGER: &str = "kube-node";

@@ -1,4 +1,8 @@
 //! Command-line flags. Every flag has an environment-variable fallback (`KUBE_NODE_*`).
+//!
+//! Boolean flags follow the Kubernetes (pflag) convention: `--flag` alone means true and
+//! `--flag=true|false` sets it explicitly. The value must be attached with `=`, as in
+//! kube-controller-manager, so `--quiet scenario.yaml` never reads the scenario as the value.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,7 +72,16 @@ pub struct RunArgs {
     pub shutdown_timeout: kube::core::Duration,
     /// Play the kubelet for machines of the simulated backend (register them onto their Nodes
     /// and keep their Leases fresh). Only meaningful with `simulated` NodeClasses.
-    #[arg(long, env = "KUBE_NODE_SIMULATED_KUBELET", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(
+        long,
+        env = "KUBE_NODE_SIMULATED_KUBELET",
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
     pub simulated_kubelet: bool,
 }
 
@@ -100,7 +113,16 @@ pub struct AutoscalerArgs {
     )]
     pub autoscaler_tls_client_ca: Option<PathBuf>,
     /// Serve without TLS; only allowed on a loopback address.
-    #[arg(long, env = "KUBE_NODE_AUTOSCALER_ALLOW_PLAINTEXT")]
+    #[arg(
+        long,
+        env = "KUBE_NODE_AUTOSCALER_ALLOW_PLAINTEXT",
+        default_value_t = false,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
     pub autoscaler_allow_plaintext: bool,
 }
 
@@ -132,7 +154,16 @@ impl AutoscalerArgs {
 #[derive(Clone, Debug, Args)]
 pub struct LeaderArgs {
     /// Campaign for a Lease and act only while holding it (run two replicas safely).
-    #[arg(long, env = "KUBE_NODE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(
+        long,
+        env = "KUBE_NODE_LEADER_ELECT",
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
     pub leader_elect: bool,
     /// The Lease's namespace (default: the pod's namespace, else kube-node-system).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-node-system")]
@@ -207,8 +238,84 @@ pub struct SimulateArgs {
     #[arg(long, env = "KUBE_NODE_WATCH_LAG", default_value = "0s")]
     pub watch_lag: kube::core::Duration,
     /// Print no progress lines, only the summary.
-    #[arg(long, env = "KUBE_NODE_QUIET")]
+    #[arg(
+        long,
+        env = "KUBE_NODE_QUIET",
+        default_value_t = false,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
     pub quiet: bool,
     #[command(flatten)]
     pub controllers: ControllerArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> RunArgs {
+        let argv = ["kube-node", "run"].into_iter().chain(args.iter().copied());
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Run(r)) => *r,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    fn simulate(args: &[&str]) -> SimulateArgs {
+        let argv = ["kube-node", "simulate"]
+            .into_iter()
+            .chain(args.iter().copied());
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Simulate(s)) => s,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn boolean_flags_accept_the_bare_form_and_an_attached_value() {
+        // Defaults.
+        let d = run(&[]);
+        assert!(d.leader.leader_elect && d.simulated_kubelet);
+        assert!(!d.autoscaler.autoscaler_allow_plaintext);
+        assert!(!simulate(&[]).quiet);
+        // The bare form means true, as for every Kubernetes component.
+        assert!(run(&["--leader-elect"]).leader.leader_elect);
+        assert!(run(&["--simulated-kubelet"]).simulated_kubelet);
+        assert!(
+            run(&["--autoscaler-allow-plaintext"])
+                .autoscaler
+                .autoscaler_allow_plaintext
+        );
+        assert!(simulate(&["--quiet"]).quiet);
+        // `--flag=false` and `--flag=true`.
+        assert!(!run(&["--leader-elect=false"]).leader.leader_elect);
+        assert!(run(&["--leader-elect=true"]).leader.leader_elect);
+        assert!(!run(&["--simulated-kubelet=false"]).simulated_kubelet);
+        assert!(
+            run(&["--autoscaler-allow-plaintext=true"])
+                .autoscaler
+                .autoscaler_allow_plaintext
+        );
+        assert!(!simulate(&["--quiet=false"]).quiet);
+        // strconv.ParseBool spellings.
+        assert!(!run(&["--leader-elect=0"]).leader.leader_elect);
+        // A bare boolean never swallows the next word.
+        let s = simulate(&["--quiet", "my-scenario.yaml"]);
+        assert!(s.quiet);
+        assert_eq!(s.scenario, Some(PathBuf::from("my-scenario.yaml")));
+        let r = run(&["--leader-elect", "--cluster-name", "prod"]);
+        assert!(r.leader.leader_elect);
+        assert_eq!(r.cluster_name, "prod");
+    }
+
+    #[test]
+    fn a_bad_boolean_value_is_an_error_naming_the_flag() {
+        let err = Cli::try_parse_from(["kube-node", "run", "--leader-elect=maybe"])
+            .expect_err("not a boolean");
+        assert!(err.to_string().contains("--leader-elect"), "{err}");
+    }
 }

@@ -133,16 +133,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let _grpc_stop = grpc_stop;
     // Ready means "able to serve". A standby runs no controllers (their caches start with
-    // leadership), so it is ready once connected; without leader election readiness waits
-    // for the controllers' caches.
-    if args.leader.leader_elect {
-        health.set_ready(true);
-    }
-
+    // leadership), so it is ready once it has reached the leader Lease, and not while it
+    // cannot lead at all (a missing namespace it may not create, RBAC); without leader
+    // election readiness waits for the controllers' caches.
     let lease = args.leader.leader_elect.then(|| lease_config(&args));
     let mut term = std::pin::pin!(shutdown_signal());
     if let Some(cfg) = &lease {
-        let (mut leading, campaign) = leader::campaign(client.clone(), cfg.clone());
+        let leader::Campaign {
+            mut leading,
+            health: mut campaign_health,
+            task: campaign,
+        } = leader::campaign_with_health(client.clone(), cfg.clone());
+        let ready = health.clone();
+        let _readiness = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let state = campaign_health.borrow_and_update().clone();
+                match state {
+                    leader::CampaignHealth::Reached => ready.set_ready(true),
+                    leader::CampaignHealth::CannotLead(_) => ready.set_ready(false),
+                    leader::CampaignHealth::Connecting => {}
+                }
+                if campaign_health.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
         tracing::info!(identity = %cfg.identity, lease = %cfg.name, namespace = %cfg.namespace, "waiting for leadership");
         let acquired = tokio::select! {
             r = leading.wait_for(|l| *l) => r.map(|_| ()).context("leader election stopped"),
@@ -181,6 +196,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Stop::Signal
         })
         .await
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -118,6 +118,10 @@ fn help_shows_every_flag_with_its_environment_variable() {
                 .find(|w| w.starts_with("--"))
                 .unwrap_or_default()
                 .trim_end_matches(',')
+                // A boolean flag shows as `--flag[=<FLAG>]`.
+                .split('[')
+                .next()
+                .unwrap_or_default()
                 .to_string();
             if flag == "--help" || flag == "--version" {
                 continue;

@@ -15,6 +15,10 @@ pub enum Error {
     /// The Node names a NodeClass that does not exist.
     #[error("NodeClass {0:?} not found")]
     NodeClassNotFound(String),
+    /// The NodeClass is being deleted: no new machine is made from it (existing ones are
+    /// still deleted through it).
+    #[error("NodeClass {0:?} is being deleted: no new machine is made from it")]
+    NodeClassDeleting(String),
     /// The NodeClass exists but its provider rejected its configuration or credentials.
     #[error("NodeClass {name:?} is not ready: {message}")]
     NodeClassNotReady {
@@ -54,6 +58,7 @@ impl Error {
             Self::Provider(e) => e.reason(),
             Self::NodeClassNotFound(_) => "NodeClassNotFound",
             Self::NodeClassNotReady { .. } => "NodeClassNotReady",
+            Self::NodeClassDeleting(_) => "NodeClassDeleting",
             Self::CredentialsNotFound { .. } => "CredentialsNotFound",
             Self::CaCertificate(_) => "CaCertificateNotFound",
             Self::NoApiServerEndpoint => "NoApiServerEndpoint",
@@ -71,6 +76,7 @@ impl Error {
                 ProviderError::InvalidConfig(_) | ProviderError::Unauthorized(_)
             ),
             Self::NodeClassNotFound(_)
+            | Self::NodeClassDeleting(_)
             | Self::NodeClassNotReady { .. }
             | Self::CredentialsNotFound { .. }
             | Self::NoApiServerEndpoint

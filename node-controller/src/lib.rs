@@ -10,6 +10,7 @@
 //!   refreshes the per-class inventory that lets Ready Nodes be checked without a provider
 //!   call each.
 
+mod applied;
 pub mod bootstrap;
 pub mod capacity;
 mod error;
@@ -19,6 +20,7 @@ mod node;
 mod nodeclass;
 pub mod orphan;
 pub mod plan;
+mod protection;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! The Node controller: one pass reads the Node, its NodeClass and its machine, asks the pure
 //! [`plan`](crate::plan::plan) for the next step, takes it, and records the result.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use kube_node_crds::v1alpha1::find_condition;
 use kube_node_provider::{CreateRequest, Instance, ListFilter, Provider, ProviderError};
 use tracing::Instrument;
 
+use crate::applied::ClassMeta;
 use crate::bootstrap::{self, BootstrapToken, JoinParams};
 use crate::plan::{self, Action, MachineObs, Observed};
 use crate::{Context, Error, error_delay};
@@ -586,6 +587,10 @@ async fn create(
     want: &MetaWant,
 ) -> Result<Requeue, Error> {
     let class_name = class.name_any();
+    if class.metadata.deletion_timestamp.is_some() {
+        // Its deletion waits for its Nodes; a new machine would make it wait longer.
+        return Err(Error::NodeClassDeleting(class_name));
+    }
     if let Some(c) = class
         .status
         .as_ref()
@@ -680,27 +685,51 @@ async fn create(
 /// while (a retry after a failed create must not pile up tokens), else a new one.
 ///
 /// Tokens are never read back from the API: reading or listing Secrets in kube-system would
-/// let kube-node read every Secret there, so its RBAC allows only create and delete. A token
-/// orphaned by a restart expires and the token cleaner of kube-controller-manager removes it.
+/// let kube-node read every Secret there, so its RBAC allows only create and delete. Instead
+/// the token's public half is recorded on the Node (the Secret's name, in
+/// `kube-node.io/bootstrap-token`) *before* the Secret is created, so a successor after a
+/// restart — which cannot use a token whose secret half it never saw — deletes its
+/// predecessor's token by name, here or when the Node joins or goes. The secret half never
+/// leaves the Secret and the machine's user-data.
 async fn ensure_token(
-    pass: &Pass,
+    pass: &mut Pass,
     ctx: &Context,
     class: &NodeClass,
 ) -> Result<BootstrapToken, Error> {
     let now = Timestamp::now();
     let margin = jiff::SignedDuration::from_secs(300);
+    let recorded = pass
+        .node
+        .annotations()
+        .get(BOOTSTRAP_TOKEN_ANNOTATION)
+        .filter(|n| n.starts_with("bootstrap-token-"))
+        .cloned();
     if let Some((token, expires)) = ctx.cached_token(&pass.uid)
         && expires.duration_since(now) > margin
+        && recorded.as_deref() == Some(token.secret_name().as_str())
     {
         return Ok(token);
     }
     let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
+    // A token recorded on the Node that this process cannot reuse (a predecessor's, or one
+    // about to expire): it would stay valid until its TTL.
+    if let Some(old) = &recorded {
+        delete_secret(&api, old).await?;
+        tracing::info!(secret = %old, "deleted a bootstrap token this process cannot reuse");
+    }
+    ctx.forget_token(&pass.uid);
     let ttl = jiff::SignedDuration::try_from(class.spec.token_ttl())
         .unwrap_or(jiff::SignedDuration::from_secs(3600));
     let expiration = now.checked_add(ttl).unwrap_or(now);
     let mut attempt = 0;
     loop {
         let token = BootstrapToken::generate();
+        // Recorded first: a restart between this write and the create leaves a name to
+        // delete (a 404 then), never a token nobody knows of.
+        let patch = serde_json::json!({"metadata": {"annotations": {BOOTSTRAP_TOKEN_ANNOTATION: token.secret_name()}}});
+        pass.node = node_api(ctx)
+            .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
         let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
         match api.create(&PostParams::default(), &secret).await {
             Ok(_) => {
@@ -708,10 +737,20 @@ async fn ensure_token(
                 ctx.cache_token(&pass.uid, token.clone(), expiration);
                 return Ok(token);
             }
-            // A token id collision (36^6 ids): draw another.
+            // A token id collision (36^6 ids) with another Node's token: draw another (the
+            // next record replaces this one, which named a Secret that is not ours).
             Err(kube::Error::Api(e)) if e.code == 409 && attempt < 3 => attempt += 1,
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Deletes a Secret in kube-system by name; a missing one is fine.
+async fn delete_secret(api: &Api<Secret>, name: &str) -> Result<(), Error> {
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -753,11 +792,7 @@ async fn delete_tokens(ctx: &Context, node: &Node) -> Result<(), Error> {
         }
     }
     for name in names {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        delete_secret(&api, &name).await?;
     }
     ctx.forget_token(&uid);
     Ok(())
@@ -836,6 +871,11 @@ struct MetaWant {
     add_taints: Vec<Taint>,
     /// The kubelet reported Ready: the unregistered taint comes off.
     remove_unregistered: bool,
+    /// Labels and taints kube-node applied from the NodeClass that it no longer lists.
+    dropped: ClassMeta,
+    /// The record of what is applied from the NodeClass now (annotations); `None` when the
+    /// NodeClass is unknown, so nothing is recorded or removed.
+    record: Option<BTreeMap<String, String>>,
 }
 
 fn instance_labels(i: &Instance) -> BTreeMap<String, String> {
@@ -888,10 +928,23 @@ fn wanted_meta(
             time_added: None,
         });
     }
+    // Only with the NodeClass at hand is it known what it no longer lists.
+    let (dropped, record) = match class {
+        Some(c) => {
+            let now = ClassMeta::of_class(c);
+            let dropped = ClassMeta::recorded(&pass.node)
+                .map(|before| now.dropped_since(&before))
+                .unwrap_or_default();
+            (dropped, Some(now.annotations()))
+        }
+        None => (ClassMeta::default(), None),
+    };
     MetaWant {
         labels,
         add_taints,
         remove_unregistered: kubelet_ready,
+        dropped,
+        record,
     }
 }
 
@@ -1004,12 +1057,30 @@ impl<'a> NodePatch<'a> {
         );
     }
 
-    fn taints(&mut self, add: &[Taint], remove_unregistered: bool) {
+    /// Removes labels kube-node applied and no longer wants (never one it still sets).
+    fn remove_labels(&mut self, keys: &BTreeSet<String>, keep: &BTreeMap<String, String>) {
+        for k in keys {
+            if self.node.labels().contains_key(k) && !keep.contains_key(k) {
+                self.ops.push(serde_json::json!({"op": "remove", "path": format!("/metadata/labels/{}", escape(k))}));
+            }
+        }
+    }
+
+    fn taints(
+        &mut self,
+        add: &[Taint],
+        remove_unregistered: bool,
+        dropped: &BTreeSet<(String, String)>,
+    ) {
         let current = self.node.spec.as_ref().and_then(|s| s.taints.clone());
         let mut want = current.clone().unwrap_or_default();
         if remove_unregistered {
             want.retain(|t| t.key != UNREGISTERED_TAINT);
         }
+        want.retain(|t| {
+            !dropped.contains(&(t.key.clone(), t.effect.clone()))
+                || add.iter().any(|a| a.key == t.key && a.effect == t.effect)
+        });
         for t in add {
             if !want.iter().any(|w| w.key == t.key && w.effect == t.effect) {
                 want.push(t.clone());
@@ -1046,7 +1117,16 @@ impl<'a> NodePatch<'a> {
 
     fn meta(&mut self, want: &MetaWant) {
         self.labels(&want.labels);
-        self.taints(&want.add_taints, want.remove_unregistered);
+        self.remove_labels(&want.dropped.labels, &want.labels);
+        self.taints(
+            &want.add_taints,
+            want.remove_unregistered,
+            &want.dropped.taints,
+        );
+        if let Some(record) = &want.record {
+            // In the same write as the labels and taints it describes.
+            self.annotations(record);
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The NodeClass controller: builds each class's provider, validates it once per generation
 //! and credentials version, and reports the result in the NodeClass `Ready` condition; compares
 //! the declared allocatable with what the class's registered Nodes report ([`crate::capacity`])
-//! and reports that in the `CapacityMatches` condition.
+//! and reports that in the `CapacityMatches` condition. It also protects a NodeClass in use
+//! from deletion (see [`crate::protection`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,17 +16,22 @@ use kube::{Api, Resource, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::{
     CAPACITY_CONDITION, CAPACITY_MATCHES_REASON, CAPACITY_MISMATCH_REASON, FIELD_MANAGER,
-    NODE_CLASS_LABEL, READY_CONDITION,
+    IN_USE_CONDITION, NODE_CLASS_LABEL, NODECLASS_IN_USE_FINALIZER, READY_CONDITION,
 };
 use kube_node_crds::v1alpha1::find_condition;
 
 use tracing::Instrument;
 
+use crate::protection::{self, Step};
 use crate::{Context, Error};
 
 /// How often a NodeClass is looked at again (re-reads its credentials Secret, which is not
 /// watched).
 const RESYNC: Duration = Duration::from_secs(120);
+
+/// How often a NodeClass being deleted counts its Nodes again (from the cache: no API call
+/// unless the count changed).
+const DELETION_POLL: Duration = Duration::from_secs(2);
 
 /// How many Nodes of a class one pass compares: machines of a class are alike, so a sample
 /// finds a wrong declaration, and a class of thousands of Nodes costs one small list per
@@ -43,9 +49,43 @@ pub(crate) async fn reconcile(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<A
 async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let name = nc.name_any();
-    if nc.metadata.deletion_timestamp.is_some() {
-        ctx.forget_provider(&name);
-        return Ok(Action::await_change());
+    if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
+        // Counting Nodes from a cache that has not listed yet would find none.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let in_use = ctx
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| protection::uses(n, &name))
+        .count();
+    let deleting = nc.metadata.deletion_timestamp.is_some();
+    match protection::step(deleting, protection::has_finalizer(&nc), in_use) {
+        Step::AddFinalizer => add_finalizer(&ctx, &nc).await?,
+        Step::Release => {
+            remove_finalizer(&ctx, &nc).await?;
+            ctx.forget_provider(&name);
+            tracing::info!("released nodeclass: no Node uses it");
+            return Ok(Action::await_change());
+        }
+        Step::Keep => {}
+    }
+    let in_use_cond = protection::in_use_condition(deleting, in_use);
+    if deleting {
+        // Its Nodes' machines are deleted through it: keep the provider and the Ready
+        // condition as they are, say what the deletion waits for.
+        let ready = nc
+            .status
+            .as_ref()
+            .and_then(|s| find_condition(&s.conditions, READY_CONDITION))
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
+        let ready = ready.as_ref().map(|(s, r, m)| (s.as_str(), r.as_str(), m.as_str()));
+        let changed = write_status(&ctx, &nc, ready, None, borrow(&in_use_cond)).await?;
+        if changed && in_use > 0 {
+            tracing::info!(nodes = in_use, "nodeclass deletion waits for its nodes");
+            event(&ctx, &nc, "DeletionWaiting", &in_use_cond.2).await;
+        }
+        return Ok(Action::requeue(DELETION_POLL));
     }
     let result = match ctx.provider_for(&nc, true).await {
         Ok(provider) => match ctx.validation(&name) {
@@ -77,8 +117,16 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
             None
         }
     };
-    let ready = (status, reason, message.clone());
-    if let Err(e) = write_status(&ctx, &nc, ready, capacity.clone()).await {
+    let ready = Some((status, reason, message.as_str()));
+    let written = write_status(
+        &ctx,
+        &nc,
+        ready,
+        capacity.as_ref().map(borrow),
+        borrow(&in_use_cond),
+    )
+    .await;
+    if let Err(e) = written {
         ctx.metrics.reconciled(
             "nodeclass",
             started.elapsed().as_secs_f64(),
@@ -204,72 +252,77 @@ async fn capacity_event(ctx: &Context, nc: &NodeClass, verdict: &Verdict) {
     }
 }
 
-/// The condition to write for `verdict`, keeping `lastTransitionTime` unless the status flips.
+/// A condition's status, reason and message, borrowed.
+type Parts<'a> = (&'a str, &'a str, &'a str);
+
+fn borrow(v: &Verdict) -> Parts<'_> {
+    (v.0, v.1, v.2.as_str())
+}
+
+/// The condition to write, keeping `lastTransitionTime` unless the status flips.
 fn condition(
     existing: Option<&Condition>,
     type_: &str,
-    verdict: &Verdict,
+    (status, reason, message): Parts<'_>,
     generation: Option<i64>,
 ) -> Condition {
-    let (status, reason, message) = verdict;
-    let transition = existing.filter(|c| c.status == *status).map_or_else(
+    let transition = existing.filter(|c| c.status == status).map_or_else(
         || Time(jiff::Timestamp::now()),
         |c| c.last_transition_time.clone(),
     );
     Condition {
         type_: type_.to_string(),
-        status: (*status).to_string(),
-        reason: (*reason).to_string(),
-        message: message.clone(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
         observed_generation: generation,
         last_transition_time: transition,
     }
 }
 
-fn unchanged(existing: Option<&Condition>, verdict: &Verdict, generation: Option<i64>) -> bool {
+fn same(existing: Option<&Condition>, want: &Condition) -> bool {
     existing.is_some_and(|c| {
-        c.status == verdict.0
-            && c.reason == verdict.1
-            && c.message == verdict.2
-            && c.observed_generation == generation
+        c.status == want.status
+            && c.reason == want.reason
+            && c.message == want.message
+            && c.observed_generation == want.observed_generation
     })
 }
 
-/// Writes `status.observedGeneration`, the Ready condition and the `CapacityMatches` condition
-/// (the last one kept as it is when `capacity` is `None`) by server-side apply, in one write,
-/// unless nothing but time would change. Both go together: `conditions` is an atomic list, so
-/// applying one alone would drop the other.
+/// Writes `status.observedGeneration`, the Ready condition (kept as it is when `ready` is
+/// `None`), the `CapacityMatches` condition (kept as it is when `capacity` is `None`) and the
+/// `InUse` condition by server-side apply, in one write, unless nothing but time would change.
+/// They go together: `conditions` is an atomic list, so applying one alone would drop the
+/// others. Returns whether it wrote.
 async fn write_status(
     ctx: &Context,
     nc: &NodeClass,
-    ready: Verdict,
-    capacity: Option<Verdict>,
-) -> Result<(), Error> {
+    ready: Option<Parts<'_>>,
+    capacity: Option<Parts<'_>>,
+    in_use: Parts<'_>,
+) -> Result<bool, Error> {
     let generation = nc.metadata.generation;
     let current = nc.status.as_ref();
     let existing = |t: &str| current.and_then(|s| find_condition(&s.conditions, t));
-    let ready_same = unchanged(existing(READY_CONDITION), &ready, generation);
-    let capacity_same = capacity
-        .as_ref()
-        .is_none_or(|v| unchanged(existing(CAPACITY_CONDITION), v, generation));
-    if ready_same && capacity_same && current.and_then(|s| s.observed_generation) == generation {
-        return Ok(());
+    let mut wanted = Vec::new();
+    let mut kept = Vec::new();
+    for (type_, parts) in [
+        (READY_CONDITION, ready),
+        (CAPACITY_CONDITION, capacity),
+        (IN_USE_CONDITION, Some(in_use)),
+    ] {
+        match parts {
+            Some(p) => wanted.push(condition(existing(type_), type_, p, generation)),
+            None => kept.extend(existing(type_).cloned()),
+        }
     }
-    let mut conditions = vec![condition(
-        existing(READY_CONDITION),
-        READY_CONDITION,
-        &ready,
-        generation,
-    )];
-    match &capacity {
-        Some(v) => conditions.push(condition(
-            existing(CAPACITY_CONDITION),
-            CAPACITY_CONDITION,
-            v,
-            generation,
-        )),
-        None => conditions.extend(existing(CAPACITY_CONDITION).cloned()),
+    if wanted.iter().all(|c| same(existing(&c.type_), c))
+        && current.and_then(|s| s.observed_generation) == generation
+    {
+        return Ok(false);
     }
+    let mut conditions = wanted;
+    conditions.extend(kept);
     let patch = serde_json::json!({
         "apiVersion": "kube-node.io/v1alpha1",
         "kind": "NodeClass",
@@ -282,7 +335,66 @@ async fn write_status(
             &Patch::Apply(&patch),
         )
         .await?;
+    Ok(true)
+}
+
+/// Adds the in-use finalizer, under a test of the resourceVersion it was decided on.
+async fn add_finalizer(ctx: &Context, nc: &NodeClass) -> Result<(), Error> {
+    let rv = nc.resource_version().unwrap_or_default();
+    let ops = if nc.metadata.finalizers.is_none() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/metadata/finalizers", "value": [NODECLASS_IN_USE_FINALIZER]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": NODECLASS_IN_USE_FINALIZER},
+        ])
+    };
+    patch_json(ctx, nc, ops).await
+}
+
+/// Removes the in-use finalizer, testing it is still at the index it was found at.
+async fn remove_finalizer(ctx: &Context, nc: &NodeClass) -> Result<(), Error> {
+    let Some(i) = nc
+        .finalizers()
+        .iter()
+        .position(|f| f == NODECLASS_IN_USE_FINALIZER)
+    else {
+        return Ok(());
+    };
+    let ops = serde_json::json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": NODECLASS_IN_USE_FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+    ]);
+    patch_json(ctx, nc, ops).await
+}
+
+async fn patch_json(ctx: &Context, nc: &NodeClass, ops: serde_json::Value) -> Result<(), Error> {
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| Error::Render(format!("json patch: {e}")))?;
+    Api::<NodeClass>::all(ctx.client.clone())
+        .patch(
+            &nc.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await?;
     Ok(())
+}
+
+async fn event(ctx: &Context, nc: &NodeClass, reason: &str, note: &str) {
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: reason.to_string(),
+        note: Some(note.to_string()),
+        action: "ProtectInUse".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &nc.object_ref(&())).await {
+        tracing::debug!(error = %e, "cannot publish event");
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,14 @@
 //! Consecutive machine failures slow launches down exponentially (see [`crate::backoff`]):
 //! while the backoff is active, nothing is launched before the next attempt is due, and then
 //! one machine at a time. Scale-downs and named removals are never held.
+//!
+//! # A NodeClass that is missing or being deleted
+//!
+//! Nothing is created while the template's NodeClass does not exist (or is being deleted): a
+//! Node created then could never get a machine, yet every user and controller of the cluster
+//! would see it in `kubectl get nodes` as `Unknown`, and a Node of a NodeClass being deleted
+//! would hold that deletion back. Deletes and adoption go on; creates start when the class
+//! (re)appears, since a NodeClass event requeues the NodeSets naming it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -118,6 +126,8 @@ pub struct Desired {
     pub min_ready: SignedDuration,
     /// The current NodeClass generation, when the class exists.
     pub class_generation: Option<i64>,
+    /// Whether the NodeClass exists and is not being deleted: only then are Nodes created.
+    pub class_usable: bool,
     /// Seed of the `Random` delete policy.
     pub seed: u64,
     /// The NodeClass's registration timeout, when the class exists (for late Nodes).
@@ -433,8 +443,13 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
         }
     }
 
-    // Scale up, never above `replicas` counting the Nodes still being deleted.
-    out.creates = r.saturating_sub(total);
+    // Scale up, never above `replicas` counting the Nodes still being deleted, and only with a
+    // NodeClass to make machines from.
+    out.creates = if desired.class_usable {
+        r.saturating_sub(total)
+    } else {
+        0
+    };
 
     // The replacement backoff holds launches: none before the next attempt is due, then one
     // at a time (a probe whose outcome is the next step).
@@ -513,6 +528,7 @@ mod tests {
             max_unhealthy: replicas.div_ceil(2),
             min_ready: SignedDuration::ZERO,
             class_generation: Some(1),
+            class_usable: true,
             seed: 7,
             ..Desired::default()
         }
@@ -527,6 +543,20 @@ mod tests {
         let p = plan(&desired(3), &[node("a", 1)], now());
         assert_eq!(p.creates, 2);
         assert!(p.deletes.is_empty());
+    }
+
+    #[test]
+    fn nothing_is_created_without_a_usable_node_class() {
+        let d = Desired {
+            class_usable: false,
+            class_generation: None,
+            ..desired(3)
+        };
+        let p = plan(&d, &[node("a", 1)], now());
+        assert_eq!(p.creates, 0);
+        // Scaling down still works.
+        let p = plan(&Desired { replicas: 0, ..d }, &[node("a", 1)], now());
+        assert_eq!(p.deletes, vec!["a".to_string()]);
     }
 
     #[test]
@@ -857,6 +887,7 @@ mod tests {
                         max_unhealthy,
                         min_ready: SignedDuration::ZERO,
                         class_generation: Some(2),
+                        class_usable: true,
                         seed,
                         ..Desired::default()
                     };
@@ -1066,6 +1097,17 @@ mod tests {
                     prop_assert!(victim_order(d.delete_policy, d.seed, v, s) != std::cmp::Ordering::Greater);
                 }
             }
+        }
+
+        #[test]
+        fn no_creates_without_a_usable_class_else_the_same_plan((d, kids) in arb_case()) {
+            let with = plan(&d, &kids, now());
+            let without = plan(&Desired { class_usable: false, ..d.clone() }, &kids, now());
+            prop_assert_eq!(without.creates, 0);
+            // Everything but the creates is planned as with the class.
+            prop_assert_eq!(&without.deletes, &with.deletes);
+            prop_assert_eq!(&without.adopt, &with.adopt);
+            prop_assert_eq!(&without.release, &with.release);
         }
 
         #[test]

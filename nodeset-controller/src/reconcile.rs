@@ -301,8 +301,16 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
 
     // Look up and validate.
     let class_name = &ns.spec.template.spec.node_class_name;
+    // "No such NodeClass" must come from a listed cache, not an empty one.
+    match tokio::time::timeout(CACHE_WAIT, ctx.classes.wait_until_ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => {
+            return Err(Error::Watch("the NodeClass cache is not ready".into()));
+        }
+    }
     let class = ctx.classes.get(&ObjectRef::new(class_name));
     let class_generation = class.as_ref().and_then(|c| c.metadata.generation);
+    let class_state = ClassState::of(class.as_deref());
     let replicas = usize::try_from(ns.spec.replicas).map_err(|_| {
         Error::InvalidSpec(format!("spec.replicas {} is negative", ns.spec.replicas))
     })?;
@@ -324,6 +332,7 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         max_unhealthy,
         min_ready,
         class_generation,
+        class_usable: class_state == ClassState::Usable,
         seed: rand::random(),
         registration_timeout: class
             .as_ref()
@@ -422,7 +431,7 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         &desired,
         &the_plan,
         create_failure.as_ref(),
-        class.is_some(),
+        class_state,
         &previous,
         now,
     );
@@ -897,12 +906,52 @@ fn backoff_message(desired: &Desired, b: &BackoffState) -> String {
 }
 
 /// The status a pass writes. Pure.
+/// Whether the template's NodeClass can make machines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ClassState {
+    /// It exists and is not being deleted.
+    Usable,
+    /// There is no such NodeClass.
+    Missing,
+    /// It is being deleted (it waits for its last Node to go).
+    Deleting,
+}
+
+impl ClassState {
+    fn of(class: Option<&NodeClass>) -> Self {
+        match class {
+            None => Self::Missing,
+            Some(c) if c.metadata.deletion_timestamp.is_some() => Self::Deleting,
+            Some(_) => Self::Usable,
+        }
+    }
+
+    /// Why creates are held back (the ReplicaFailure reason and message), while Nodes are
+    /// missing.
+    fn hold_reason(self, class: &str, missing_nodes: bool) -> Option<(String, String)> {
+        if !missing_nodes {
+            return None;
+        }
+        match self {
+            Self::Usable => None,
+            Self::Missing => Some((
+                "NodeClassNotFound".into(),
+                format!("NodeClass {class} does not exist: no Nodes are created until it does"),
+            )),
+            Self::Deleting => Some((
+                "NodeClassDeleting".into(),
+                format!("NodeClass {class} is being deleted: no Nodes are created from it"),
+            )),
+        }
+    }
+}
+
 pub(crate) fn build_status(
     ns: &NodeSet,
     desired: &Desired,
     p: &Plan,
     create_failure: Option<&Failure>,
-    class_exists: bool,
+    class_state: ClassState,
     previous: &NodeSetStatus,
     now: Timestamp,
 ) -> NodeSetStatus {
@@ -930,7 +979,10 @@ pub(crate) fn build_status(
         generation,
         now,
     );
-    let failure = if let Some(f) = create_failure {
+    let class = &ns.spec.template.spec.node_class_name;
+    let failure = if let Some(why) = class_state.hold_reason(class, desired.replicas > c.replicas) {
+        Some(why)
+    } else if let Some(f) = create_failure {
         Some((f.reason.clone(), f.message.clone()))
     } else if !p.refused_removals.is_empty() {
         Some((
@@ -1019,8 +1071,7 @@ pub(crate) fn build_status(
             now,
         )
     };
-    let class = &ns.spec.template.spec.node_class_name;
-    let outdated = if !class_exists {
+    let outdated = if class_state == ClassState::Missing {
         condition(
             prev,
             OUTDATED_CONDITION,
@@ -1274,6 +1325,7 @@ mod tests {
             max_unhealthy: 1,
             min_ready: SignedDuration::ZERO,
             class_generation: Some(1),
+            class_usable: true,
             seed: 0,
             ..Desired::default()
         };
@@ -1288,9 +1340,17 @@ mod tests {
         };
         let t = Timestamp::from_second(1_700_000_000).expect("time");
         let none = NodeSetStatus::default();
-        let one = build_status(&ns, &desired, &counts(1), None, true, &none, t);
-        let two = build_status(&ns, &desired, &counts(2), None, true, &one, t);
-        let three = build_status(&ns, &desired, &counts(3), None, true, &two, t);
+        let one = build_status(
+            &ns,
+            &desired,
+            &counts(1),
+            None,
+            ClassState::Usable,
+            &none,
+            t,
+        );
+        let two = build_status(&ns, &desired, &counts(2), None, ClassState::Usable, &one, t);
+        let three = build_status(&ns, &desired, &counts(3), None, ClassState::Usable, &two, t);
         assert!(
             !only_counts_changed(&none, &one),
             "the first status is written at once"
@@ -1318,6 +1378,7 @@ mod tests {
             max_unhealthy: 1,
             min_ready: SignedDuration::ZERO,
             class_generation: Some(1),
+            class_usable: true,
             seed: 0,
             ..Desired::default()
         };
@@ -1332,7 +1393,15 @@ mod tests {
         };
         let t0 = Timestamp::from_second(1_700_000_000).expect("time");
         let t1 = Timestamp::from_second(1_700_000_100).expect("time");
-        let s0 = build_status(&ns, &desired, &p, None, true, &NodeSetStatus::default(), t0);
+        let s0 = build_status(
+            &ns,
+            &desired,
+            &p,
+            None,
+            ClassState::Usable,
+            &NodeSetStatus::default(),
+            t0,
+        );
         assert!(condition_true(&s0, READY_CONDITION));
         assert_eq!(s0.selector.as_deref(), Some("pool=w"));
         assert_eq!(s0.observed_generation, Some(3));
@@ -1342,7 +1411,7 @@ mod tests {
                 .all(|c| c.observed_generation == Some(3))
         );
         // Nothing changed but time: the same status, so no write.
-        let s1 = build_status(&ns, &desired, &p, None, true, &s0, t1);
+        let s1 = build_status(&ns, &desired, &p, None, ClassState::Usable, &s0, t1);
         assert_eq!(s0, s1);
         // A failing Node: ReplicaFailure carries the provider's reason.
         p.failure = Some((
@@ -1353,7 +1422,7 @@ mod tests {
             1,
         ));
         p.counts.ready = 1;
-        let s2 = build_status(&ns, &desired, &p, None, true, &s1, t1);
+        let s2 = build_status(&ns, &desired, &p, None, ClassState::Usable, &s1, t1);
         let rf = s2
             .conditions
             .iter()

@@ -1693,6 +1693,8 @@ const NEEDED: &[Check] = &[
     ("patch", "", "nodes/status", None, None),
     ("list", "kube-node.io", "nodeclasses", None, None),
     ("watch", "kube-node.io", "nodeclasses", None, None),
+    // The in-use finalizer.
+    ("patch", "kube-node.io", "nodeclasses", None, None),
     ("patch", "kube-node.io", "nodeclasses/status", None, None),
     ("get", "kube-node.io", "nodesets", None, None),
     ("list", "kube-node.io", "nodesets", None, None),
@@ -2087,5 +2089,130 @@ async fn a_node_set_whose_machines_never_register_backs_off_exponentially() {
     .await;
     delete_class_and_wait(&client, &class_name).await;
     drop(kn);
+    env.finish().await;
+}
+
+/// Runs a shell command line in the repository root with the scenario's kubeconfig, as a user
+/// would type it; panics with its output when it fails.
+fn sh(env: &Env, line: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(line)
+        .current_dir(repo_root())
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("PATH", {
+            // `kube-node` on the PATH, as after `cargo install` (the README uses `cargo run`).
+            let bin = kube_node_bin();
+            let dir = bin.parent().expect("bin dir").to_path_buf();
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::join_paths(std::iter::once(dir).chain(std::env::split_paths(&path)))
+                .expect("PATH")
+        })
+        .output()
+        .expect("sh runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "`{line}` failed:\n{text}");
+    text
+}
+
+/// The README's quick start on a cluster, exactly as spelled there: `kube-node crds | kubectl
+/// apply -f -` then `kube-node run` with nothing but KUBECONFIG, on a cluster where nothing
+/// created kube-node-system (the Lease's default namespace) — then the README's "Using it on a
+/// cluster" steps: the simulated NodeClass and one Node, which becomes Ready and goes again.
+#[tokio::test]
+async fn the_readme_quick_start_works_on_a_fresh_cluster() {
+    let Some(env) = setup("quickstart").await else {
+        return;
+    };
+    let client = env.client.clone();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    // Fresh as far as kube-node is concerned: no kube-node-system.
+    if namespaces
+        .get_opt("kube-node-system")
+        .await
+        .expect("get namespace")
+        .is_some()
+    {
+        let _ = namespaces
+            .delete("kube-node-system", &DeleteParams::default())
+            .await;
+        eventually("kube-node-system gone", Duration::from_secs(120), || {
+            let namespaces = namespaces.clone();
+            async move { matches!(namespaces.get_opt("kube-node-system").await, Ok(None)) }
+        })
+        .await;
+    }
+
+    sh(&env, "kube-node crds | kubectl apply -f -");
+    // `kube-node run`, no flags: the metrics port comes from the environment only so that it
+    // does not collide with other processes on this machine.
+    let port = free_port();
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let log = env.dir.path().join("kube-node-quickstart.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let child = std::process::Command::new(kube_node_bin())
+        .arg("run")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("KUBE_NODE_METRICS_ADDR", metrics.to_string())
+        .env_remove("POD_NAMESPACE")
+        .env_remove("POD_NAME")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .expect("kube-node run starts");
+    let mut kn = KubeNode::adopt("quickstart", metrics, log, child);
+    kn.wait_ready().await;
+    kn.wait_leading(Duration::from_secs(60)).await;
+    assert!(
+        kn.output()
+            .contains("created the namespace of the leader Lease"),
+        "{}",
+        kn.tail(40)
+    );
+    assert!(
+        lease_holder(&client, "kube-node-system", "kube-node")
+            .await
+            .is_some(),
+        "the Lease is held"
+    );
+
+    sh(&env, "kubectl apply -f examples/nodeclass-simulated.yaml");
+    sh(&env, "kubectl create -f examples/node.yaml");
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually("worker-1 Ready", READY_TIMEOUT, || {
+        let nodes = nodes.clone();
+        async move {
+            nodes
+                .get_opt("worker-1")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|n| is_ready(&n))
+        }
+    })
+    .await;
+    sh(&env, "kubectl delete node worker-1 --wait=false");
+    eventually("worker-1 gone", GONE_TIMEOUT, || {
+        let nodes = nodes.clone();
+        async move { matches!(nodes.get_opt("worker-1").await, Ok(None)) }
+    })
+    .await;
+    // The in-use protection lets the class go once its Node is gone.
+    sh(&env, "kubectl delete nodeclass simulated --wait=false");
+    let classes: Api<NodeClass> = Api::all(client.clone());
+    eventually("NodeClass simulated gone", GONE_TIMEOUT, || {
+        let classes = classes.clone();
+        async move { matches!(classes.get_opt("simulated").await, Ok(None)) }
+    })
+    .await;
+    let output = kn.output();
+    assert!(!output.contains("cannot lead"), "{}", kn.tail(40));
+    assert!(!output.contains('\u{1b}'), "no colour codes in a log file");
+    kn.kill();
     env.finish().await;
 }

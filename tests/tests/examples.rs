@@ -77,3 +77,156 @@ fn every_example_manifest_parses_into_its_type() {
         );
     }
 }
+
+fn repo_file(path: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn the_aws_example_is_complete_and_its_secret_has_the_keys_the_backend_reads() {
+    let docs: Vec<serde_yaml::Value> = examples()
+        .into_iter()
+        .filter(|(f, _)| f.ends_with("nodeclass-aws.yaml"))
+        .map(|(_, d)| d)
+        .collect();
+    assert!(!docs.is_empty(), "examples/nodeclass-aws.yaml exists");
+    let class: NodeClass = docs
+        .iter()
+        .find(|d| d.get("kind").and_then(|k| k.as_str()) == Some("NodeClass"))
+        .map(|d| serde_yaml::from_value(d.clone()).expect("NodeClass"))
+        .expect("a NodeClass");
+    // Every field is spelled as the type reads it: a typo would silently be dropped.
+    let round_trip = serde_yaml::to_value(&class).expect("serialize");
+    let written = docs
+        .iter()
+        .find(|d| d.get("kind").and_then(|k| k.as_str()) == Some("NodeClass"))
+        .and_then(|d| d.get("spec"))
+        .expect("spec");
+    assert_eq!(
+        round_trip.get("spec").and_then(|s| s.get("provider")),
+        written.get("provider"),
+        "every provider field is known to the type"
+    );
+    let aws = class.spec.provider.aws.as_ref().expect("spec.provider.aws");
+    assert!(!aws.region.is_empty() && !aws.subnet_ids.is_empty());
+    assert!(aws.ami.is_some() || aws.ami_ssm_parameter.is_some());
+    let secret_ref = class
+        .spec
+        .credentials_secret_ref
+        .as_ref()
+        .expect("credentialsSecretRef");
+    // kube-node may read Secrets only in its own namespace (deploy/rbac.yaml).
+    assert_eq!(secret_ref.namespace, "kube-node-system");
+    let secret = docs
+        .iter()
+        .find(|d| d.get("kind").and_then(|k| k.as_str()) == Some("Secret"))
+        .expect("the credentials Secret");
+    assert_eq!(
+        secret["metadata"]["name"].as_str(),
+        Some(secret_ref.name.as_str())
+    );
+    assert_eq!(
+        secret["metadata"]["namespace"].as_str(),
+        Some(secret_ref.namespace.as_str())
+    );
+    for key in [
+        kube_node_provider_aws::ACCESS_KEY_ID_KEYS[0],
+        kube_node_provider_aws::SECRET_ACCESS_KEY_KEYS[0],
+    ] {
+        assert!(
+            secret["stringData"].get(key).is_some(),
+            "the Secret has {key}"
+        );
+    }
+}
+
+/// The README's "AWS" section: its text and its one JSON block.
+fn readme_aws_section() -> (String, serde_json::Value) {
+    let readme = repo_file("README.md");
+    let start = readme
+        .find("\n## AWS\n")
+        .expect("README has a section \"## AWS\"");
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
+    let section = rest[..end].to_string();
+    let json = section
+        .split("```json\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a ```json block");
+    let policy = serde_json::from_str(json).expect("the IAM policy is valid JSON");
+    (section, policy)
+}
+
+#[test]
+fn the_readme_aws_section_has_an_iam_policy_covering_every_call_of_the_backend() {
+    let (section, policy) = readme_aws_section();
+    assert_eq!(policy["Version"], "2012-10-17");
+    let mut actions = Vec::new();
+    for statement in policy["Statement"].as_array().expect("Statement list") {
+        assert_eq!(statement["Effect"], "Allow", "{statement}");
+        match &statement["Action"] {
+            serde_json::Value::String(a) => actions.push(a.clone()),
+            serde_json::Value::Array(a) => {
+                actions.extend(a.iter().filter_map(|x| x.as_str()).map(str::to_string))
+            }
+            other => panic!("Action {other}"),
+        }
+    }
+    assert!(
+        !actions.iter().any(|a| a.contains('*')),
+        "minimal: no wildcard actions: {actions:?}"
+    );
+    // Every AWS API the backend calls names itself in `from_sdk("Operation", ...)`; the
+    // read-back helpers for tests (inspect.rs, emulator.rs) are not part of the backend.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../providers/aws/src");
+    let mut called = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&src).expect("providers/aws/src") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if ["inspect.rs", "emulator.rs"].contains(&name) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("source");
+        for part in text.split("from_sdk(\"").skip(1) {
+            if let Some(op) = part.split('"').next() {
+                called.insert(op.to_string());
+            }
+        }
+    }
+    assert!(called.contains("RunInstances"), "{called:?}");
+    for op in &called {
+        let service = if op == "GetParameter" { "ssm" } else { "ec2" };
+        let action = format!("{service}:{op}");
+        assert!(
+            actions.contains(&action),
+            "the policy lacks {action}: {actions:?}"
+        );
+    }
+    // Tags are written by RunInstances itself (TagSpecifications), which needs CreateTags;
+    // an instance profile needs PassRole.
+    for needed in ["ec2:CreateTags", "iam:PassRole"] {
+        assert!(actions.iter().any(|a| a == needed), "{needed}");
+    }
+    let expected = called.len() + 2;
+    assert_eq!(
+        actions.len(),
+        expected,
+        "nothing beyond what is called: {actions:?}"
+    );
+    for word in [
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "examples/nodeclass-aws.yaml",
+        "credentialsSecretRef",
+        "subnetIds",
+        "instanceType",
+    ] {
+        assert!(section.contains(word), "the AWS section mentions {word}");
+    }
+}

@@ -336,6 +336,16 @@ impl KubeNode {
         }
     }
 
+    /// Adopts a `kube-node` started by the caller (its output already going to `log`).
+    pub fn adopt(identity: &str, metrics: SocketAddr, log: PathBuf, child: Child) -> Self {
+        Self {
+            identity: identity.into(),
+            metrics,
+            log,
+            child: Some(child),
+        }
+    }
+
     /// Panics (with the log's tail) if the process has exited.
     pub fn assert_running(&mut self) {
         if let Some(c) = self.child.as_mut()
@@ -561,10 +571,25 @@ pub async fn delete_node_and_wait(client: &kube::Client, name: &str, timeout: Du
     .await;
 }
 
-/// Deletes a NodeClass and waits until it is gone.
+/// Deletes a NodeClass and waits until it is gone. The in-use finalizer is kube-node's to
+/// remove once no Node uses the class; a scenario that stopped its kube-node already gets it
+/// removed here after a grace period, as an operator uninstalling kube-node would.
 pub async fn delete_class_and_wait(client: &kube::Client, name: &str) {
     let api: Api<NodeClass> = Api::all(client.clone());
     let _ = api.delete(name, &DeleteParams::default()).await;
+    for _ in 0..40 {
+        if matches!(api.get_opt(name).await, Ok(None)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+        )
+        .await;
     eventually(
         &format!("NodeClass {name} gone"),
         Duration::from_secs(60),
