@@ -61,13 +61,14 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
         },
         Err(e) => Err(e),
     };
-    let (status, reason, message) = match &result {
-        Ok(()) => (
+    let (status, reason, message) = match (&result, ctx.rejected_write(&nc)) {
+        (Ok(()), None) => (
             "True",
             "Validated",
             "the provider accepted the configuration".to_string(),
         ),
-        Err(e) => ("False", e.reason(), e.to_string()),
+        (Ok(()), Some(refused)) => ("False", NODE_WRITE_REFUSED, refused_message(&refused)),
+        (Err(e), _) => ("False", e.reason(), e.to_string()),
     };
     // A failed look at the Nodes keeps the last verdict: it must not fail the Ready condition.
     let capacity = match observe_capacity(&ctx, &nc).await {
@@ -99,6 +100,31 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
         result.as_ref().err().map(Error::reason),
     );
     Ok(Action::requeue(RESYNC))
+}
+
+/// The Ready reason of a NodeClass whose labels or taints the API server refused on a Node.
+const NODE_WRITE_REFUSED: &str = "NodeWriteRefused";
+
+fn refused_message(api_message: &str) -> String {
+    format!(
+        "the API server refused a Node write carrying this class's labels or taints: {api_message}"
+    )
+}
+
+/// Puts a refused Node write (422) on the NodeClass's Ready condition at once; the next
+/// reconcile of the class keeps it there until the class's generation changes.
+pub(crate) async fn report_rejected_write(ctx: &Context, nc: &NodeClass) -> Result<(), Error> {
+    let Some(refused) = ctx.rejected_write(nc) else {
+        return Ok(());
+    };
+    write_ready(
+        ctx,
+        nc,
+        "False",
+        NODE_WRITE_REFUSED,
+        &refused_message(&refused),
+    )
+    .await
 }
 
 pub(crate) fn error_policy(nc: Arc<NodeClass>, err: &Error, ctx: Arc<Context>) -> Action {
