@@ -258,7 +258,16 @@ where
     let ar = ApiResource::erase::<K>(&());
     let api = Api::<DynamicObject>::all_with(client, &ar);
     watcher(api, config)
-        .map_ok(move |event| decode_event(event, decoder, &invalid, report.as_ref()))
+        .map_ok(move |event| {
+            // Items of a list may come without their type; the decoder wants it.
+            let event = event.modify(|o| {
+                o.types.get_or_insert_with(|| kube::api::TypeMeta {
+                    api_version: ar.api_version.clone(),
+                    kind: ar.kind.clone(),
+                });
+            });
+            decode_event(event, decoder, &invalid, report.as_ref())
+        })
         .try_filter_map(|e| futures::future::ready(Ok(e)))
 }
 
