@@ -1,4 +1,4 @@
-//! Bad input against the embedded API server (which, unlike a real one, accepts any object):
+//! The node-controller and bad input, against the embedded API server (which, unlike a real one, accepts any object):
 //! one NodeClass that does not decode must not keep any other from working, is reported on
 //! itself, and a Node write the API server refuses (422) is reported on the Node.
 
@@ -16,7 +16,7 @@ use kube_node_provider_simulated::{KubeletConfig, SimulatedCloud};
 use node_controller::{Config, Metrics};
 use serde_json::{Value, json};
 
-const CA: &str = include_str!("fixtures/ca.pem");
+const CA: &str = include_str!("../../node-controller/tests/fixtures/ca.pem");
 
 async fn eventually<F, Fut, T>(what: &str, mut f: F) -> T
 where
