@@ -117,14 +117,8 @@ pub(crate) async fn report_rejected_write(ctx: &Context, nc: &NodeClass) -> Resu
     let Some(refused) = ctx.rejected_write(nc) else {
         return Ok(());
     };
-    write_ready(
-        ctx,
-        nc,
-        "False",
-        NODE_WRITE_REFUSED,
-        &refused_message(&refused),
-    )
-    .await
+    let ready = ("False", NODE_WRITE_REFUSED, refused_message(&refused));
+    write_status(ctx, nc, ready, None).await
 }
 
 pub(crate) fn error_policy(nc: Arc<NodeClass>, err: &Error, ctx: Arc<Context>) -> Action {
