@@ -44,7 +44,7 @@ async fn wave(ctx: &Context, trigger: &UnboundedSender<ObjectRef<Node>>) {
     // The classes of the NodeClass watch: decoded one by one, so a class that does not decode
     // (set aside and reported by the watch) never stops the collection of the others, as a
     // typed list of all of them would.
-    if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
+    if ctx.classes.wait_until_ready().await.is_err() {
         return;
     }
     let classes = ctx.classes.state();
