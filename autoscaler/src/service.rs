@@ -151,6 +151,43 @@ fn node_group(ns: &NodeSet) -> NodeGroup {
 
 /// Maps a Kubernetes API error onto the gRPC code cluster-autoscaler should see: it retries
 /// every failed call in its next loop, so conflicts and overload are only "try again".
+/// Lists every object of a kind and decodes each one alone: an object the types cannot hold
+/// (kept from an older, looser schema) is skipped, never failing the whole answer to the
+/// autoscaler; the controllers report it on the object itself.
+async fn list_valid<K>(
+    client: &Client,
+    decode: fn(serde_json::Value) -> Result<K, kube_node_crds::InvalidSpec>,
+) -> Result<Vec<K>, kube::Error>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let ar = kube::api::ApiResource::erase::<K>(&());
+    let list = Api::<kube::api::DynamicObject>::all_with(client.clone(), &ar)
+        .list(&ListParams::default())
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|mut o| {
+            o.types.get_or_insert_with(|| kube::api::TypeMeta {
+                api_version: ar.api_version.clone(),
+                kind: ar.kind.clone(),
+            });
+            let name = o.name_any();
+            match serde_json::to_value(&o)
+                .map_err(|e| kube_node_crds::InvalidSpec::one("spec", e.to_string()))
+                .and_then(decode)
+            {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    warn!(kind = %ar.kind, name = %name, error = %e, "skipped an invalid object");
+                    None
+                }
+            }
+        })
+        .collect())
+}
+
 pub(crate) fn kube_status(e: kube::Error) -> Status {
     match &e {
         kube::Error::Api(s) => match s.code {
@@ -286,13 +323,10 @@ impl CloudProvider for NodeSetCloudProvider {
         &self,
         _: Request<NodeGroupsRequest>,
     ) -> Result<Response<NodeGroupsResponse>, Status> {
-        let list = self
-            .nodesets()
-            .list(&ListParams::default())
+        let list = list_valid(&self.client, NodeSet::decode_and_validate)
             .await
             .map_err(kube_status)?;
         let mut node_groups: Vec<NodeGroup> = list
-            .items
             .iter()
             .filter(|ns| ns.spec.autoscaling_enabled())
             .map(node_group)
@@ -362,12 +396,10 @@ impl CloudProvider for NodeSetCloudProvider {
         &self,
         _: Request<GetAvailableGpuTypesRequest>,
     ) -> Result<Response<GetAvailableGpuTypesResponse>, Status> {
-        let classes: Api<NodeClass> = Api::all(self.client.clone());
-        let list = classes
-            .list(&ListParams::default())
+        let list = list_valid(&self.client, NodeClass::decode_and_validate)
             .await
             .map_err(kube_status)?;
-        let gpu_types = template::gpu_types(&list.items)
+        let gpu_types = template::gpu_types(&list)
             .into_iter()
             .map(|t| (t, prost_types::Any::default()))
             .collect();
@@ -394,9 +426,7 @@ impl CloudProvider for NodeSetCloudProvider {
             .list(&ListParams::default())
             .await
             .map_err(kube_status)?;
-        let nodesets = self
-            .nodesets()
-            .list(&ListParams::default())
+        let nodesets = list_valid(&self.client, NodeSet::decode_and_validate)
             .await
             .map_err(kube_status)?;
         let mut snap = Snapshot::default();
@@ -407,7 +437,7 @@ impl CloudProvider for NodeSetCloudProvider {
             }
             snap.nodes.insert(name, node);
         }
-        for ns in nodesets.items {
+        for ns in nodesets {
             snap.nodesets.insert(ns.name_any(), ns);
         }
         *self

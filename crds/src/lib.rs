@@ -1,15 +1,18 @@
 //! The `kube-node.io/v1alpha1` API.
 //!
-//! This crate owns exactly three things: the API types ([`v1alpha1::NodeClass`] and
+//! This crate owns exactly four things: the API types ([`v1alpha1::NodeClass`] and
 //! [`v1alpha1::NodeSet`]), every label, annotation, taint, finalizer and condition name the suite
-//! puts on objects ([`names`]), and the generator of the CRD YAML ([`crd_yaml`]). It depends on no
+//! puts on objects ([`names`]), the generator of the CRD YAML ([`crd_yaml`]), and what a valid
+//! object is ([`validation`]: the schema pieces and the same checks in Rust). It depends on no
 //! runtime and no cloud SDK, so anything may depend on it.
 
 pub mod names;
 pub mod v1alpha1;
+pub mod validation;
 
 pub use kube::core::Duration;
 pub use v1alpha1::{NodeClass, NodeClassSpec, NodeSet, NodeSetSpec};
+pub use validation::{FieldError, InvalidSpec};
 
 use kube::CustomResourceExt;
 

@@ -291,6 +291,10 @@ async fn run_controllers(
     let providers = provider_registry(&cloud, provider_metrics);
     let (mut node_config, mut nodeset_config) =
         controller_configs(&args.cluster_name, &args.controllers, join_endpoint(url));
+    // A leader is ready only once its watches have synced: a standby was ready when it had
+    // no controllers to run, but a leader whose NodeClass or NodeSet watch never synced serves
+    // nothing.
+    health.set_ready(false);
     let (node_synced, mut node_synced_rx) = tokio::sync::watch::channel(false);
     let (nodeset_synced, mut nodeset_synced_rx) = tokio::sync::watch::channel(false);
     node_config.synced = Some(node_synced);

@@ -620,3 +620,64 @@ async fn run_exits_with_an_error_when_another_replica_takes_the_lease() {
         "the loser leaves the other's Lease alone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_is_ready_only_once_synced_and_a_poison_nodeclass_does_not_stop_the_sync() {
+    // No CRDs: the leader's NodeClass and NodeSet watches cannot sync.
+    let apiserver = Apiserver::start_without_crds().await;
+    let mut run = Running::start(&apiserver, &LEADER_ARGS);
+    eventually(Duration::from_secs(60), "the replica to lead", || async {
+        (lease_holder(&apiserver.api).await.as_deref() == Some("cli-replica")).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "NodeClass lists that fail",
+        || async { (apiserver.api.stats().count("unknown", "get") >= 3).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        run.get("/ready").await.map(|(s, _)| s),
+        Some(503),
+        "a leader whose watches never synced is not ready"
+    );
+
+    // The CRDs come, with a NodeClass the types cannot hold (the embedded API server, unlike
+    // a real one, stores it): the watches sync anyway and the poison is counted.
+    apiserver.install_crds();
+    let poison: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "poison"},
+        "spec": {"provider": {"type": "simulated", "simulated": {"bootDelay": "forever"}}}}))
+    .expect("object");
+    Api::<kube::api::DynamicObject>::all_with(
+        apiserver.api.client(),
+        &kube::api::ApiResource::erase::<NodeClass>(&()),
+    )
+    .create(&PostParams::default(), &poison)
+    .await
+    .expect("poison stored");
+    eventually(Duration::from_secs(60), "/ready", || async {
+        run.get("/ready").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the poison counted", || async {
+        run.get("/metrics").await.filter(|(_, b)| {
+            b.lines()
+                .any(|l| l == "kube_node_invalid_objects{kind=\"NodeClass\"} 1")
+        })
+    })
+    .await;
+    let logs = run.logs();
+    assert!(
+        logs.contains("spec.provider.simulated.bootDelay"),
+        "the log names the field: {logs}"
+    );
+    let dumped: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("\"forever\"}"))
+        .collect();
+    assert!(dumped.is_empty(), "the object is dumped: {dumped:#?}");
+    run.terminate();
+    let status = run.exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status:?}\n{}", run.logs());
+}

@@ -19,6 +19,18 @@ pub enum Error {
     /// still deleted through it).
     #[error("NodeClass {0:?} is being deleted: no new machine is made from it")]
     NodeClassDeleting(String),
+    /// The API server refused (422) a write of this Node with the labels and taints it still
+    /// wants; not tried again until they change (or a long while passed).
+    #[error("the API server refused a write of this Node: {0}")]
+    WriteRefused(String),
+    /// The Node's NodeClass exists but cannot be used: it does not decode or validate.
+    #[error("NodeClass {name:?} is invalid: {message}")]
+    NodeClassInvalid {
+        /// The NodeClass.
+        name: String,
+        /// The invalid fields.
+        message: String,
+    },
     /// The NodeClass exists but its provider rejected its configuration or credentials.
     #[error("NodeClass {name:?} is not ready: {message}")]
     NodeClassNotReady {
@@ -54,9 +66,12 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
+            Self::Kube(kube::Error::Api(s)) if s.code == 422 => "Invalid",
             Self::Kube(_) => "KubeApiError",
             Self::Provider(e) => e.reason(),
             Self::NodeClassNotFound(_) => "NodeClassNotFound",
+            Self::NodeClassInvalid { .. } => "NodeClassInvalid",
+            Self::WriteRefused(_) => "Invalid",
             Self::NodeClassNotReady { .. } => "NodeClassNotReady",
             Self::NodeClassDeleting(_) => "NodeClassDeleting",
             Self::CredentialsNotFound { .. } => "CredentialsNotFound",
@@ -75,8 +90,12 @@ impl Error {
                 e,
                 ProviderError::InvalidConfig(_) | ProviderError::Unauthorized(_)
             ),
+            // The API server refused the write as invalid: the same input is refused again.
+            Self::Kube(kube::Error::Api(s)) => s.code == 422,
             Self::NodeClassNotFound(_)
             | Self::NodeClassDeleting(_)
+            | Self::NodeClassInvalid { .. }
+            | Self::WriteRefused(_)
             | Self::NodeClassNotReady { .. }
             | Self::CredentialsNotFound { .. }
             | Self::NoApiServerEndpoint
@@ -136,10 +155,24 @@ mod tests {
             Error::Provider(ProviderError::InvalidConfig("x".into())),
             Error::Provider(ProviderError::Unauthorized("x".into())),
             Error::NodeClassNotFound("c".into()),
+            Error::NodeClassInvalid {
+                name: "c".into(),
+                message: "spec.labels: bad".into(),
+            },
+            Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+                code: 422,
+                message: "Node \"n\" is invalid: metadata.labels: Invalid value".into(),
+                ..Default::default()
+            }))),
         ] {
             assert_eq!(error_delay(&e, 0, &b), WAIT_FOR_CHANGE, "{e}");
         }
         let transient = Error::Provider(ProviderError::Transient("x".into()));
+        let unavailable = Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+            code: 503,
+            ..Default::default()
+        })));
+        assert_eq!(error_delay(&unavailable, 0, &b), Duration::from_secs(1));
         assert_eq!(error_delay(&transient, 0, &b), Duration::from_secs(1));
         assert_eq!(transient.reason(), "Transient");
     }

@@ -41,16 +41,13 @@ pub(crate) async fn run(
 }
 
 async fn wave(ctx: &Context, trigger: &UnboundedSender<ObjectRef<Node>>) {
-    let classes = match Api::<NodeClass>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await
-    {
-        Ok(l) => l.items,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot list nodeclasses");
-            return;
-        }
-    };
+    // The classes of the NodeClass watch: decoded one by one, so a class that does not decode
+    // (set aside and reported by the watch) never stops the collection of the others, as a
+    // typed list of all of them would.
+    if ctx.classes.wait_until_ready().await.is_err() {
+        return;
+    }
+    let classes = ctx.classes.state();
     let mut paused = false;
     for class in classes {
         paused |= collect_class(ctx, &class, trigger).await;

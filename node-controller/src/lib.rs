@@ -40,6 +40,7 @@ use kube_node_provider::{Credentials, Provider, ProviderError, ProviderRegistry,
 use kube_node_runtime::Backoff;
 
 pub use error::{Error, WAIT_FOR_CHANGE, error_delay};
+pub use kube_node_runtime::tolerant::{self, Decoder, InvalidObjects, nodeclass_decoder};
 pub use metrics::Metrics;
 pub use orphan::{OrphanDecision, select_orphans};
 
@@ -105,6 +106,15 @@ pub(crate) struct Context {
     /// NodeClasses as the watch last saw them: a Node pass reads its class here, not from the
     /// API server (a scale-up of 1000 Nodes would otherwise cost 1000+ GETs).
     pub(crate) classes: Store<NodeClass>,
+    /// NodeClasses the watch set aside because they do not decode or validate.
+    pub(crate) invalid_classes: Arc<InvalidObjects>,
+    /// Node writes the API server refused as invalid (422), by NodeClass: the class's
+    /// generation then and the API server's message. Reported on the NodeClass until its
+    /// generation changes.
+    pub(crate) rejected_writes: Mutex<HashMap<String, (i64, String)>>,
+    /// Node writes the API server refused, by Node UID: the digest of the labels and taints
+    /// they carried, the API server's message, and when.
+    refused_nodes: Mutex<HashMap<String, (u64, String, std::time::Instant)>>,
     /// Whether both caches have synced; until then a Node pass waits instead of taking a
     /// missing NodeClass for a deleted one.
     pub(crate) synced: std::sync::atomic::AtomicBool,
@@ -181,6 +191,59 @@ impl Context {
     /// The NodeClass `name` from the cache.
     pub(crate) fn node_class(&self, name: &str) -> Option<Arc<NodeClass>> {
         self.classes.get(&ObjectRef::new(name))
+    }
+
+    /// Records that the API server refused a Node write made from NodeClass `class`.
+    pub(crate) fn reject_write(&self, class: &NodeClass, message: &str) {
+        if let Ok(mut r) = self.rejected_writes.lock() {
+            r.insert(
+                class.name_any(),
+                (
+                    class.metadata.generation.unwrap_or_default(),
+                    message.to_string(),
+                ),
+            );
+        }
+    }
+
+    /// Records that the API server refused a write of Node `uid` carrying `key`.
+    pub(crate) fn refuse_write(&self, uid: &str, key: u64, message: &str) {
+        if let Ok(mut r) = self.refused_nodes.lock() {
+            r.insert(
+                uid.to_string(),
+                (key, message.to_string(), std::time::Instant::now()),
+            );
+        }
+    }
+
+    /// The API server's message if it refused this very input for Node `uid` less than
+    /// [`WAIT_FOR_CHANGE`] ago. A different input forgets the refusal.
+    pub(crate) fn refused_write(&self, uid: &str, key: u64) -> Option<String> {
+        let mut r = self.refused_nodes.lock().ok()?;
+        match r.get(uid) {
+            Some((k, message, at)) if *k == key && at.elapsed() < WAIT_FOR_CHANGE => {
+                Some(message.clone())
+            }
+            Some(_) => {
+                r.remove(uid);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The refused Node write of the current generation of `class`, if any.
+    pub(crate) fn rejected_write(&self, class: &NodeClass) -> Option<String> {
+        let mut r = self.rejected_writes.lock().ok()?;
+        let name = class.name_any();
+        let (generation, message) = r.get(&name)?.clone();
+        if generation == class.metadata.generation.unwrap_or_default() {
+            Some(message)
+        } else {
+            // The class changed: its Nodes are written again, and tell anew.
+            r.remove(&name);
+            None
+        }
     }
 
     pub(crate) fn cached_token(
@@ -380,11 +443,22 @@ pub async fn run(
         .inspect_ok(move |n| watched.add(&n.name_any()));
     let node_ctrl = Controller::for_stream(node_events, store.clone())
         .with_config(controller::Config::default().concurrency(concurrency));
-    let class_ctrl = Controller::new(
-        Api::<NodeClass>::all(client.clone()),
+    // NodeClasses are read one object at a time: a bad one is set aside and reported on
+    // itself, and never keeps the others from being seen (see `tolerant`).
+    let invalid_classes = InvalidObjects::new("NodeClass", metrics.invalid_objects("NodeClass"));
+    let (report_tx, report_rx) = futures::channel::mpsc::unbounded();
+    let (class_store, class_writer) = reflector::store::<NodeClass>();
+    let class_events = tolerant::watch(
+        client.clone(),
         watcher::Config::default(),
-    );
-    let class_store = class_ctrl.store();
+        nodeclass_decoder(),
+        invalid_classes.clone(),
+        Some(report_tx),
+    )
+    .default_backoff()
+    .reflect(class_writer)
+    .applied_objects();
+    let class_ctrl = Controller::for_stream(class_events, class_store.clone());
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -401,6 +475,9 @@ pub async fn run(
         recorder,
         nodes: store.clone(),
         classes: class_store.clone(),
+        invalid_classes: invalid_classes.clone(),
+        rejected_writes: Mutex::default(),
+        refused_nodes: Mutex::default(),
         synced: std::sync::atomic::AtomicBool::new(false),
         ca_hash: Mutex::default(),
         backoff: Backoff::default(),
@@ -444,23 +521,30 @@ pub async fn run(
     let class_nodes = store.clone();
     let mapped = queue.clone();
     let finished = queue.clone();
+    // A second NodeClass watch triggers the Nodes of a class that changed (or turned invalid:
+    // its Nodes then say so). Its set-aside objects are the first watch's to count and report.
+    let class_triggers = tolerant::watch(
+        client.clone(),
+        watcher::Config::default(),
+        nodeclass_decoder(),
+        InvalidObjects::new("NodeClass", Default::default()),
+        None,
+    )
+    .default_backoff()
+    .touched_objects();
     let nodes = node_ctrl
-        .watches(
-            Api::<NodeClass>::all(client.clone()),
-            watcher::Config::default(),
-            move |nc: NodeClass| {
-                let name = nc.name_any();
-                class_nodes
-                    .state()
-                    .into_iter()
-                    .filter(|n| n.annotations().get(NODE_CLASS_ANNOTATION) == Some(&name))
-                    .map(|n| {
-                        mapped.add(&n.name_any());
-                        ObjectRef::from_obj(n.as_ref())
-                    })
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(class_triggers, move |nc: NodeClass| {
+            let name = nc.name_any();
+            class_nodes
+                .state()
+                .into_iter()
+                .filter(|n| n.annotations().get(NODE_CLASS_ANNOTATION) == Some(&name))
+                .map(|n| {
+                    mapped.add(&n.name_any());
+                    ObjectRef::from_obj(n.as_ref())
+                })
+                .collect::<Vec<_>>()
+        })
         .reconcile_on(trigger_rx)
         .graceful_shutdown_on(stopped())
         .run(node::reconcile, node::error_policy, ctx.clone())
@@ -487,8 +571,22 @@ pub async fn run(
         });
 
     let collector = gc::run(ctx.clone(), trigger_tx, stopped());
+    let stop_reporter = stopped();
+    let reporter = tolerant::run_reporter(
+        client.clone(),
+        ctx.recorder.clone(),
+        kube::api::ApiResource::erase::<NodeClass>(&()),
+        report_rx,
+    );
+    // The reporter ends with the watch that feeds it; it must not hold the shutdown up.
+    let reporter = async move {
+        tokio::select! {
+            () = reporter => {}
+            () = stop_reporter => {}
+        }
+    };
     tracing::info!("node-controller started");
-    tokio::join!(nodes, classes, collector, synced);
+    tokio::join!(nodes, classes, collector, synced, reporter);
     tracing::info!("node-controller stopped");
     Ok(())
 }

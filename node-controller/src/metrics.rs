@@ -84,6 +84,11 @@ impl Metrics {
         self.families.reconciled(controller, secs, err);
     }
 
+    /// The count of set-aside objects of `kind` (`kube_node_invalid_objects{kind}`).
+    pub fn invalid_objects(&self, kind: &str) -> Gauge {
+        self.families.invalid_objects(kind)
+    }
+
     /// The reconcile families (`kube_node_reconcile_total`, `..._duration_seconds`,
     /// `..._errors_total`, `kube_node_workqueue_depth`), for the other controllers of the
     /// binary to record into.

@@ -89,6 +89,9 @@ struct Pass {
     name: String,
     uid: String,
     phase: Option<MachinePhase>,
+    /// A digest of the labels and taints this pass wants on the Node, once known: a write the
+    /// API server refuses (422) is not tried again until it changes.
+    want_key: Option<u64>,
 }
 
 pub(crate) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Requeue, Error> {
@@ -112,6 +115,7 @@ pub(crate) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Requ
         name,
         uid,
         phase: current_phase(&node),
+        want_key: None,
     };
     let result = reconcile_pass(&mut pass, &ctx)
         .instrument(span.clone())
@@ -140,11 +144,15 @@ pub(crate) fn error_policy(node: Arc<Node>, err: &Error, ctx: Arc<Context>) -> R
 /// yet) and a Warning event. Conflicts are only retried: they are not failures anyone must see.
 async fn record_error(pass: &mut Pass, ctx: &Context, err: &Error) {
     if matches!(err.reason(), "Conflict")
-        || matches!(err, Error::Kube(kube::Error::Api(s)) if s.code == 404 || s.code == 422)
+        || matches!(err, Error::Kube(kube::Error::Api(s)) if s.code == 404)
     {
         tracing::debug!(error = %err, "retrying after a conflicting write");
         return;
     }
+    let refused = match err {
+        Error::Kube(kube::Error::Api(s)) if s.code == 422 => Some(s.message.as_str()),
+        _ => None,
+    };
     tracing::warn!(reason = err.reason(), error = %err, "reconcile failed");
     let deleting = pass.node.metadata.deletion_timestamp.is_some();
     let phase = if deleting {
@@ -157,7 +165,27 @@ async fn record_error(pass: &mut Pass, ctx: &Context, err: &Error) {
     } else {
         pass.phase.unwrap_or(MachinePhase::Pending)
     };
-    let message = format!("{}: {err}", err.reason());
+    let message = match refused {
+        // The API server's own words: they name the field and the value it refused.
+        Some(m) => format!("Invalid: the API server refused a write of this Node: {m}"),
+        None => format!("{}: {err}", err.reason()),
+    };
+    if let Some(m) = refused
+        && let Some(class) = pass
+            .node
+            .annotations()
+            .get(NODE_CLASS_ANNOTATION)
+            .and_then(|n| ctx.node_class(n))
+    {
+        // The write carried the NodeClass's labels and taints: the class must say so too.
+        ctx.reject_write(&class, m);
+        if let Some(key) = pass.want_key {
+            ctx.refuse_write(&pass.uid, key, m);
+        }
+        if let Err(e) = crate::nodeclass::report_rejected_write(ctx, &class).await {
+            tracing::debug!(error = %e, "cannot record the refused write on the nodeclass");
+        }
+    }
     if let Err(e) = set_condition(pass, ctx, phase, &message).await {
         tracing::debug!(error = %e, "cannot record the failure on the node");
     }
@@ -210,7 +238,14 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
             }
             // Taints still go on, so nothing schedules onto a Node without a machine.
             sync_labels_and_taints(pass, ctx, None, None, false).await?;
-            return Err(Error::NodeClassNotFound(class_name.unwrap_or_default()));
+            let name = class_name.unwrap_or_default();
+            if let Some(invalid) = ctx.invalid_classes.get(&name) {
+                return Err(Error::NodeClassInvalid {
+                    name,
+                    message: invalid.to_string(),
+                });
+            }
+            return Err(Error::NodeClassNotFound(name));
         }
     };
     let provider = match ctx.provider_for(&class, false).await {
@@ -324,6 +359,13 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
             instance.as_ref(),
             observed.kubelet_ready,
         );
+        // The API server refused these very labels and taints: writing them again (and
+        // creating again) would only be refused again. Wait for the input to change.
+        let key = w.key();
+        if let Some(message) = ctx.refused_write(&pass.uid, key) {
+            return Err(Error::WriteRefused(message));
+        }
+        pass.want_key = Some(key);
         // A create and a MarkReady carry the labels and taints in their own Node write.
         if !matches!(action, Action::Create | Action::MarkReady) {
             apply_ops(pass, ctx, meta_ops(&pass.node, &w)).await?;
@@ -859,6 +901,20 @@ fn json_patch(v: serde_json::Value) -> Result<json_patch::Patch, Error> {
 
 fn node_api(ctx: &Context) -> Api<Node> {
     Api::all(ctx.client.clone())
+}
+
+impl MetaWant {
+    /// A digest of what is wanted, to recognise the same input again.
+    fn key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.labels.hash(&mut h);
+        serde_json::to_string(&self.add_taints)
+            .unwrap_or_default()
+            .hash(&mut h);
+        self.remove_unregistered.hash(&mut h);
+        h.finish()
+    }
 }
 
 /// The labels and taints a Node should carry (it may carry more).

@@ -79,7 +79,9 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
             .as_ref()
             .and_then(|s| find_condition(&s.conditions, READY_CONDITION))
             .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
-        let ready = ready.as_ref().map(|(s, r, m)| (s.as_str(), r.as_str(), m.as_str()));
+        let ready = ready
+            .as_ref()
+            .map(|(s, r, m)| (s.as_str(), r.as_str(), m.as_str()));
         let changed = write_status(&ctx, &nc, ready, None, borrow(&in_use_cond)).await?;
         if changed && in_use > 0 {
             tracing::info!(nodes = in_use, "nodeclass deletion waits for its nodes");
@@ -101,13 +103,14 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
         },
         Err(e) => Err(e),
     };
-    let (status, reason, message) = match &result {
-        Ok(()) => (
+    let (status, reason, message) = match (&result, ctx.rejected_write(&nc)) {
+        (Ok(()), None) => (
             "True",
             "Validated",
             "the provider accepted the configuration".to_string(),
         ),
-        Err(e) => ("False", e.reason(), e.to_string()),
+        (Ok(()), Some(refused)) => ("False", NODE_WRITE_REFUSED, refused_message(&refused)),
+        (Err(e), _) => ("False", e.reason(), e.to_string()),
     };
     // A failed look at the Nodes keeps the last verdict: it must not fail the Ready condition.
     let capacity = match observe_capacity(&ctx, &nc).await {
@@ -147,6 +150,36 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
         result.as_ref().err().map(Error::reason),
     );
     Ok(Action::requeue(RESYNC))
+}
+
+/// The Ready reason of a NodeClass whose labels or taints the API server refused on a Node.
+const NODE_WRITE_REFUSED: &str = "NodeWriteRefused";
+
+fn refused_message(api_message: &str) -> String {
+    format!(
+        "the API server refused a Node write carrying this class's labels or taints: {api_message}"
+    )
+}
+
+/// Puts a refused Node write (422) on the NodeClass's Ready condition at once; the next
+/// reconcile of the class keeps it there until the class's generation changes.
+pub(crate) async fn report_rejected_write(ctx: &Context, nc: &NodeClass) -> Result<(), Error> {
+    let Some(refused) = ctx.rejected_write(nc) else {
+        return Ok(());
+    };
+    let message = refused_message(&refused);
+    let ready = ("False", NODE_WRITE_REFUSED, message.as_str());
+    // The conditions list is applied whole: the InUse condition goes along, as it stands.
+    let name = nc.name_any();
+    let in_use = ctx
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| protection::uses(n, &name))
+        .count();
+    let in_use = protection::in_use_condition(nc.metadata.deletion_timestamp.is_some(), in_use);
+    write_status(ctx, nc, Some(ready), None, borrow(&in_use)).await?;
+    Ok(())
 }
 
 pub(crate) fn error_policy(nc: Arc<NodeClass>, err: &Error, ctx: Arc<Context>) -> Action {

@@ -43,6 +43,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet};
+use kube_node_runtime::tolerant::{self, InvalidObjects, nodeclass_decoder, nodeset_decoder};
 
 pub use error::Error;
 pub use metrics::Metrics;
@@ -86,7 +87,6 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let nodesets: Api<NodeSet> = Api::all(client.clone());
     let expectations = Arc::new(Expectations::default());
 
     // Nodes: one watch feeds the cache, the expectations (as events arrive, after the cache
@@ -100,10 +100,16 @@ pub async fn run(
         .inspect_ok(move |event| observer.observe_event(event))
         .touched_objects();
 
+    // NodeClasses and NodeSets are read one object at a time, so one that does not decode
+    // or validate never hides the others (see `kube_node_runtime::tolerant`). A bad NodeClass
+    // is the node-controller's to report; a bad NodeSet is reported here, on itself.
     let (class_store, class_writer) = reflector::store::<NodeClass>();
-    let class_events = watcher(
-        Api::<NodeClass>::all(client.clone()),
+    let class_events = tolerant::watch(
+        client.clone(),
         watcher::Config::default(),
+        nodeclass_decoder(),
+        InvalidObjects::new("NodeClass", Default::default()),
+        None,
     )
     .default_backoff()
     .reflect(class_writer)
@@ -113,11 +119,19 @@ pub async fn run(
     let queue = metrics.work_queue().clone();
     let (set_store, set_writer) = reflector::store::<NodeSet>();
     let watched = queue.clone();
-    let set_events = watcher(nodesets, watcher::Config::default())
-        .default_backoff()
-        .reflect(set_writer)
-        .applied_objects()
-        .inspect_ok(move |ns| watched.add(&ns.name_any()));
+    let invalid_sets = InvalidObjects::new("NodeSet", metrics.invalid_objects("NodeSet"));
+    let (report_tx, report_rx) = futures::channel::mpsc::unbounded();
+    let set_events = tolerant::watch(
+        client.clone(),
+        watcher::Config::default(),
+        nodeset_decoder(),
+        invalid_sets,
+        Some(report_tx),
+    )
+    .default_backoff()
+    .reflect(set_writer)
+    .applied_objects()
+    .inspect_ok(move |ns| watched.add(&ns.name_any()));
     let controller = Controller::for_stream(set_events, set_store)
         .with_config(controller::Config::default().concurrency(config.concurrency));
     let by_node = controller.store();
@@ -133,18 +147,25 @@ pub async fn run(
         let _ = stop_tx.send(());
     });
 
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: REPORTER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let reporter = tolerant::run_reporter(
+        client.clone(),
+        recorder.clone(),
+        kube::api::ApiResource::erase::<NodeSet>(&()),
+        report_rx,
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         nodes: node_store,
         classes: class_store,
         expectations,
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: REPORTER.to_string(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        ),
+        recorder,
         metrics,
         config,
         failures: Mutex::new(HashMap::new()),
@@ -199,6 +220,7 @@ pub async fn run(
     tokio::select! {
         () = controller => {}
         () = async { synced.await; std::future::pending::<()>().await } => {}
+        () = async { reporter.await; std::future::pending::<()>().await } => {}
     }
     Ok(())
 }

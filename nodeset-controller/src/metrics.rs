@@ -74,6 +74,11 @@ impl Metrics {
     }
 
     /// The NodeSet controller's work queue.
+    /// The count of set-aside objects of `kind` (`kube_node_invalid_objects{kind}`).
+    pub fn invalid_objects(&self, kind: &str) -> prometheus_client::metrics::gauge::Gauge {
+        self.families.invalid_objects(kind)
+    }
+
     pub fn work_queue(&self) -> &WorkQueue {
         &self.queue
     }

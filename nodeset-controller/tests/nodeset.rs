@@ -849,10 +849,14 @@ async fn a_selector_not_matching_the_template_creates_nothing() {
     let mut ns = nodeset("bad", 3, json!({}));
     ns.spec.selector.match_labels = Some([("pool".to_string(), "nope".to_string())].into());
     create_nodeset(&env.client, &ns).await;
+    // Set aside by the watch before any reconcile: reported as Ready=False, InvalidSpec.
     eventually("InvalidSpec condition", || async {
         let ns = get_ns(&env.client, "bad").await;
-        cond(&ns, REPLICA_FAILURE_CONDITION)
-            .is_some_and(|c| c.status == "True" && c.reason == "InvalidSpec")
+        cond(&ns, READY_CONDITION).is_some_and(|c| {
+            c.status == "False"
+                && c.reason == "InvalidSpec"
+                && c.message.contains("spec.template.metadata.labels")
+        })
     })
     .await;
     assert_eq!(env.api.stats().count("nodes", "create"), 0);

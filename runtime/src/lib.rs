@@ -9,12 +9,15 @@
 //! - [`backoff`]: the per-object exponential backoff of the error policies;
 //! - [`events`]: the uncached writer of Normal transition events;
 //! - [`client`]: a Kubernetes client behind its own client-side token bucket (QPS and burst),
-//!   one per controller.
+//!   one per controller;
+//! - [`tolerant`]: NodeClass and NodeSet watches that decode one object at a time, setting
+//!   aside (and reporting on itself) any object the types cannot hold.
 
 pub mod backoff;
 pub mod client;
 pub mod events;
 pub mod metrics;
+pub mod tolerant;
 
 pub use backoff::Backoff;
 pub use client::{RateLimitLayer, TokenBucket, limited_client};

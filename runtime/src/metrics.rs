@@ -23,6 +23,7 @@ pub struct ReconcileFamilies {
     duration: Family<SharedLabels, Histogram, fn() -> Histogram>,
     errors: Family<SharedLabels, Counter>,
     queue_depth: Family<SharedLabels, Gauge>,
+    invalid_objects: Family<SharedLabels, Gauge>,
     queues: Arc<Mutex<HashMap<String, WorkQueue>>>,
 }
 
@@ -33,6 +34,7 @@ impl Default for ReconcileFamilies {
             duration: Family::new_with_constructor(reconcile_histogram),
             errors: Family::default(),
             queue_depth: Family::default(),
+            invalid_objects: Family::default(),
             queues: Arc::default(),
         }
     }
@@ -61,6 +63,18 @@ impl ReconcileFamilies {
             "Objects waiting for a reconcile (triggered, not yet started) by controller",
             self.queue_depth.clone(),
         );
+        registry.register(
+            "kube_node_invalid_objects",
+            "NodeClasses and NodeSets set aside because they do not decode or validate, by kind",
+            self.invalid_objects.clone(),
+        );
+    }
+
+    /// The count of set-aside objects of `kind` (`NodeClass`, `NodeSet`).
+    pub fn invalid_objects(&self, kind: &str) -> Gauge {
+        self.invalid_objects
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .clone()
     }
 
     /// Records one reconcile of `controller`; `err` is the failure's bounded reason.

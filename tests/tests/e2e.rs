@@ -152,6 +152,75 @@ async fn crds_install_and_the_api_server_rejects_invalid_objects_naming_the_fiel
     env.finish().await;
 }
 
+/// Every manifest of the table in `crds/tests/data/manifests.yaml` (the same table the unit
+/// tests run through the schema and the controllers' decoder): each invalid one is refused by
+/// the real API server with 422 naming its field; each valid one is accepted.
+#[tokio::test]
+async fn the_api_server_rejects_every_invalid_manifest_of_the_table_naming_its_field() {
+    let Some(env) = setup("table").await else {
+        return;
+    };
+    let table: serde_json::Value =
+        serde_yaml::from_str(include_str!("../../crds/tests/data/manifests.yaml"))
+            .expect("manifests.yaml");
+    let api_for = |kind: &str| -> Api<kube::api::DynamicObject> {
+        let ar = if kind == "NodeClass" {
+            kube::api::ApiResource::erase::<NodeClass>(&())
+        } else {
+            kube::api::ApiResource::erase::<NodeSet>(&())
+        };
+        Api::all_with(env.client.clone(), &ar)
+    };
+    let named = |object: &serde_json::Value| -> kube::api::DynamicObject {
+        let mut object = object.clone();
+        let name = format!(
+            "{}-{}",
+            object["metadata"]["name"].as_str().unwrap_or("x"),
+            env.id
+        );
+        object["metadata"] = json!({"name": name, "labels": {SUITE_LABEL: "true"}});
+        serde_json::from_value(object).expect("object")
+    };
+    let mut failures = Vec::new();
+    let cases = table["invalid"].as_array().expect("invalid cases");
+    for case in cases {
+        let field = case["field"].as_str().expect("field");
+        let object = &case["object"];
+        let api = api_for(object["kind"].as_str().expect("kind"));
+        match api.create(&PostParams::default(), &named(object)).await {
+            Ok(created) => {
+                failures.push(format!("{}: accepted", case["case"]));
+                let _ = api
+                    .delete(&created.name_any(), &DeleteParams::default())
+                    .await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains(field) => {
+                eprintln!("{}: {}", case["case"], e.message);
+            }
+            Err(e) => failures.push(format!(
+                "{}: expected 422 naming {field}: {e}",
+                case["case"]
+            )),
+        }
+    }
+    for object in table["valid"].as_array().expect("valid") {
+        let api = api_for(object["kind"].as_str().expect("kind"));
+        let obj = named(object);
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => {
+                let _ = api.delete(&obj.name_any(), &DeleteParams::default()).await;
+            }
+            Err(e) => failures.push(format!("{}: refused: {e}", obj.name_any())),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    eprintln!(
+        "{} invalid manifests rejected naming their field",
+        cases.len()
+    );
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn a_node_that_names_a_node_class_is_accepted_by_a_real_api_server() {
     let Some(env) = setup("shape").await else {

@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct NodeTaint {
     /// The taint key, a qualified name such as `dedicated` or `example.com/gpu`.
-    #[schemars(length(min = 1, max = 316))]
+    #[schemars(schema_with = "crate::validation::qualified_name")]
     pub key: String,
-    /// The taint value (optional).
+    /// The taint value (optional): at most 63 letters, digits, `-`, `_` and `.`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 63))]
+    #[schemars(schema_with = "crate::validation::label_value")]
     pub value: Option<String>,
     /// The effect on pods that do not tolerate the taint.
     pub effect: TaintEffect,
@@ -57,10 +57,10 @@ impl NodeTaint {
 #[serde(rename_all = "camelCase")]
 pub struct SecretReference {
     /// The Secret's namespace.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(schema_with = "crate::validation::dns1123_label")]
     pub namespace: String,
     /// The Secret's name.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(schema_with = "crate::validation::dns1123_subdomain")]
     pub name: String,
 }
 
@@ -69,24 +69,27 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
     conditions.iter().find(|c| c.type_ == type_)
 }
 
-/// Schema of a label map as the API server knows it: values are at most 63 characters. The
-/// bounds also keep the CEL rules that compare labels within the API server's cost budget.
-pub(crate) fn label_map_schema(
-    max: u32,
-) -> impl Fn(&mut schemars::SchemaGenerator) -> schemars::Schema {
-    move |_| {
-        schemars::json_schema!({
-            "type": "object",
-            "maxProperties": max,
-            "additionalProperties": {"type": "string", "maxLength": 63}
-        })
+impl NodeTaint {
+    /// Checks the taint as the API server would check it on a Node.
+    pub(crate) fn check(&self, field: &str, errors: &mut crate::validation::Errors) {
+        use crate::validation::{check_label_value, check_qualified_name};
+        errors.check(format_args!("{field}.key"), check_qualified_name(&self.key));
+        if let Some(v) = &self.value {
+            errors.check(format_args!("{field}.value"), check_label_value(v));
+        }
     }
 }
 
-pub(crate) fn labels_16(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    label_map_schema(16)(g)
-}
-
-pub(crate) fn labels_32(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    label_map_schema(32)(g)
+/// Checks every key and value of a label map.
+pub(crate) fn check_labels<'a>(
+    field: &str,
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+    errors: &mut crate::validation::Errors,
+) {
+    use crate::validation::{check_label_value, check_qualified_name};
+    for (k, v) in labels {
+        let f = format!("{field}[{:?}]", super::nodeclass::short(k));
+        errors.check(&f, check_qualified_name(k));
+        errors.check(&f, check_label_value(v));
+    }
 }

@@ -12,6 +12,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{NodeTaint, SecretReference};
+use crate::validation::{
+    Errors, InvalidSpec, check_dns1123_label, check_dns1123_subdomain, check_endpoint,
+    check_env_name, check_label_value, check_qualified_name, check_quantity, check_url,
+};
 
 /// How to make a machine for a Node: the provider and its configuration, the credentials, what
 /// every Node of the class carries, and how the machine joins the cluster.
@@ -53,7 +57,7 @@ pub struct NodeClassSpec {
     /// Labels put on every Node of this class (a kubelet joining an existing Node ignores its
     /// own `--node-labels`, so kube-node applies them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "super::common::labels_32")]
+    #[schemars(schema_with = "crate::validation::labels_32")]
     pub labels: BTreeMap<String, String>,
 
     /// Taints put on every Node of this class.
@@ -65,12 +69,12 @@ pub struct NodeClassSpec {
     /// (cpu, memory, pods, ephemeral-storage and extended resources such as `nvidia.com/gpu`).
     /// Used to build the autoscaler's template node and by the simulated kubelet.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(schema_with = "crate::validation::quantities")]
     pub capacity: BTreeMap<String, Quantity>,
 
     /// The allocatable resources of one machine; defaults to `capacity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(schema_with = "crate::validation::quantities_nullable")]
     pub allocatable: Option<BTreeMap<String, Quantity>>,
 
     /// How a new machine joins the cluster.
@@ -147,7 +151,7 @@ pub struct AwsProviderSpec {
     pub instance_type: String,
     /// Instance types to try, in order, when EC2 has no capacity for `instanceType`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(schema_with = "alternative_instance_types")]
     pub alternative_instance_types: Vec<String>,
     /// The AMI id (`ami-...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,11 +162,11 @@ pub struct AwsProviderSpec {
     #[schemars(length(min = 1, max = 2048))]
     pub ami_ssm_parameter: Option<String>,
     /// Subnets to launch into; machines are spread across them (and so their zones).
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(schema_with = "subnet_ids")]
     pub subnet_ids: Vec<String>,
     /// Security groups of the machines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(schema_with = "security_group_ids")]
     pub security_group_ids: Vec<String>,
     /// The IAM instance profile name or ARN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,11 +184,12 @@ pub struct AwsProviderSpec {
     pub capacity_type: Option<AwsCapacityType>,
     /// Extra tags on every instance and volume.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 40))]
+    #[schemars(schema_with = "crate::validation::aws_tags")]
     pub tags: BTreeMap<String, String>,
-    /// An EC2 endpoint URL override (for emulators and private endpoints).
+    /// An EC2 endpoint URL override (for emulators and private endpoints): an absolute
+    /// `http://` or `https://` URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 2048))]
+    #[schemars(schema_with = "crate::validation::url")]
     pub endpoint_url: Option<String>,
 }
 
@@ -223,7 +228,7 @@ pub enum AwsCapacityType {
 #[serde(rename_all = "camelCase")]
 pub struct ExecProviderSpec {
     /// The program and its arguments (no shell: user data is never interpolated).
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(schema_with = "exec_command")]
     pub command: Vec<String>,
     /// The working directory of the program.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -233,8 +238,14 @@ pub struct ExecProviderSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub env: Vec<ExecEnvVar>,
-    /// How long one operation may run before the program is killed. Default `5m`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// How long one operation may run before the program is killed, greater than zero.
+    /// Default `5m`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::positive_duration")]
     pub timeout: Option<Duration>,
     /// How many operations of this NodeClass may run at once. Default 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,16 +263,33 @@ pub struct ExecProviderSpec {
 #[x_kube(validation = Rule::new("has(self.value) != has(self.secretKey)").message("spec.provider.exec.env: set exactly one of value and secretKey").field_path(".value"))]
 pub struct ExecEnvVar {
     /// The variable's name.
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(schema_with = "crate::validation::env_name")]
     pub name: String,
     /// A plain value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
     pub value: Option<String>,
     /// A key of the NodeClass's credentials Secret whose value becomes the variable's value
     /// (redacted from everything the program prints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub secret_key: Option<String>,
+}
+
+fn alternative_instance_types(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    crate::validation::strings(16, 64, 0, 1)
+}
+
+fn subnet_ids(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    crate::validation::strings(32, 255, 1, 1)
+}
+
+fn security_group_ids(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    crate::validation::strings(16, 255, 0, 1)
+}
+
+fn exec_command(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    crate::validation::strings(64, 4096, 1, 0)
 }
 
 fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -276,31 +304,47 @@ fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schem
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SimulatedProviderSpec {
-    /// The machine type reported for every machine (label `node.kubernetes.io/instance-type`).
+    /// The machine type reported for every machine (label `node.kubernetes.io/instance-type`,
+    /// so a label value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 63))]
+    #[schemars(schema_with = "crate::validation::label_value")]
     pub instance_type: Option<String>,
-    /// Zones machines are spread across (label `topology.kubernetes.io/zone`).
+    /// Zones machines are spread across (label `topology.kubernetes.io/zone`, so label values).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(schema_with = "crate::validation::label_values_16")]
     pub zones: Vec<String>,
     /// How long a machine takes from create to a Ready kubelet, e.g. `5s`. Default `0s`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::duration")]
     pub boot_delay: Option<Duration>,
     /// How long a machine takes to disappear after delete. Default `0s`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::duration")]
     pub delete_delay: Option<Duration>,
     /// How long a new machine stays invisible to list calls (eventual consistency). Default `0s`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::duration")]
     pub list_lag: Option<Duration>,
     /// The most machines that can exist at once; creates beyond it fail with
     /// InsufficientCapacity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 4294967295u32))]
     pub capacity: Option<u32>,
     /// The account quota on machines; creates beyond it fail with QuotaExceeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 4294967295u32))]
     pub quota: Option<u32>,
     /// Faults to inject into provider calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -332,7 +376,7 @@ pub struct SimulatedFaults {
     pub transient_percent: u32,
     /// Fail exactly the Nth create call (1-based) with a Transient error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4294967295u32))]
     pub fail_create_call: Option<u32>,
 }
 
@@ -343,10 +387,16 @@ pub struct BootstrapSpec {
     /// The API server endpoint machines join, `host:port` or `https://host:port`. Defaults to
     /// the server kube-node itself talks to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(schema_with = "crate::validation::endpoint")]
     pub api_server_endpoint: Option<String>,
-    /// How long a machine's bootstrap token is valid. Default `1h`.
-    #[serde(default, rename = "tokenTTL", skip_serializing_if = "Option::is_none")]
+    /// How long a machine's bootstrap token is valid, greater than zero. Default `1h`.
+    #[serde(
+        default,
+        rename = "tokenTTL",
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::positive_duration")]
     pub token_ttl: Option<Duration>,
 }
 
@@ -355,11 +405,22 @@ pub struct BootstrapSpec {
 #[serde(rename_all = "camelCase")]
 pub struct TimeoutsSpec {
     /// How long a machine may take from create to a Ready kubelet before it is marked Failed.
-    /// Default `15m`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Greater than zero. Default `15m`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::positive_duration")]
     pub registration: Option<Duration>,
-    /// How long draining may take before the machine is deleted anyway. Default `10m`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// How long draining may take before the machine is deleted anyway, greater than zero.
+    /// Default `10m`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::positive_duration")]
     pub drain: Option<Duration>,
 }
 
@@ -415,5 +476,209 @@ impl NodeClassSpec {
     /// The allocatable resources: `allocatable` when given, else `capacity`.
     pub fn allocatable_or_capacity(&self) -> &BTreeMap<String, Quantity> {
         self.allocatable.as_ref().unwrap_or(&self.capacity)
+    }
+}
+
+impl NodeClass {
+    /// Decodes a NodeClass from its JSON and checks its spec: the one way the controllers read
+    /// NodeClasses, so an object the API server accepted under an older or looser schema
+    /// fails alone, naming its field.
+    pub fn decode_and_validate(value: serde_json::Value) -> Result<Self, InvalidSpec> {
+        let nc: Self = crate::validation::decode(value)?;
+        nc.spec.validate()?;
+        Ok(nc)
+    }
+}
+
+impl NodeClassSpec {
+    /// Checks everything the schema checks (and what a schema cannot: which provider block
+    /// goes with which type), naming each invalid field.
+    pub fn validate(&self) -> Result<(), InvalidSpec> {
+        let mut errors = Errors::default();
+        self.provider.check(&mut errors);
+        if let Some(r) = &self.credentials_secret_ref {
+            errors.check(
+                "spec.credentialsSecretRef.namespace",
+                check_dns1123_label(&r.namespace),
+            );
+            errors.check(
+                "spec.credentialsSecretRef.name",
+                check_dns1123_subdomain(&r.name),
+            );
+        }
+        super::common::check_labels("spec.labels", &self.labels, &mut errors);
+        for (i, t) in self.taints.iter().enumerate() {
+            t.check(&format!("spec.taints[{i}]"), &mut errors);
+        }
+        check_quantities("spec.capacity", &self.capacity, &mut errors);
+        if let Some(a) = &self.allocatable {
+            check_quantities("spec.allocatable", a, &mut errors);
+        }
+        if let Some(b) = &self.bootstrap {
+            if let Some(e) = &b.api_server_endpoint {
+                errors.check("spec.bootstrap.apiServerEndpoint", check_endpoint(e));
+            }
+            check_positive("spec.bootstrap.tokenTTL", b.token_ttl, &mut errors);
+        }
+        if let Some(t) = &self.timeouts {
+            check_positive("spec.timeouts.registration", t.registration, &mut errors);
+            check_positive("spec.timeouts.drain", t.drain, &mut errors);
+        }
+        errors.finish()
+    }
+}
+
+impl ProviderSpec {
+    fn check(&self, errors: &mut Errors) {
+        let blocks = [
+            (ProviderType::Simulated, self.simulated.is_some()),
+            (ProviderType::Aws, self.aws.is_some()),
+            (ProviderType::Exec, self.exec.is_some()),
+        ];
+        for (ty, set) in blocks {
+            let field = format!("spec.provider.{}", ty.as_str());
+            if set && ty != self.type_ {
+                errors.check(
+                    &field,
+                    Err(format!(
+                        "may be set only when spec.provider.type is {}",
+                        ty.as_str()
+                    )),
+                );
+            }
+        }
+        if self.type_ == ProviderType::Aws && self.aws.is_none() {
+            errors.check(
+                "spec.provider.aws",
+                Err("is required when spec.provider.type is aws".into()),
+            );
+        }
+        if self.type_ == ProviderType::Exec && self.exec.is_none() {
+            errors.check(
+                "spec.provider.exec",
+                Err("is required when spec.provider.type is exec".into()),
+            );
+        }
+        if let Some(s) = &self.simulated {
+            if let Some(t) = &s.instance_type {
+                errors.check("spec.provider.simulated.instanceType", check_label_value(t));
+            }
+            for (i, z) in s.zones.iter().enumerate() {
+                errors.check(
+                    format_args!("spec.provider.simulated.zones[{i}]"),
+                    check_label_value(z),
+                );
+            }
+            if let Some(f) = &s.faults {
+                for (field, v) in [
+                    (
+                        "insufficientCapacityPercent",
+                        f.insufficient_capacity_percent,
+                    ),
+                    ("throttlePercent", f.throttle_percent),
+                    ("transientPercent", f.transient_percent),
+                ] {
+                    if v > 100 {
+                        errors.check(
+                            format_args!("spec.provider.simulated.faults.{field}"),
+                            Err("must be a percentage between 0 and 100".into()),
+                        );
+                    }
+                }
+                if f.fail_create_call == Some(0) {
+                    errors.check(
+                        "spec.provider.simulated.faults.failCreateCall",
+                        Err("must be at least 1".into()),
+                    );
+                }
+            }
+        }
+        if let Some(a) = &self.aws {
+            if a.ami.is_some() == a.ami_ssm_parameter.is_some() {
+                errors.check(
+                    "spec.provider.aws.ami",
+                    Err("set exactly one of ami and amiSsmParameter".into()),
+                );
+            }
+            if a.subnet_ids.is_empty() {
+                errors.check(
+                    "spec.provider.aws.subnetIds",
+                    Err("at least one subnet is required".into()),
+                );
+            }
+            if let Some(u) = &a.endpoint_url {
+                errors.check("spec.provider.aws.endpointUrl", check_url(u));
+            }
+            for k in a.tags.keys() {
+                if k.is_empty() || k.len() > 128 || k.starts_with("aws:") {
+                    errors.check(
+                        format_args!("spec.provider.aws.tags[{:?}]", short(k)),
+                        Err(
+                            "tag keys must be 1 to 128 characters and must not start with aws:"
+                                .into(),
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(e) = &self.exec {
+            if e.command.is_empty() || e.command[0].is_empty() {
+                errors.check(
+                    "spec.provider.exec.command",
+                    Err("must name a program".into()),
+                );
+            }
+            for (i, v) in e.env.iter().enumerate() {
+                errors.check(
+                    format_args!("spec.provider.exec.env[{i}].name"),
+                    check_env_name(&v.name),
+                );
+                if v.value.is_some() == v.secret_key.is_some() {
+                    errors.check(
+                        format_args!("spec.provider.exec.env[{i}]"),
+                        Err("set exactly one of value and secretKey".into()),
+                    );
+                }
+            }
+            check_positive("spec.provider.exec.timeout", e.timeout, errors);
+            if let Some(c) = e.max_concurrency
+                && !(1..=256).contains(&c)
+            {
+                errors.check(
+                    "spec.provider.exec.maxConcurrency",
+                    Err("must be between 1 and 256".into()),
+                );
+            }
+        }
+    }
+}
+
+/// A map key as it appears in a field path: long keys are cut, so an error message stays
+/// short whatever the object holds.
+pub(crate) fn short(k: &str) -> String {
+    if k.len() <= 64 {
+        return k.to_string();
+    }
+    let mut end = 64;
+    while !k.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &k[..end])
+}
+
+fn check_quantities(field: &str, map: &BTreeMap<String, Quantity>, errors: &mut Errors) {
+    for (k, v) in map {
+        errors.check(
+            format_args!("{field}[{:?}]", short(k)),
+            check_qualified_name(k).and_then(|()| check_quantity(&v.0)),
+        );
+    }
+}
+
+fn check_positive(field: &str, d: Option<Duration>, errors: &mut Errors) {
+    if let Some(d) = d
+        && std::time::Duration::from(d).is_zero()
+    {
+        errors.check(field, Err("must be a duration greater than zero".into()));
     }
 }

@@ -12,6 +12,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::NodeTaint;
+use crate::validation::{
+    Errors, InvalidSpec, check_dns1123_subdomain, check_int_or_percent, check_label_value,
+    check_qualified_name,
+};
 
 /// Keeps `spec.replicas` Nodes of one NodeClass alive, as a ReplicaSet keeps pods. Each Node it
 /// creates asks the node-controller for a machine; scaling down drains and deletes machines.
@@ -95,12 +99,13 @@ pub struct NodeSetSpec {
     /// NodeSet then removes exactly these Nodes, never others. Entries are pruned once the Node
     /// is gone; names that are not Nodes of this NodeSet are refused in a condition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000))]
+    #[schemars(schema_with = "crate::validation::node_names")]
     pub remove_nodes: Vec<String>,
 
     /// How many Nodes may be unhealthy (failed, or not Ready past registration) before
     /// replacing them pauses: a count or a percentage of `replicas`, rounded up. Default `50%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::validation::int_or_percent")]
     pub max_unhealthy: Option<IntOrString>,
 
     /// How long a Node must be Ready to count as available. Default 0.
@@ -125,11 +130,22 @@ pub struct NodeSetSpec {
 #[x_kube(validation = Rule::new("!has(self.max) || duration(self.max) > duration('0s')").message("spec.replacementBackoff.max must be a positive duration").field_path(".max"))]
 #[x_kube(validation = Rule::new("!has(self.base) || !has(self.max) || duration(self.base) <= duration(self.max)").message("spec.replacementBackoff.max must not be less than spec.replacementBackoff.base").field_path(".max"))]
 pub struct ReplacementBackoff {
-    /// The wait after the first failure, a duration such as `30s`. Default `30s`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The wait after the first failure, a duration greater than zero such as `30s`.
+    /// Default `30s`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::positive_duration")]
     pub base: Option<Duration>,
-    /// The longest wait, a duration such as `30m`. Default `30m`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The longest wait, a duration greater than zero such as `30m`. Default `30m`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::positive_duration")]
     pub max: Option<Duration>,
 }
 
@@ -177,7 +193,7 @@ fn default_replicas() -> i32 {
 pub struct NodeSelector {
     /// Labels a Node must carry with exactly these values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "super::common::labels_16")]
+    #[schemars(schema_with = "crate::validation::labels_16")]
     pub match_labels: Option<BTreeMap<String, String>>,
     /// Set-based requirements, all of which must hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,13 +206,13 @@ pub struct NodeSelector {
 #[serde(rename_all = "camelCase")]
 pub struct SelectorRequirement {
     /// The label key.
-    #[schemars(length(min = 1, max = 316))]
+    #[schemars(schema_with = "crate::validation::qualified_name")]
     pub key: String,
     /// The operator.
     pub operator: SelectorOperator,
     /// The values for `In` and `NotIn`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(max = 63)))]
+    #[schemars(schema_with = "crate::validation::label_values_32")]
     pub values: Vec<String>,
 }
 
@@ -230,11 +246,11 @@ pub struct NodeTemplate {
 pub struct NodeTemplateMetadata {
     /// Labels; they must match the NodeSet's selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "super::common::labels_32")]
+    #[schemars(schema_with = "crate::validation::labels_32")]
     pub labels: Option<BTreeMap<String, String>>,
     /// Annotations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(schema_with = "crate::validation::annotations_64")]
     pub annotations: Option<BTreeMap<String, String>>,
 }
 
@@ -242,8 +258,9 @@ pub struct NodeTemplateMetadata {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeTemplateSpec {
-    /// The NodeClass that makes each Node's machine.
-    #[schemars(length(min = 1, max = 253))]
+    /// The NodeClass that makes each Node's machine (a DNS-1123 subdomain, as every
+    /// NodeClass name is).
+    #[schemars(schema_with = "crate::validation::dns1123_subdomain")]
     pub node_class_name: String,
     /// Taints put on each Node, in addition to the NodeClass's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -356,5 +373,120 @@ impl NodeSetSpec {
     /// Whether cluster-autoscaler may drive this NodeSet.
     pub fn autoscaling_enabled(&self) -> bool {
         self.min_size.is_some() && self.max_size.is_some()
+    }
+}
+
+impl NodeSet {
+    /// Decodes a NodeSet from its JSON and checks its spec (see
+    /// [`NodeClass::decode_and_validate`](super::NodeClass::decode_and_validate)).
+    pub fn decode_and_validate(value: serde_json::Value) -> Result<Self, InvalidSpec> {
+        let ns: Self = crate::validation::decode(value)?;
+        ns.spec.validate()?;
+        Ok(ns)
+    }
+}
+
+impl NodeSetSpec {
+    /// Checks everything the schema checks, naming each invalid field.
+    pub fn validate(&self) -> Result<(), InvalidSpec> {
+        let mut errors = Errors::default();
+        if !(0..=100_000).contains(&self.replicas) {
+            errors.check("spec.replicas", Err("must be between 0 and 100000".into()));
+        }
+        for (field, v) in [
+            ("spec.minSize", self.min_size),
+            ("spec.maxSize", self.max_size),
+        ] {
+            if v.is_some_and(|v| v < 0) {
+                errors.check(field, Err("must not be negative".into()));
+            }
+        }
+        if let (Some(min), Some(max)) = (self.min_size, self.max_size)
+            && min > max
+        {
+            errors.check(
+                "spec.minSize",
+                Err("must be less than or equal to spec.maxSize".into()),
+            );
+        }
+        if self.min_ready_seconds.is_some_and(|s| s < 0) {
+            errors.check("spec.minReadySeconds", Err("must not be negative".into()));
+        }
+        if let Some(m) = &self.max_unhealthy {
+            errors.check("spec.maxUnhealthy", check_int_or_percent(m));
+        }
+        if let Some(b) = &self.replacement_backoff {
+            let base = b.base.map(std::time::Duration::from);
+            let max = b.max.map(std::time::Duration::from);
+            for (field, d) in [
+                ("spec.replacementBackoff.base", base),
+                ("spec.replacementBackoff.max", max),
+            ] {
+                if d.is_some_and(|d| d.is_zero()) {
+                    errors.check(field, Err("must be a duration greater than zero".into()));
+                }
+            }
+            if let (Some(base), Some(max)) = (base, max)
+                && max < base
+            {
+                errors.check(
+                    "spec.replacementBackoff.max",
+                    Err("must not be less than spec.replacementBackoff.base".into()),
+                );
+            }
+        }
+        for (i, n) in self.remove_nodes.iter().enumerate() {
+            errors.check(
+                format_args!("spec.removeNodes[{i}]"),
+                check_dns1123_subdomain(n),
+            );
+        }
+        let sel = &self.selector;
+        if let Some(ml) = &sel.match_labels {
+            super::common::check_labels("spec.selector.matchLabels", ml, &mut errors);
+        }
+        for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+            errors.check(
+                format_args!("spec.selector.matchExpressions[{i}].key"),
+                check_qualified_name(&e.key),
+            );
+            for (j, v) in e.values.iter().enumerate() {
+                errors.check(
+                    format_args!("spec.selector.matchExpressions[{i}].values[{j}]"),
+                    check_label_value(v),
+                );
+            }
+        }
+        let empty = sel.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
+            && sel.match_expressions.as_ref().is_none_or(Vec::is_empty);
+        if empty {
+            errors.check("spec.selector", Err("must not be empty".into()));
+        }
+        let meta = &self.template.metadata;
+        let labels = meta.labels.clone().unwrap_or_default();
+        super::common::check_labels("spec.template.metadata.labels", &labels, &mut errors);
+        if !empty && !sel.matches(&labels) {
+            errors.check(
+                "spec.template.metadata.labels",
+                Err("must match spec.selector".into()),
+            );
+        }
+        for k in meta.annotations.iter().flat_map(BTreeMap::keys) {
+            errors.check(
+                format_args!(
+                    "spec.template.metadata.annotations[{:?}]",
+                    super::nodeclass::short(k)
+                ),
+                check_qualified_name(k),
+            );
+        }
+        errors.check(
+            "spec.template.spec.nodeClassName",
+            check_dns1123_subdomain(&self.template.spec.node_class_name),
+        );
+        for (i, t) in self.template.spec.taints.iter().enumerate() {
+            t.check(&format!("spec.template.spec.taints[{i}]"), &mut errors);
+        }
+        errors.finish()
     }
 }
