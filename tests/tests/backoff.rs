@@ -8,34 +8,30 @@
 //! 46 launches in the window on the code before the change. The bounds asserted are upper
 //! bounds, so a slow machine only makes the test pass more easily.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kube_node::harness::Harness;
 use kube_node_crds::names::{BACKOFF_CONDITION, BACKOFF_EVENT_REASON, CIRCUIT_BREAKER_CONDITION};
 use kube_node_crds::v1alpha1::find_condition;
 use kube_node_crds::{NodeClass, NodeSet};
-use kube_node_embedded_api::EmbeddedApi;
-use kube_node_provider::ProviderMetrics;
 use kube_node_provider_simulated::SimulatedCloud;
 use serde_json::json;
-
-const CA: &str = include_str!("../../kube-node/src/simulate/simulated-ca.crt");
 
 /// Ten minutes of the scenario, scaled down twentyfold.
 const WINDOW: Duration = Duration::from_secs(30);
 /// The backoff base of the scenario, in seconds.
 const BASE_SECS: f64 = 1.5;
 
+/// The shared harness (embedded API, both controllers, the simulated cloud and its kubelet),
+/// with the fixtures this scenario needs.
 struct Cluster {
-    _api: EmbeddedApi,
+    harness: Harness,
     client: Client,
     cloud: SimulatedCloud,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Cluster {
@@ -47,81 +43,27 @@ impl Cluster {
             )
             .with_test_writer()
             .try_init();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let api = EmbeddedApi::new();
-        api.register_crd(&NodeClass::crd()).expect("NodeClass CRD");
-        api.register_crd(&NodeSet::crd()).expect("NodeSet CRD");
-        let client = api.client();
-        let ca = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("kube-root-ca.crt".into()),
-                namespace: Some("kube-system".into()),
+        let harness = Harness::builder()
+            .node_config(node_controller::Config {
+                cluster_name: "backoff".into(),
+                api_server_endpoint: Some("backoff-apiserver:6443".into()),
                 ..Default::default()
-            },
-            data: Some(BTreeMap::from([("ca.crt".to_string(), CA.to_string())])),
-            ..Default::default()
-        };
-        Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-            .create(&PostParams::default(), &ca)
+            })
+            .start()
             .await
-            .expect("CA ConfigMap");
-
-        let mut registry = prometheus_client::registry::Registry::default();
-        let provider_metrics = ProviderMetrics::register(&mut registry);
-        let node_metrics = node_controller::Metrics::register(&mut registry);
-        let nodeset_metrics = nodeset_controller::Metrics::register_sharing(
-            &mut registry,
-            node_metrics.reconcile_families(),
-        );
-        let cloud = SimulatedCloud::new();
-        let providers = kube_node::run::provider_registry(&cloud, provider_metrics);
-        let node_config = node_controller::Config {
-            cluster_name: "backoff".into(),
-            api_server_endpoint: Some("backoff-apiserver:6443".into()),
-            ..Default::default()
-        };
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let mut tasks = Vec::new();
-        let handle = cloud.start_kubelet(client.clone());
-        let rx = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            stopped(rx).await;
-            drop(handle);
-        }));
-        let (c, rx) = (client.clone(), stop_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            node_controller::run(c, providers, node_config, node_metrics, stopped(rx))
-                .await
-                .expect("node-controller");
-        }));
-        let (c, rx) = (client.clone(), stop_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            nodeset_controller::run(
-                c,
-                nodeset_controller::Config::default(),
-                nodeset_metrics,
-                stopped(rx),
-            )
-            .await
-            .expect("nodeset-controller");
-        }));
+            .expect("harness");
         Self {
-            _api: api,
-            client,
-            cloud,
-            stop,
-            tasks,
+            client: harness.client.clone(),
+            cloud: harness.cloud.clone(),
+            harness,
         }
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
-        }
+        self.harness
+            .shutdown()
+            .await
+            .expect("controllers stop cleanly");
     }
 
     async fn create<K>(&self, obj: serde_json::Value) -> K

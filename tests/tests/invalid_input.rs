@@ -5,18 +5,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{ApiResource, DynamicObject, ObjectMeta, PostParams};
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
+use kube_node::harness::{Harness, HarnessBuilder, Role};
+use kube_node_crds::NodeClass;
 use kube_node_crds::names::{MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION, READY_CONDITION};
-use kube_node_crds::{NodeClass, NodeSet};
 use kube_node_embedded_api::EmbeddedApi;
-use kube_node_provider::ProviderRegistry;
-use kube_node_provider_simulated::{KubeletConfig, SimulatedCloud};
-use node_controller::{Config, Metrics};
+use kube_node_provider_simulated::KubeletConfig;
+use node_controller::Config;
 use serde_json::{Value, json};
-
-const CA: &str = include_str!("../../node-controller/tests/fixtures/ca.pem");
 
 async fn eventually<F, Fut, T>(what: &str, mut f: F) -> T
 where
@@ -33,25 +31,22 @@ where
     }
 }
 
-async fn setup() -> (EmbeddedApi, Client, SimulatedCloud) {
-    let api = EmbeddedApi::new();
-    api.register_crd(&NodeClass::crd()).expect("nodeclass crd");
-    api.register_crd(&NodeSet::crd()).expect("nodeset crd");
-    let client = api.client();
-    let ca = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("kube-root-ca.crt".into()),
-            namespace: Some("kube-system".into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([("ca.crt".to_string(), CA.to_string())])),
-        ..Default::default()
-    };
-    Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-        .create(&PostParams::default(), &ca)
+/// The shared harness with the node-controller alone (no NodeSet plays a part here), its
+/// controllers not started yet so that a test lays out its objects first.
+async fn harness(builder: HarnessBuilder, synced: tokio::sync::watch::Sender<bool>) -> Harness {
+    builder
+        .without_nodeset_controller()
+        .controllers_stopped()
+        .node_config(Config {
+            cluster_name: "test".into(),
+            api_server_endpoint: Some("10.0.0.1:6443".into()),
+            orphan_gc_interval: Duration::from_millis(500),
+            synced: Some(synced),
+            ..Config::default()
+        })
+        .start()
         .await
-        .expect("ca configmap");
-    (api, client, SimulatedCloud::new())
+        .expect("harness")
 }
 
 fn classes(client: &Client) -> Api<DynamicObject> {
@@ -118,43 +113,19 @@ fn machine_ready(node: &Node) -> Option<(String, String, String)> {
         })
 }
 
-fn start(
-    client: &Client,
-    cloud: &SimulatedCloud,
-    metrics: Metrics,
-    synced: tokio::sync::watch::Sender<bool>,
-) -> tokio::sync::watch::Sender<bool> {
-    let mut providers = ProviderRegistry::new();
-    providers.register(cloud.factory());
-    let (tx, mut rx) = tokio::sync::watch::channel(false);
-    let config = Config {
-        cluster_name: "test".into(),
-        api_server_endpoint: Some("10.0.0.1:6443".into()),
-        orphan_gc_interval: Duration::from_millis(500),
-        synced: Some(synced),
-        ..Config::default()
-    };
-    let client = client.clone();
-    tokio::spawn(async move {
-        node_controller::run(client, providers, config, metrics, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })
-        .await
-        .expect("run");
-    });
-    tx
-}
-
 #[tokio::test]
 async fn a_poison_nodeclass_leaves_every_other_nodeclass_working() {
-    let (_api, client, cloud) = setup().await;
-    let _kubelet = cloud.start_kubelet_with(
-        client.clone(),
-        KubeletConfig {
+    let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
+    let mut harness = harness(
+        Harness::builder().kubelet(KubeletConfig {
             scan_interval: Duration::from_millis(100),
             ..KubeletConfig::default()
-        },
-    );
+        }),
+        synced_tx,
+    )
+    .await;
+    let client = harness.client.clone();
+    let cloud = harness.cloud.clone();
     raw_class(
         &client,
         "poison",
@@ -171,9 +142,8 @@ async fn a_poison_nodeclass_leaves_every_other_nodeclass_working() {
     node(&client, "n-good", "good").await;
     node(&client, "n-poison", "poison").await;
 
-    let metrics = Metrics::default();
-    let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
-    let stop = start(&client, &cloud, metrics.clone(), synced_tx);
+    let metrics = harness.node_metrics.clone();
+    harness.start_controllers();
 
     // The watch syncs despite the poison (readiness depends on it).
     tokio::time::timeout(Duration::from_secs(30), synced_rx.wait_for(|s| *s))
@@ -251,7 +221,7 @@ async fn a_poison_nodeclass_leaves_every_other_nodeclass_working() {
     })
     .await;
     assert_eq!(metrics.invalid_objects("NodeClass").get(), 1);
-    let _ = stop.send(true);
+    harness.shutdown().await.expect("controllers stop cleanly");
 }
 
 /// An API server that refuses, with 422 Invalid as a real one (or an admission policy) would,
@@ -318,7 +288,7 @@ impl tower::Service<http::Request<kube::client::Body>> for Refusing {
 
 #[tokio::test]
 async fn a_node_write_the_api_server_refuses_is_reported_and_not_retried_hot() {
-    let (api, plain, cloud) = setup().await;
+    let api = EmbeddedApi::new();
     let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let client = Client::new(
         Refusing {
@@ -327,6 +297,17 @@ async fn a_node_write_the_api_server_refuses_is_reported_and_not_retried_hot() {
         },
         "default",
     );
+    let (synced_tx, _synced_rx) = tokio::sync::watch::channel(false);
+    let mut harness = harness(
+        Harness::builder()
+            .with_api(api)
+            .without_kubelet()
+            .client(Role::NodeController, client),
+        synced_tx,
+    )
+    .await;
+    let plain = harness.client.clone();
+    let cloud = harness.cloud.clone();
     raw_class(
         &plain,
         "refused",
@@ -334,8 +315,7 @@ async fn a_node_write_the_api_server_refuses_is_reported_and_not_retried_hot() {
     )
     .await;
     node(&plain, "n-refused", "refused").await;
-    let (synced_tx, _synced_rx) = tokio::sync::watch::channel(false);
-    let stop = start(&client, &cloud, Metrics::default(), synced_tx);
+    harness.start_controllers();
 
     let nodes: Api<Node> = Api::all(plain.clone());
     let (_, reason, message) = eventually("the Node says the API server refused it", || {
@@ -402,5 +382,5 @@ async fn a_node_write_the_api_server_refuses_is_reported_and_not_retried_hot() {
     })
     .await;
     assert_eq!(cloud.machine_count(), 1, "no duplicate machine");
-    let _ = stop.send(true);
+    harness.shutdown().await.expect("controllers stop cleanly");
 }

@@ -4,107 +4,66 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
-use kube::api::{ListParams, ObjectMeta, PostParams};
-use kube::{Api, Client, CustomResourceExt};
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client};
+use kube_node_crds::NodeClass;
 use kube_node_crds::names::{MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION};
-use kube_node_crds::{NodeClass, NodeSet};
-use kube_node_embedded_api::EmbeddedApi;
-use kube_node_provider::ProviderRegistry;
-use kube_node_provider_simulated::{KubeletConfig, KubeletHandle, SimulatedCloud};
-use node_controller::{Config, Metrics};
+use kube_node_provider_simulated::{KubeletConfig, SimulatedCloud};
+use node_controller::Config;
 use serde_json::json;
 
-const CA: &str = include_str!("../fixtures/ca.pem");
 pub const CLUSTER: &str = "test-cluster";
 
+/// The shared harness with the node-controller alone, whose controller can be stopped and
+/// started again as a restarted process would be: a fresh controller, the same cluster and
+/// cloud.
 pub struct Harness {
-    pub api: EmbeddedApi,
+    inner: kube_node::harness::Harness,
     pub client: Client,
     pub cloud: SimulatedCloud,
-    stop: Option<tokio::sync::watch::Sender<bool>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _kubelet: KubeletHandle,
 }
 
 impl Harness {
     pub async fn new() -> Self {
-        let api = EmbeddedApi::new();
-        api.register_crd(&NodeClass::crd()).expect("nodeclass crd");
-        api.register_crd(&NodeSet::crd()).expect("nodeset crd");
-        let client = api.client();
-        let ca = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("kube-root-ca.crt".into()),
-                namespace: Some("kube-system".into()),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([("ca.crt".to_string(), CA.to_string())])),
-            ..Default::default()
-        };
-        Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-            .create(&PostParams::default(), &ca)
-            .await
-            .expect("ca configmap");
-        let cloud = SimulatedCloud::new();
-        let kubelet = cloud.start_kubelet_with(
-            client.clone(),
-            KubeletConfig {
+        let inner = kube_node::harness::Harness::builder()
+            .without_nodeset_controller()
+            .kubelet(KubeletConfig {
                 scan_interval: Duration::from_millis(100),
                 ..KubeletConfig::default()
-            },
-        );
-        let mut h = Self {
-            api,
-            client,
-            cloud,
-            stop: None,
-            task: None,
-            _kubelet: kubelet,
-        };
-        h.start();
-        h
+            })
+            .node_config(Config {
+                cluster_name: CLUSTER.to_string(),
+                api_server_endpoint: Some("10.0.0.1:6443".to_string()),
+                orphan_gc_interval: Duration::from_millis(500),
+                concurrency: 8,
+                ..Config::default()
+            })
+            .start()
+            .await
+            .expect("harness");
+        Self {
+            client: inner.client.clone(),
+            cloud: inner.cloud.clone(),
+            inner,
+        }
     }
 
     /// Starts a controller with nothing in memory.
     pub fn start(&mut self) {
-        let mut providers = ProviderRegistry::new();
-        providers.register(self.cloud.factory());
-        let (tx, mut rx) = tokio::sync::watch::channel(false);
-        let client = self.client.clone();
-        let config = Config {
-            cluster_name: CLUSTER.to_string(),
-            api_server_endpoint: Some("10.0.0.1:6443".to_string()),
-            orphan_gc_interval: Duration::from_millis(500),
-            concurrency: 8,
-            ..Config::default()
-        };
-        self.task = Some(tokio::spawn(async move {
-            node_controller::run(client, providers, config, Metrics::default(), async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-            .expect("run");
-        }));
-        self.stop = Some(tx);
+        self.inner.start_controllers();
     }
 
     /// Stops the controller (as a process exit: its memory is gone).
     pub async fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(true);
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), t)
-                .await
-                .expect("controller stops")
-                .expect("controller task");
-        }
+        self.inner
+            .stop_controllers()
+            .await
+            .expect("controller stops cleanly");
     }
 
     pub fn nodes(&self) -> Api<Node> {
@@ -187,14 +146,6 @@ impl Harness {
             async move { nodes.get_opt(name).await.ok()?.is_none().then_some(()) }
         })
         .await;
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(true);
-        }
     }
 }
 

@@ -4,9 +4,7 @@
 //! went at once and every Node of it sat in `Deleting: NodeClassNotFound` with its machine
 //! running.
 
-mod common;
-
-use common::{Harness, eventually, machine_phase, sim_spec};
+use crate::common::{Harness, eventually, machine_phase, sim_spec};
 use kube::ResourceExt;
 use kube::api::DeleteParams;
 use kube_node_crds::names::{IN_USE_CONDITION, NODECLASS_IN_USE_FINALIZER};

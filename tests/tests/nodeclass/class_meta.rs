@@ -1,9 +1,7 @@
 //! Labels and taints removed from a NodeClass come off its Nodes; labels and taints others set
 //! (the kubelet, users) stay, because kube-node remembers what it applied.
 
-mod common;
-
-use common::{Harness, eventually, sim_spec};
+use crate::common::{Harness, eventually, sim_spec};
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;

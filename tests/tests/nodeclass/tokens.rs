@@ -2,9 +2,7 @@
 //! name) is on the Node before the Secret exists, so a restarted controller deletes its
 //! predecessor's token by name, without reading or listing Secrets in kube-system.
 
-mod common;
-
-use common::{Harness, eventually, sim_spec};
+use crate::common::{Harness, eventually, sim_spec};
 use kube::ResourceExt;
 use kube_node_crds::names::BOOTSTRAP_TOKEN_ANNOTATION;
 use kube_node_crds::v1alpha1::SimulatedFaults;
