@@ -61,12 +61,31 @@ pub enum Error {
     Render(String),
 }
 
+/// What the API server says, with 422, when it could not apply a JSON patch: a `test`
+/// operation failed because the object changed since it was read, or a path the patch names is
+/// gone (the details go into the status's causes, which kube does not surface). A value the
+/// API server refuses gets `<Kind> "<name>" is invalid: <field>: ...` instead. The first is a
+/// conflict, to be retried with a fresh read; only the second is permanent for its input.
+const PATCH_NOT_APPLICABLE: &str = "the server rejected our request due to an error in our request";
+
+/// Whether the API server answered that the object changed under a guarded write: 409, or a
+/// JSON patch whose `test` no longer holds (422 with [`PATCH_NOT_APPLICABLE`]).
+pub(crate) fn is_conflict(s: &kube::core::Status) -> bool {
+    s.code == 409 || (s.code == 422 && s.message.starts_with(PATCH_NOT_APPLICABLE))
+}
+
+/// Whether the API server refused a value of the write as invalid (422, not a failed
+/// JSON-patch test): the same input is refused again.
+pub(crate) fn is_refused(s: &kube::core::Status) -> bool {
+    s.code == 422 && !is_conflict(s)
+}
+
 impl Error {
     /// PascalCase reason for conditions, events and metrics labels (bounded set).
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
-            Self::Kube(kube::Error::Api(s)) if s.code == 422 => "Invalid",
+            Self::Kube(kube::Error::Api(s)) if is_conflict(s) => "Conflict",
+            Self::Kube(kube::Error::Api(s)) if is_refused(s) => "Invalid",
             Self::Kube(_) => "KubeApiError",
             Self::Provider(e) => e.reason(),
             Self::NodeClassNotFound(_) => "NodeClassNotFound",
@@ -91,7 +110,7 @@ impl Error {
                 ProviderError::InvalidConfig(_) | ProviderError::Unauthorized(_)
             ),
             // The API server refused the write as invalid: the same input is refused again.
-            Self::Kube(kube::Error::Api(s)) => s.code == 422,
+            Self::Kube(kube::Error::Api(s)) => is_refused(s),
             Self::NodeClassNotFound(_)
             | Self::NodeClassDeleting(_)
             | Self::NodeClassInvalid { .. }
@@ -175,5 +194,26 @@ mod tests {
         assert_eq!(error_delay(&unavailable, 0, &b), Duration::from_secs(1));
         assert_eq!(error_delay(&transient, 0, &b), Duration::from_secs(1));
         assert_eq!(transient.reason(), "Transient");
+    }
+
+    #[test]
+    fn a_failed_patch_test_is_a_conflict_not_a_refusal() {
+        let status = |message: &str| {
+            Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+                code: 422,
+                message: message.into(),
+                ..Default::default()
+            })))
+        };
+        // A real API server's answer to a JSON patch whose `test` failed.
+        let changed = status("the server rejected our request due to an error in our request");
+        assert_eq!(changed.reason(), "Conflict");
+        assert!(!changed.needs_change());
+        let b = Backoff::default();
+        assert_ne!(error_delay(&changed, 0, &b), WAIT_FOR_CHANGE);
+        // A refused value stays permanent for its input.
+        let refused = status("Node \"n\" is invalid: metadata.labels: Invalid value: \"bad key!\"");
+        assert_eq!(refused.reason(), "Invalid");
+        assert!(refused.needs_change());
     }
 }

@@ -150,7 +150,7 @@ async fn record_error(pass: &mut Pass, ctx: &Context, err: &Error) {
         return;
     }
     let refused = match err {
-        Error::Kube(kube::Error::Api(s)) if s.code == 422 => Some(s.message.as_str()),
+        Error::Kube(kube::Error::Api(s)) if crate::error::is_refused(s) => Some(s.message.as_str()),
         _ => None,
     };
     tracing::warn!(reason = err.reason(), error = %err, "reconcile failed");
@@ -781,7 +781,9 @@ async fn ensure_token(
             }
             // A token id collision (36^6 ids) with another Node's token: draw another (the
             // next record replaces this one, which named a Secret that is not ours).
-            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 3 => attempt += 1,
+            Err(kube::Error::Api(e)) if crate::error::is_conflict(&e) && attempt < 3 => {
+                attempt += 1
+            }
             Err(e) => return Err(e.into()),
         }
     }
