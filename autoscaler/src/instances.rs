@@ -97,7 +97,14 @@ fn to_proto(
         }),
         _ => None,
     };
-    let error_info = from_backoff.as_ref().or(i.error.as_ref()).map(|e| {
+    // A machine that is only booting says so in its condition ("MachinePending"): that is
+    // progress, not an error. cluster-autoscaler counts every creating instance that carries
+    // error info as a failed scale-up, backs the whole group off for minutes and deletes the
+    // machines, so only real failures are reported.
+    let own = i.error.as_ref().filter(|e| {
+        !(matches!(i.state, InstanceState::Creating) && e.reason.as_str() == "MachinePending")
+    });
+    let error_info = from_backoff.as_ref().or(own).map(|e| {
         // Tolerant on purpose: the node-controller writes "Reason: message" into the
         // MachineReady condition; older or other writers may only mention the reason, or
         // the NodeSet's ReplicaFailure condition may be the only place naming it.
@@ -149,4 +156,47 @@ pub fn registered<'a>(nodeset: &NodeSet, nodes: impl IntoIterator<Item = &'a Nod
         .iter()
         .filter(|i| i.state == InstanceState::Running)
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creating(reason: &str) -> NodeInstance {
+        NodeInstance {
+            name: "n".into(),
+            provider_id: Some("simulated:///a/1".into()),
+            state: InstanceState::Creating,
+            error: Some(NodeInstanceError {
+                reason: reason.into(),
+                message: "n: the machine is booting".into(),
+                out_of_resources: false,
+            }),
+        }
+    }
+
+    /// A real cluster-autoscaler (1.28 and 1.31) counted booting machines reported with error
+    /// info as a failed scale-up, backed the group off for five minutes and tried to delete
+    /// them: a machine that is only booting carries no error.
+    #[test]
+    fn a_booting_machine_carries_no_error_but_a_failed_one_does() {
+        let booting = to_proto(&creating("MachinePending"), None, None);
+        let status = booting.status.expect("status");
+        assert_eq!(
+            status.instance_state,
+            instance_status::InstanceState::InstanceCreating as i32
+        );
+        assert!(status.error_info.is_none(), "{:?}", status.error_info);
+
+        let failed = to_proto(&creating("InsufficientCapacity"), None, None);
+        let info = failed.status.and_then(|s| s.error_info).expect("error");
+        assert_eq!(info.error_code, "InsufficientCapacity");
+        assert_eq!(info.instance_error_class, OUT_OF_RESOURCES_ERROR_CLASS);
+
+        // A NodeSet in replacement backoff still reports its failure on a booting machine.
+        let backoff = ("RegistrationTimeout".to_string(), "backing off".to_string());
+        let held = to_proto(&creating("MachinePending"), None, Some(&backoff));
+        let info = held.status.and_then(|s| s.error_info).expect("error");
+        assert_eq!(info.error_code, "RegistrationTimeout");
+    }
 }

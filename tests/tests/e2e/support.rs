@@ -306,7 +306,7 @@ impl KubeNode {
             .arg("--metrics-addr")
             .arg(metrics.to_string())
             .args(["--cluster-name", &opts.cluster_name])
-            .args(["--leader-elect", "true"])
+            .arg("--leader-elect=true")
             .args(["--leader-election-namespace", &opts.lease_namespace])
             .args(["--leader-election-id", &opts.lease_name])
             .args(["--leader-identity", &opts.identity])
