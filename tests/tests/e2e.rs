@@ -2170,9 +2170,14 @@ fn sh(env: &Env, line: &str) -> String {
         .current_dir(repo_root())
         .env("KUBECONFIG", &env.kubeconfig)
         .env("PATH", {
-            // `kube-node` on the PATH, as after `cargo install` (the README uses `cargo run`).
-            let bin = kube_node_bin();
-            let dir = bin.parent().expect("bin dir").to_path_buf();
+            // `kube-node` on the PATH, as after `cargo install` (the README uses `cargo run`),
+            // under that name even when KUBE_NODE_E2E_BIN names a file called otherwise.
+            let dir = env.dir.path().join("bin");
+            let link = dir.join("kube-node");
+            if !link.exists() {
+                std::fs::create_dir_all(&dir).expect("bin dir");
+                std::os::unix::fs::symlink(kube_node_bin(), &link).expect("kube-node link");
+            }
             let path = std::env::var_os("PATH").unwrap_or_default();
             std::env::join_paths(std::iter::once(dir).chain(std::env::split_paths(&path)))
                 .expect("PATH")
