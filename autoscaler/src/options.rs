@@ -107,21 +107,20 @@ fn fill_both(o: &mut NodeGroupAutoscalingOptions) {
 /// annotated overrides applied, every duration in both the legacy (3-5) and the current
 /// (8-10) fields. Unusable values are ignored and reported.
 ///
-/// Without option annotations the answer is the `defaults` the request carries, unchanged but
-/// for filling both duration generations. Answering Unimplemented instead would be read as
-/// "use your defaults" only by cluster-autoscaler 1.29 and later; 1.28 treats it as an error
-/// for every node ("Couldn't retrieve IgnoreDaemonSetsUtilization option") and never scales
-/// down. `None` only when there is nothing to answer with: no annotations and no defaults.
+/// Without option annotations there are no options (`None`): the server answers with an empty
+/// `nodeGroupAutoscalingOptions`, which every cluster-autoscaler release reads as "use your own
+/// defaults" (1.28: `externalgrpc_node_group.go` returns `nil, nil` and the node group config
+/// processor falls back to its defaults; 1.31 the same). Echoing the request's defaults is not
+/// the same answer: 1.28 sends and reads back only four fields, so its MaxNodeProvisionTime
+/// became 0 and a real 1.28 marked every scale-up "timed out" after one loop and backed the
+/// group off for five minutes. Unimplemented is no better: 1.28 treats it as an error for every
+/// node and never scales down.
 pub fn options(
     annotations: &BTreeMap<String, String>,
     defaults: Option<&NodeGroupAutoscalingOptions>,
 ) -> (Option<NodeGroupAutoscalingOptions>, Vec<BadOption>) {
     if !ALL.iter().any(|k| annotations.contains_key(*k)) {
-        let echoed = defaults.cloned().map(|mut o| {
-            fill_both(&mut o);
-            o
-        });
-        return (echoed, Vec::new());
+        return (None, Vec::new());
     }
     // CA replaces all of its options with the answer, so start from what it sent.
     let mut o = defaults.cloned().unwrap_or_default();
@@ -184,7 +183,7 @@ mod tests {
     }
 
     #[test]
-    fn no_annotations_answers_the_defaults_in_both_generations() {
+    fn no_annotations_means_no_options_whatever_the_defaults() {
         // As cluster-autoscaler 1.28 sends them: legacy durations only, and the booleans.
         let defaults = NodeGroupAutoscalingOptions {
             scale_down_utilization_threshold: 0.5,
@@ -197,15 +196,7 @@ mod tests {
         };
         let (o, bad) = options(&BTreeMap::new(), Some(&defaults));
         assert!(bad.is_empty());
-        let o = o.expect("the defaults, not Unimplemented");
-        assert_eq!(o.scale_down_utilization_threshold, 0.5);
-        assert!(o.ignore_daemon_sets_utilization);
-        assert_eq!(
-            o.scale_down_unneeded_time.and_then(|d| d.duration),
-            Some(600_000_000_000)
-        );
-        assert_eq!(o.scale_down_unneeded_duration, Some(secs(600)));
-        assert_eq!(o.scale_down_unready_time, None, "unset stays unset");
+        assert_eq!(o, None, "the autoscaler keeps its own defaults");
     }
 
     #[test]

@@ -619,16 +619,10 @@ impl CloudProvider for NodeSetCloudProvider {
         for b in &bad {
             warn!(nodeset = %req.id, annotation = b.key, value = %b.value, "ignored unusable autoscaling option");
         }
-        match opts {
-            Some(o) => Ok(Response::new(NodeGroupAutoscalingOptionsResponse {
-                node_group_autoscaling_options: Some(o),
-            })),
-            // No annotations and no defaults in the request: nothing to answer with. CA
-            // 1.29+ then uses its own defaults; every CA version sends defaults.
-            None => Err(Status::unimplemented(
-                "no autoscaling options on this NodeSet and no defaults in the request",
-            )),
-        }
+        // No options: every cluster-autoscaler release then uses its own defaults.
+        Ok(Response::new(NodeGroupAutoscalingOptionsResponse {
+            node_group_autoscaling_options: opts,
+        }))
     }
 }
 

@@ -3,9 +3,10 @@
 //!
 //! cluster-autoscaler 1.28 sends its defaults in the legacy `meta/v1.Duration` fields 3-5 only
 //! and treats any error, Unimplemented included, as "this node group's options are unknown":
-//! scale-down then marks every node unremovable. Its Go client also dereferences fields 3-5 of
-//! the answer without a nil check. Current clients (1.29+) send both duration generations and
-//! read fields 8-11. The server must answer both with the defaults they sent.
+//! scale-down then marks every node unremovable. It also reads back only four fields, so an
+//! answer echoing its defaults set its MaxNodeProvisionTime to 0 (a real 1.28 then timed out
+//! every scale-up). An answer without options is read by every release as "use your own
+//! defaults" (1.28 `externalgrpc_node_group.go`: `if pbOpts == nil { return nil, nil }`).
 
 mod common;
 
@@ -69,7 +70,7 @@ async fn env_with_plain_pool() -> Env {
 }
 
 #[tokio::test]
-async fn a_1_28_client_gets_its_defaults_back_not_unimplemented() {
+async fn a_1_28_client_gets_no_options_not_unimplemented_so_it_keeps_its_defaults() {
     let mut env = env_with_plain_pool().await;
     let request = NodeGroupAutoscalingOptionsRequest::decode(hex(CA_1_28_REQUEST).as_slice())
         .expect("decode");
@@ -80,22 +81,17 @@ async fn a_1_28_client_gets_its_defaults_back_not_unimplemented() {
         .await
         .expect("1.28 reads any error, Unimplemented included, as failure")
         .into_inner();
-    // Decode the answer exactly as 1.28 would.
+    // Decode the answer exactly as 1.28 would: no options, so it keeps its own defaults
+    // (MaxNodeProvisionTime included, which it cannot read back from an answer).
     let seen = Ca128Response::decode(response.encode_to_vec().as_slice()).expect("1.28 decodes");
-    let o = seen
-        .node_group_autoscaling_options
-        .expect("1.28 errors on a response without options");
-    assert_eq!(o.scale_down_utilization_threshold, 0.5);
-    assert_eq!(o.scale_down_gpu_utilization_threshold, 0.5);
-    // 1.28 dereferences these three without a nil check.
-    let ns = |d: Option<Ca128Duration>| d.expect("legacy duration present").duration;
-    assert_eq!(ns(o.scale_down_unneeded_time), 600_000_000_000);
-    assert_eq!(ns(o.scale_down_unready_time), 1_200_000_000_000);
-    assert_eq!(ns(o.max_node_provision_time), 900_000_000_000);
+    assert!(
+        seen.node_group_autoscaling_options.is_none(),
+        "no options: 1.28 uses its defaults"
+    );
 }
 
 #[tokio::test]
-async fn a_current_client_gets_its_defaults_back_in_the_current_fields() {
+async fn a_current_client_gets_no_options_so_it_keeps_its_defaults() {
     let mut env = env_with_plain_pool().await;
     let secs = |s: i64| prost_types::Duration {
         seconds: s,
@@ -128,32 +124,11 @@ async fn a_current_client_gets_its_defaults_back_in_the_current_fields() {
         .await
         .expect("options")
         .into_inner()
-        .node_group_autoscaling_options
-        .expect("options");
-    assert_eq!(o, defaults, "exactly the defaults, in every field");
-
-    // A current client that sends only the current fields (1.35 dropped 3-5) gets them back
-    // too, and a 1.28 reader of the same answer would find 3-5 filled.
-    let modern_only = NodeGroupAutoscalingOptions {
-        scale_down_unneeded_time: None,
-        scale_down_unready_time: None,
-        max_node_provision_time: None,
-        ..defaults
-    };
-    let o = env
-        .grpc
-        .node_group_get_options(NodeGroupAutoscalingOptionsRequest {
-            id: "pool".into(),
-            defaults: Some(modern_only),
-        })
-        .await
-        .expect("options")
-        .into_inner()
-        .node_group_autoscaling_options
-        .expect("options");
-    assert_eq!(o.scale_down_unneeded_duration, Some(secs(600)));
-    assert!(o.ignore_daemon_sets_utilization);
-    assert_eq!(o.scale_down_unneeded_time, Some(legacy(600)));
+        .node_group_autoscaling_options;
+    assert_eq!(
+        o, None,
+        "no options: the autoscaler keeps its defaults, every field"
+    );
 }
 
 #[tokio::test]
