@@ -145,7 +145,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             task: campaign,
         } = leader::campaign_with_health(client.clone(), cfg.clone());
         let ready = health.clone();
-        let _readiness = AbortOnDrop(tokio::spawn(async move {
+        let standby_readiness = AbortOnDrop(tokio::spawn(async move {
             loop {
                 let state = campaign_health.borrow_and_update().clone();
                 match state {
@@ -172,6 +172,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let result = match acquired {
             Ok(()) => {
+                // From here readiness is the leader's (its caches synced): the standby's
+                // rule, still seeing the Lease reached on every renewal, must not set it back.
+                drop(standby_readiness);
                 leader_gauge.set(1);
                 let result = run_controllers(&args, clients, &health, &url, metrics, async move {
                     tokio::select! {
