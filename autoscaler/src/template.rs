@@ -376,6 +376,8 @@ mod tests {
                 max_unhealthy: None,
                 min_ready_seconds: None,
                 replacement_backoff: None,
+                strategy: None,
+                progress_deadline_seconds: None,
             },
         )
     }

@@ -17,6 +17,11 @@ pub const INSTANCE_ID_ANNOTATION: &str = "kube-node.io/instance-id";
 /// Annotation recording which `metadata.generation` of the NodeClass a Node's machine was built
 /// from, so a NodeSet can report Nodes built from an older NodeClass.
 pub const NODE_CLASS_GENERATION_ANNOTATION: &str = "kube-node.io/node-class-generation";
+/// Annotation recording what a NodeSet's Node was built from: a short hash of each input that
+/// shapes its machine (`provider=…,capacity=…,bootstrap=…,template=…`), computed from the
+/// NodeClass spec and the NodeSet template when the Node is created. A Node whose hashes
+/// differ from what its NodeSet would build now has drifted.
+pub const BUILD_HASH_ANNOTATION: &str = "kube-node.io/build-hash";
 /// Annotation marking a Node to be removed first when its NodeSet scales down (any value but
 /// `"false"`).
 pub const DELETE_NODE_ANNOTATION: &str = "kube-node.io/delete-node";
@@ -85,6 +90,17 @@ pub const BACKOFF_CONDITION: &str = "Backoff";
 pub const BACKOFF_EVENT_REASON: &str = "ReplacementBackoff";
 /// NodeSet condition: some Nodes were built from an older generation of the NodeClass.
 pub const OUTDATED_CONDITION: &str = "NodeClassOutdated";
+/// Node condition (written by the nodeset-controller): the Node was built from a NodeClass spec
+/// or NodeSet template that has changed since; its reason names what changed.
+pub const DRIFTED_CONDITION: &str = "Drifted";
+/// NodeSet condition, as a Deployment's: a rollout is replacing drifted Nodes (True), is
+/// complete (True, `NodeSetUpToDate`), or stopped (False, `ProgressDeadlineExceeded`).
+pub const PROGRESSING_CONDITION: &str = "Progressing";
+/// NodeSet condition, as a Deployment's: at least `replicas − maxUnavailable` Nodes are
+/// available.
+pub const AVAILABLE_CONDITION: &str = "Available";
+/// NodeSet event reason: a drifted Node is being replaced (one event per Node).
+pub const REPLACED_EVENT_REASON: &str = "ReplacingDriftedNode";
 /// NodeClass condition: Nodes still use the NodeClass (True with their count); while it is
 /// being deleted, the deletion waits for them.
 pub const IN_USE_CONDITION: &str = "InUse";

@@ -102,6 +102,7 @@ fn crds_are_cluster_scoped_with_subresources_and_columns() {
             "DESIRED",
             "CURRENT",
             "READY",
+            "UP-TO-DATE",
             "FAILURES",
             "NEXT-ATTEMPT",
             "AGE"

@@ -243,6 +243,7 @@ mod tests {
                 message: format!("{name}: RegistrationTimeout: no kubelet"),
             }),
             failed_at: Some(ts(at)),
+            built: None,
         }
     }
 

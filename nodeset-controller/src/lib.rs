@@ -23,6 +23,7 @@
 
 pub mod backoff;
 pub mod conflict;
+pub mod drift;
 pub mod error;
 pub mod expectations;
 pub mod metrics;

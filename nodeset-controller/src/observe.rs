@@ -7,12 +7,13 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube_node_crds::names::{
-    DELETE_NODE_ANNOTATION, LAUNCHED_AT_ANNOTATION, MACHINE_READY_CONDITION, MachinePhase,
-    NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
+    BUILD_HASH_ANNOTATION, DELETE_NODE_ANNOTATION, DRIFTED_CONDITION, LAUNCHED_AT_ANNOTATION,
+    MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
 };
 use kube_node_crds::v1alpha1::NodeSet;
 
 use crate::backoff::NON_RETRYABLE_REASONS;
+use crate::drift::BuildHash;
 use crate::plan::{ChildNode, Failure, Health, Ownership};
 
 /// The controller owner reference of a Node, if it is a NodeSet's: (name, uid).
@@ -164,6 +165,10 @@ pub fn child(nodeset: &NodeSet, node: &Node) -> ChildNode {
             .and_then(|g| g.parse().ok()),
         failure,
         failed_at,
+        built: BuildHash::parse(
+            annotations.get(NODE_CLASS_ANNOTATION).map(String::as_str),
+            annotations.get(BUILD_HASH_ANNOTATION).map(String::as_str),
+        ),
     }
 }
 
@@ -303,7 +308,11 @@ pub fn trim_node(node: &mut Node) {
     if let Some(status) = node.status.as_mut() {
         let conditions = status.conditions.take().map(|cs| {
             cs.into_iter()
-                .filter(|c| c.type_ == "Ready" || c.type_ == MACHINE_READY_CONDITION)
+                .filter(|c| {
+                    c.type_ == "Ready"
+                        || c.type_ == MACHINE_READY_CONDITION
+                        || c.type_ == DRIFTED_CONDITION
+                })
                 .collect()
         });
         *status = k8s_openapi::api::core::v1::NodeStatus {

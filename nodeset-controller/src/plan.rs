@@ -31,6 +31,28 @@
 //! while the backoff is active, nothing is launched before the next attempt is due, and then
 //! one machine at a time. Scale-downs and named removals are never held.
 //!
+//! # Rolling replacement of drifted Nodes
+//!
+//! A Node whose build hash differs from what the NodeSet would build now has drifted (see
+//! [`crate::drift`]). With the `RollingUpdate` strategy the planner replaces drifted Nodes with
+//! the semantics of a Deployment, new Node first:
+//!
+//! * it creates up-to-date Nodes while the Nodes that exist (those being deleted included:
+//!   they still have machines) stay within `replicas + maxSurge`, and never more up-to-date
+//!   Nodes than `replicas`;
+//! * it deletes drifted Nodes (the node-controller drains them, honouring PDBs, then deletes
+//!   their machines) while the available Nodes left stay at least `replicas −
+//!   maxUnavailable`: a drifted Node that is not available goes freely, an available one only
+//!   within that budget, oldest first;
+//! * scale-downs take drifted Nodes before up-to-date ones of the same health, so a victim is
+//!   never replaced first and deleted after;
+//! * a Node built from the new spec that fails, or is not Ready `progressDeadlineSeconds`
+//!   after its creation, stops the rollout (persisted in `status.rollout`, so a restart does
+//!   not resume it): nothing more is replaced until the target changes.
+//!
+//! Everything is derived from the Nodes and the NodeSet's status, so a rollout survives a
+//! restart at any point. `OnDelete` only reports drift.
+//!
 //! # A NodeClass that is missing or being deleted
 //!
 //! Nothing is created while the template's NodeClass does not exist (or is being deleted): a
@@ -45,6 +67,7 @@ use jiff::{SignedDuration, Timestamp};
 use kube_node_crds::v1alpha1::DeletePolicy;
 
 use crate::backoff::{self, BackoffPolicy, BackoffState};
+use crate::drift::{self, BuildHash, Drift};
 
 /// Who controls a Node, seen from one NodeSet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -109,6 +132,66 @@ pub struct ChildNode {
     /// When its machine failed in a way that counts for the replacement backoff (Failed, or a
     /// create error retrying cannot fix).
     pub failed_at: Option<Timestamp>,
+    /// What it was built from (its build-hash and class annotations), when recorded.
+    pub built: Option<BuildHash>,
+}
+
+/// How drifted Nodes are replaced (`spec.strategy`, resolved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateStrategy {
+    /// New Nodes first, within `replicas + max_surge` Nodes and `replicas − max_unavailable`
+    /// available ones.
+    RollingUpdate {
+        /// `maxSurge` as a count.
+        max_surge: usize,
+        /// `maxUnavailable` as a count.
+        max_unavailable: usize,
+    },
+    /// Only report drift.
+    OnDelete,
+}
+
+impl Default for UpdateStrategy {
+    fn default() -> Self {
+        Self::RollingUpdate {
+            max_surge: 1,
+            max_unavailable: 0,
+        }
+    }
+}
+
+/// A rollout that stopped, persisted in `status.rollout`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stall {
+    /// The target ([`BuildHash::id`]) it stopped at.
+    pub target: String,
+    /// `ProgressDeadlineExceeded` or `ReplacementFailed`.
+    pub reason: String,
+    /// Which Node and why.
+    pub message: String,
+}
+
+/// The rollout state as last written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RolloutState {
+    /// The current target ([`BuildHash::id`]).
+    pub target: Option<String>,
+    /// The stop, while it holds.
+    pub stalled: Option<Stall>,
+}
+
+/// Where the rollout stands, for the `Progressing` condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Progress {
+    /// No Node has drifted.
+    #[default]
+    Complete,
+    /// Drifted Nodes are being replaced.
+    Replacing,
+    /// Drifted Nodes wait for a user to delete them (`OnDelete`).
+    OnDelete,
+    /// The rollout stopped.
+    Stalled(Stall),
 }
 
 /// What the NodeSet wants, resolved from its spec and its NodeClass.
@@ -138,6 +221,15 @@ pub struct Desired {
     pub history: BackoffState,
     /// A hash of `spec.template` (a change starts the backoff over).
     pub template_hash: String,
+    /// What an up-to-date Node is built from now (`None` while the class is missing: no
+    /// Node is judged drifted then).
+    pub target: Option<BuildHash>,
+    /// `spec.strategy`, resolved.
+    pub strategy: UpdateStrategy,
+    /// `spec.progressDeadlineSeconds`.
+    pub progress_deadline: SignedDuration,
+    /// The rollout state as last written (`status.rollout`).
+    pub rollout: RolloutState,
 }
 
 /// The counts a NodeSet's status reports.
@@ -153,6 +245,10 @@ pub struct Counts {
     pub unhealthy: usize,
     /// Nodes built from an older NodeClass generation.
     pub outdated: usize,
+    /// Nodes (not being deleted) that have not drifted.
+    pub updated: usize,
+    /// Nodes (not being deleted) that have drifted.
+    pub drifted: usize,
 }
 
 /// What to do. Applying all of it and planning again yields [`Plan::is_idle`].
@@ -164,9 +260,20 @@ pub struct Plan {
     pub release: Vec<String>,
     /// How many Nodes to create.
     pub creates: usize,
-    /// Nodes to delete: named removals, then scale-down victims in victim order, then Failed
-    /// Nodes being replaced (the last `replacements` entries).
+    /// Nodes to delete: named removals, then scale-down victims in victim order, then drifted
+    /// Nodes being replaced (`replaced`), then Failed Nodes being replaced (the last
+    /// `replacements` entries).
     pub deletes: Vec<String>,
+    /// The drifted Nodes the rollout deletes this pass (also in `deletes`).
+    pub replaced: Vec<String>,
+    /// The rollout state after this pass (to write to `status.rollout`).
+    pub rollout: RolloutState,
+    /// Where the rollout stands.
+    pub progress: Progress,
+    /// `replicas − maxUnavailable`: the available Nodes the `Available` condition wants.
+    pub min_available: usize,
+    /// When a replacement reaches its progress deadline (for the requeue).
+    pub progress_check_in: Option<SignedDuration>,
     /// How many of `deletes` are Failed Nodes being replaced.
     pub replacements: usize,
     /// Names in `spec.removeNodes` that are Nodes, but not of this NodeSet.
@@ -329,6 +436,52 @@ pub fn resolve_max_unhealthy(
     }
 }
 
+/// How a Node drifted from what the NodeSet builds now, if it did.
+pub fn drift_of(desired: &Desired, c: &ChildNode) -> Option<Drift> {
+    drift::drift(desired.target.as_ref()?, c.built.as_ref()?)
+}
+
+fn is_drifted(desired: &Desired, c: &ChildNode) -> bool {
+    drift_of(desired, c).is_some()
+}
+
+/// Whether a Node has been Ready for `min_ready`.
+fn available(c: &ChildNode, min_ready: SignedDuration, now: Timestamp) -> bool {
+    c.health == Health::Ready && now.duration_since(c.ready_since.unwrap_or(now)) >= min_ready
+}
+
+/// Resolves `maxSurge`/`maxUnavailable` as a Deployment does: a count, or a percentage of
+/// `replicas`, surge rounded up and unavailable rounded down.
+pub fn resolve_int_or_percent(
+    field: &str,
+    value: Option<&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    default: usize,
+    replicas: usize,
+    round_up: bool,
+) -> Result<usize, String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match value {
+        None => Ok(default),
+        Some(IntOrString::Int(n)) => {
+            usize::try_from(*n).map_err(|_| format!("{field} {n} is negative"))
+        }
+        Some(IntOrString::String(s)) => {
+            let p: u64 = s
+                .trim()
+                .strip_suffix('%')
+                .and_then(|d| d.trim().parse().ok())
+                .ok_or_else(|| format!("{field} {s:?} is neither a count nor a percentage"))?;
+            let whole = replicas as u64 * p.min(100_000);
+            let n = if round_up {
+                whole.div_ceil(100)
+            } else {
+                whole / 100
+            };
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        }
+    }
+}
+
 /// Plans one pass of a NodeSet. Pure: the same input always gives the same plan.
 pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
     let mut out = Plan::default();
@@ -374,6 +527,11 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
         {
             out.counts.outdated += 1;
         }
+        if is_drifted(desired, c) {
+            out.counts.drifted += 1;
+        } else {
+            out.counts.updated += 1;
+        }
     }
     out.next_available_in = next_available;
 
@@ -412,8 +570,19 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
         .copied()
         .filter(|c| !doomed.contains(c.name.as_str()))
         .collect();
-    rest.sort_by(|a, b| victim_order(desired.delete_policy, desired.seed, a, b));
-    let extra = rest.len().saturating_sub(r);
+    // Drifted Nodes go before up-to-date ones of the same rank: a scale-down during a rollout
+    // removes what the rollout would have replaced.
+    rest.sort_by(|a, b| {
+        rank(a)
+            .cmp(&rank(b))
+            .then_with(|| is_drifted(desired, b).cmp(&is_drifted(desired, a)))
+            .then_with(|| policy_order(desired.delete_policy, desired.seed, a, b))
+    });
+    // During a rolling update the Nodes above `replicas` that maxSurge allows are the
+    // rollout's, not a scale-down's.
+    stall(desired, &alive, now, &mut out);
+    let allowance = surge_allowance(desired, &rest, r, out.rollout.stalled.is_some());
+    let extra = rest.len().saturating_sub(r + allowance);
     for c in rest.iter().take(extra) {
         out.deletes.push(c.name.clone());
     }
@@ -450,6 +619,8 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
     } else {
         0
     };
+
+    roll(desired, &alive, survivors, total, now, &mut out);
 
     // The replacement backoff holds launches: none before the next attempt is due, then one
     // at a time (a probe whose outcome is the next step).
@@ -493,6 +664,177 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
     out
 }
 
+/// Sets the rollout state: the target, and whether the rollout stopped (a stop holds while
+/// its target is still the target). A Node built from the new spec that cannot become Ready
+/// stops a rolling update, rather than letting it churn through the fleet.
+fn stall(desired: &Desired, alive: &[&ChildNode], now: Timestamp, out: &mut Plan) {
+    let Some(target) = desired.target.as_ref().map(BuildHash::id) else {
+        return;
+    };
+    out.rollout.target = Some(target.clone());
+    out.rollout.stalled = desired
+        .rollout
+        .stalled
+        .clone()
+        .filter(|s| s.target == target);
+    let rolling = matches!(desired.strategy, UpdateStrategy::RollingUpdate { .. });
+    if !rolling || out.rollout.stalled.is_some() || !alive.iter().any(|c| is_drifted(desired, c)) {
+        return;
+    }
+    let mut fresh: Vec<&&ChildNode> = alive
+        .iter()
+        .filter(|c| c.built.is_some() && !is_drifted(desired, c))
+        .collect();
+    fresh.sort_by(|a, b| a.name.cmp(&b.name));
+    for c in fresh {
+        if c.health == Health::Failed {
+            let why = c
+                .failure
+                .as_ref()
+                .map_or_else(|| "its machine failed".to_string(), |f| f.message.clone());
+            out.rollout.stalled = Some(Stall {
+                target,
+                reason: "ReplacementFailed".into(),
+                message: format!("Node {} built from the new spec failed: {why}", c.name),
+            });
+            out.progress_check_in = None;
+            return;
+        }
+        if c.health == Health::Unregistered
+            && let Some(age) = c.created.map(|t| now.duration_since(t))
+        {
+            if age >= desired.progress_deadline {
+                out.rollout.stalled = Some(Stall {
+                    target,
+                    reason: "ProgressDeadlineExceeded".into(),
+                    message: format!(
+                        "Node {} built from the new spec is not Ready after {}s",
+                        c.name,
+                        desired.progress_deadline.as_secs()
+                    ),
+                });
+                out.progress_check_in = None;
+                return;
+            }
+            let left = desired.progress_deadline - age;
+            out.progress_check_in = Some(out.progress_check_in.map_or(left, |l| l.min(left)));
+        }
+    }
+}
+
+/// How many Nodes above `replicas` a rolling update may keep: at most `maxSurge`, and at most
+/// one per drifted Node among the Nodes kept (`rest` is in victim order), none once the
+/// rollout stopped. The largest such count, so planning again after the scale-down keeps it.
+fn surge_allowance(
+    desired: &Desired,
+    rest: &[&ChildNode],
+    replicas: usize,
+    stalled: bool,
+) -> usize {
+    let UpdateStrategy::RollingUpdate { max_surge, .. } = desired.strategy else {
+        return 0;
+    };
+    if stalled {
+        return 0;
+    }
+    (0..=max_surge)
+        .rev()
+        .find(|a| {
+            let extra = rest.len().saturating_sub(replicas + a);
+            rest[extra..]
+                .iter()
+                .filter(|c| is_drifted(desired, c))
+                .count()
+                >= *a
+        })
+        .unwrap_or(0)
+}
+
+/// The rolling replacement of drifted Nodes (see the module docs), after scaling: adds
+/// surge creates to `out.creates` and inserts the drifted Nodes to delete before the Failed
+/// Nodes being replaced in `out.deletes`.
+fn roll(
+    desired: &Desired,
+    alive: &[&ChildNode],
+    survivors: &[&ChildNode],
+    total: usize,
+    now: Timestamp,
+    out: &mut Plan,
+) {
+    let r = desired.replicas;
+    let (max_surge, max_unavailable) = match desired.strategy {
+        UpdateStrategy::RollingUpdate {
+            max_surge,
+            max_unavailable,
+        } => (max_surge, max_unavailable),
+        UpdateStrategy::OnDelete => (0, 0),
+    };
+    out.min_available = r.saturating_sub(max_unavailable);
+    // The Nodes this pass keeps (survivors of the scale-down, less Failed ones replaced).
+    let kept: Vec<&ChildNode> = survivors
+        .iter()
+        .copied()
+        .filter(|c| !out.deletes.contains(&c.name))
+        .collect();
+    let mut old: Vec<&ChildNode> = kept
+        .iter()
+        .copied()
+        .filter(|c| is_drifted(desired, c))
+        .collect();
+    if !alive.iter().any(|c| is_drifted(desired, c)) {
+        out.progress = Progress::Complete;
+        return;
+    }
+    if desired.strategy == UpdateStrategy::OnDelete {
+        out.progress = Progress::OnDelete;
+        return;
+    }
+    if let Some(stall) = &out.rollout.stalled {
+        out.progress = Progress::Stalled(stall.clone());
+        out.progress_check_in = None;
+        return;
+    }
+    out.progress = Progress::Replacing;
+    if !desired.class_usable {
+        return;
+    }
+    // New Nodes first, within maxSurge, never more up-to-date Nodes than replicas. (Bounded
+    // by these two alone, so planning again after the creates asks for no more.)
+    let updated = kept.len() - old.len();
+    let total_after = total + out.creates;
+    let room = (r + max_surge).saturating_sub(total_after);
+    let surge = if old.is_empty() {
+        0
+    } else {
+        room.min(r.saturating_sub(updated + out.creates))
+    };
+    out.creates += surge;
+    // Then drifted Nodes go while enough stay available: unavailable ones freely, oldest first.
+    let mut budget = kept
+        .iter()
+        .filter(|c| available(c, desired.min_ready, now))
+        .count()
+        .saturating_sub(out.min_available);
+    old.sort_by(|a, b| {
+        available(a, desired.min_ready, now)
+            .cmp(&available(b, desired.min_ready, now))
+            .then_with(|| policy_order(DeletePolicy::Oldest, 0, a, b))
+    });
+    let mut replaced = Vec::new();
+    for c in old {
+        if available(c, desired.min_ready, now) {
+            if budget == 0 {
+                break;
+            }
+            budget -= 1;
+        }
+        replaced.push(c.name.clone());
+    }
+    let at = out.deletes.len() - out.replacements;
+    out.deletes.splice(at..at, replaced.iter().cloned());
+    out.replaced = replaced;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,6 +859,7 @@ mod tests {
             class_generation: Some(1),
             failure: None,
             failed_at: None,
+            built: None,
         }
     }
 
@@ -858,6 +1201,7 @@ mod tests {
                     class_generation: Some(generation),
                     failure: None,
                     failed_at: None,
+                    built: None,
                 },
             )
     }
@@ -1079,7 +1423,7 @@ mod tests {
             let named: Vec<_> = p.deletes.iter().filter(|n| d.remove_nodes.contains(n)).cloned().collect();
             // Named removals come first.
             prop_assert_eq!(&p.deletes[..named.len()], &named[..]);
-            let scale_down = &p.deletes[named.len()..p.deletes.len() - p.replacements];
+            let scale_down = &p.deletes[named.len()..p.deletes.len() - p.replacements - p.replaced.len()];
             let victims: Vec<&ChildNode> = scale_down
                 .iter()
                 .filter_map(|n| kids.iter().find(|c| &c.name == n))
@@ -1132,6 +1476,447 @@ mod tests {
             }
             let alive = kids.iter().filter(|c| member(c) && !c.deleting).count();
             prop_assert_eq!(alive, d.replicas);
+        }
+    }
+
+    // Rolling replacement.
+
+    fn hash(image: &str) -> BuildHash {
+        BuildHash {
+            class: "sim".into(),
+            parts: drift::PARTS
+                .iter()
+                .map(|p| {
+                    let v = if *p == "provider" { image } else { "same" };
+                    (p.to_string(), v.to_string())
+                })
+                .collect(),
+        }
+    }
+
+    fn rolling(replicas: usize, max_surge: usize, max_unavailable: usize) -> Desired {
+        Desired {
+            target: Some(hash("v2")),
+            strategy: UpdateStrategy::RollingUpdate {
+                max_surge,
+                max_unavailable,
+            },
+            progress_deadline: SignedDuration::from_secs(600),
+            ..desired(replicas)
+        }
+    }
+
+    fn built(name: &str, created: i64, image: &str) -> ChildNode {
+        ChildNode {
+            built: Some(hash(image)),
+            ..node(name, created)
+        }
+    }
+
+    #[test]
+    fn rolling_update_creates_first_then_deletes_once_the_new_node_is_available() {
+        let d = rolling(3, 1, 0);
+        let mut kids = vec![
+            built("a", 1, "v1"),
+            built("b", 2, "v1"),
+            built("c", 3, "v1"),
+        ];
+        let p = plan(&d, &kids, now());
+        assert_eq!((p.creates, p.deletes.clone()), (1, vec![]));
+        assert_eq!(p.counts.drifted, 3);
+        assert_eq!(p.progress, Progress::Replacing);
+        // The new Node is not Ready yet: nothing more.
+        let mut fresh = built("n1", 9_990, "v2");
+        fresh.health = Health::Unregistered;
+        fresh.ready_since = None;
+        kids.push(fresh.clone());
+        let p = plan(&d, &kids, now());
+        assert!(p.is_idle(), "{p:?}");
+        assert_eq!(p.progress_check_in, Some(SignedDuration::from_secs(590)));
+        // Ready: the oldest drifted Node goes, and it is the only one.
+        kids[3] = built("n1", 9_990, "v2");
+        let p = plan(&d, &kids, now());
+        assert_eq!(p.creates, 0);
+        assert_eq!(p.deletes, vec!["a"]);
+        assert_eq!(p.replaced, vec!["a"]);
+        // While it drains, the Node count is at replicas + maxSurge: no more creates.
+        kids[0].deleting = true;
+        assert!(plan(&d, &kids, now()).is_idle());
+        // Gone: the next new Node.
+        kids.remove(0);
+        let p = plan(&d, &kids, now());
+        assert_eq!((p.creates, p.deletes.len()), (1, 0));
+    }
+
+    #[test]
+    fn max_unavailable_without_surge_deletes_first() {
+        let d = rolling(4, 0, 2);
+        let kids: Vec<_> = (0..4).map(|i| built(&format!("n{i}"), i, "v1")).collect();
+        let p = plan(&d, &kids, now());
+        assert_eq!(p.creates, 0);
+        assert_eq!(p.replaced, vec!["n0", "n1"]);
+        // Percentages as a Deployment rounds them.
+        assert_eq!(
+            resolve_int_or_percent("s", Some(&IntOrString::String("25%".into())), 1, 10, true),
+            Ok(3)
+        );
+        assert_eq!(
+            resolve_int_or_percent("u", Some(&IntOrString::String("25%".into())), 0, 10, false),
+            Ok(2)
+        );
+        assert!(resolve_int_or_percent("u", Some(&IntOrString::Int(-1)), 0, 10, false).is_err());
+    }
+
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    #[test]
+    fn scale_down_takes_drifted_nodes_first() {
+        let d = rolling(2, 1, 0);
+        let kids = vec![
+            built("old", 1, "v1"),
+            built("new1", 2, "v2"),
+            built("new2", 3, "v2"),
+        ];
+        let p = plan(&d, &kids, now());
+        assert_eq!(p.deletes, vec!["old"]);
+        assert_eq!(p.creates, 0);
+        // Scaled further down: the drifted Node is the first victim.
+        let p = plan(&rolling(1, 1, 0), &kids, now());
+        assert_eq!(p.deletes[0], "old");
+        assert_eq!(p.creates, 0);
+    }
+
+    #[test]
+    fn a_failed_replacement_stops_the_rollout_until_the_target_changes() {
+        let mut d = rolling(3, 1, 0);
+        let mut bad = built("n1", 9_000, "v2");
+        bad.health = Health::Failed;
+        bad.ready_since = None;
+        bad.failure = Some(Failure {
+            reason: "RegistrationTimeout".into(),
+            message: "n1: RegistrationTimeout: no kubelet".into(),
+        });
+        let kids = vec![
+            built("a", 1, "v1"),
+            built("b", 2, "v1"),
+            built("c", 3, "v1"),
+            bad,
+        ];
+        let p = plan(&d, &kids, now());
+        let Progress::Stalled(stall) = &p.progress else {
+            panic!("not stalled: {:?}", p.progress)
+        };
+        assert_eq!(stall.reason, "ReplacementFailed");
+        // The failed Node goes; nothing is created for it, no drifted Node is touched.
+        assert_eq!(p.deletes, vec!["n1"]);
+        assert_eq!(p.creates, 0);
+        // After a restart (the stall read back from the status), still stopped.
+        d.rollout = p.rollout.clone();
+        let gone: Vec<_> = kids[..3].to_vec();
+        let p = plan(&d, &gone, now());
+        assert!(p.is_idle());
+        assert!(matches!(p.progress, Progress::Stalled(_)));
+        // A new target: the rollout starts again.
+        d.target = Some(hash("v3"));
+        let p = plan(&d, &gone, now());
+        assert_eq!(p.creates, 1);
+        assert_eq!(p.progress, Progress::Replacing);
+        assert_eq!(p.rollout.stalled, None);
+    }
+
+    #[test]
+    fn a_replacement_past_the_progress_deadline_stops_the_rollout() {
+        let d = rolling(2, 1, 0);
+        let mut slow = built("n1", 9_000, "v2");
+        slow.health = Health::Unregistered;
+        slow.ready_since = None;
+        let kids = vec![built("a", 1, "v1"), built("b", 2, "v1"), slow];
+        let p = plan(&d, &kids, now());
+        let Progress::Stalled(stall) = &p.progress else {
+            panic!("not stalled: {:?}", p.progress)
+        };
+        assert_eq!(stall.reason, "ProgressDeadlineExceeded");
+        // The Node above replicas goes; nothing else is replaced or created.
+        assert_eq!(p.deletes, vec!["n1"]);
+        assert_eq!((p.creates, p.replaced.len()), (0, 0));
+    }
+
+    #[test]
+    fn on_delete_only_reports_drift() {
+        let d = Desired {
+            strategy: UpdateStrategy::OnDelete,
+            ..rolling(2, 1, 0)
+        };
+        let kids = vec![built("a", 1, "v1"), built("b", 2, "v2")];
+        let p = plan(&d, &kids, now());
+        assert!(p.is_idle());
+        assert_eq!((p.counts.drifted, p.counts.updated), (1, 1));
+        assert_eq!(p.progress, Progress::OnDelete);
+        // Deleted by a user: replaced (by an up-to-date Node, as every create is).
+        let mut kids = kids;
+        kids[0].deleting = true;
+        kids.remove(0);
+        assert_eq!(plan(&d, &kids, now()).creates, 1);
+    }
+
+    /// One random event of the world a rollout runs in.
+    #[derive(Clone, Debug)]
+    enum Event {
+        /// A controller pass (plan, then apply).
+        Pass,
+        /// A pass after a restart: the status write of the previous pass is re-read.
+        Restart,
+        /// Time passes: machines boot, drains finish.
+        Tick,
+        /// `spec.replicas` changes (kubectl scale, cluster-autoscaler).
+        Scale(usize),
+        /// A named removal of the i-th alive Node (with replicas lowered by one).
+        Remove(usize),
+        /// The i-th alive Node's machine fails.
+        Fail(usize),
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            6 => Just(Event::Pass),
+            1 => Just(Event::Restart),
+            5 => Just(Event::Tick),
+            1 => (0usize..12).prop_map(Event::Scale),
+            1 => (0usize..20).prop_map(Event::Remove),
+            1 => (0usize..20).prop_map(Event::Fail),
+        ]
+    }
+
+    struct World {
+        d: Desired,
+        kids: Vec<ChildNode>,
+        t: i64,
+        serial: usize,
+        creates: usize,
+        replaced: BTreeSet<String>,
+        /// Creates a correct rollout may make: a replacement per drifted Node, plus scale-ups,
+        /// failed Nodes and up-to-date Nodes removed.
+        allowed: usize,
+        stalled: bool,
+    }
+
+    impl World {
+        fn new(replicas: usize, drifted: usize, d: Desired) -> Self {
+            let kids: Vec<ChildNode> = (0..replicas)
+                .map(|i| {
+                    built(
+                        &format!("n{i}"),
+                        i as i64,
+                        if i < drifted { "v1" } else { "v2" },
+                    )
+                })
+                .collect();
+            Self {
+                allowed: drifted,
+                d,
+                kids,
+                t: 100,
+                serial: 0,
+                creates: 0,
+                replaced: BTreeSet::new(),
+                stalled: false,
+            }
+        }
+
+        fn alive(&self) -> Vec<usize> {
+            (0..self.kids.len())
+                .filter(|i| !self.kids[*i].deleting)
+                .collect()
+        }
+
+        fn pass(&mut self) -> Result<(), TestCaseError> {
+            let now = ts(self.t);
+            let (ms, mu) = match self.d.strategy {
+                UpdateStrategy::RollingUpdate {
+                    max_surge,
+                    max_unavailable,
+                } => (max_surge, max_unavailable),
+                UpdateStrategy::OnDelete => (0, 0),
+            };
+            let r = self.d.replicas;
+            let p = plan(&self.d, &self.kids, now);
+            let total = self.kids.len();
+            // Never above replicas + maxSurge Nodes (or what already exists).
+            prop_assert!(
+                total + p.creates <= (r + ms).max(total),
+                "{} + {} > {} + {}",
+                total,
+                p.creates,
+                r,
+                ms
+            );
+            // Rollout deletes never take the available Nodes below replicas − maxUnavailable.
+            let avail = |c: &ChildNode| available(c, self.d.min_ready, now);
+            let replaced_available = self
+                .kids
+                .iter()
+                .filter(|c| p.replaced.contains(&c.name) && avail(c))
+                .count();
+            if replaced_available > 0 {
+                let left = self
+                    .kids
+                    .iter()
+                    .filter(|c| !c.deleting && !p.deletes.contains(&c.name) && avail(c))
+                    .count();
+                prop_assert!(
+                    left >= r.saturating_sub(mu),
+                    "{} available left, {} − {}",
+                    left,
+                    r,
+                    mu
+                );
+            }
+            for n in &p.replaced {
+                let c = self.kids.iter().find(|c| &c.name == n).expect("exists");
+                prop_assert!(is_drifted(&self.d, c), "{} replaced but not drifted", n);
+                // Every drifted Node is replaced at most once.
+                prop_assert!(self.replaced.insert(n.clone()), "{} replaced twice", n);
+            }
+            if self.stalled {
+                // A stopped rollout replaces nothing more (creates only refill lost Nodes,
+                // which the bound on all creates checks).
+                prop_assert!(
+                    p.replaced.is_empty(),
+                    "a stopped rollout replaced {:?}",
+                    p.replaced
+                );
+            }
+            // Apply.
+            for c in self.kids.iter_mut() {
+                if p.deletes.contains(&c.name) {
+                    if !is_drifted(&self.d, c)
+                        && !p.replaced.contains(&c.name)
+                        && c.health != Health::Failed
+                    {
+                        // An up-to-date Node scaled down or removed: a later create may refill.
+                        self.allowed += 1;
+                    }
+                    c.deleting = true;
+                }
+            }
+            for _ in 0..p.creates {
+                self.serial += 1;
+                let mut n = built(&format!("new{}", self.serial), self.t, "v2");
+                n.health = Health::Unregistered;
+                n.ready_since = None;
+                self.kids.push(n);
+            }
+            self.creates += p.creates;
+            self.d
+                .remove_nodes
+                .retain(|n| !p.prune_removals.contains(n));
+            self.d.history = p.backoff.clone();
+            self.d.rollout = p.rollout.clone();
+            // Planning again at once changes nothing (no create undone by a scale-down).
+            let again = plan(&self.d, &self.kids, now);
+            prop_assert!(again.is_idle(), "first {:?}, then {:?}", p, again);
+            if matches!(p.progress, Progress::Stalled(_)) {
+                self.stalled = true;
+            }
+            Ok(())
+        }
+
+        fn tick(&mut self, boot: bool) {
+            self.t += 10;
+            let t = self.t;
+            self.kids.retain(|c| !c.deleting);
+            for c in self.kids.iter_mut() {
+                if boot && c.health == Health::Unregistered {
+                    c.health = Health::Ready;
+                    c.ready_since = Some(ts(t));
+                    c.launched = Some(ts(t));
+                }
+            }
+        }
+
+        fn event(&mut self, e: &Event) -> Result<(), TestCaseError> {
+            match e {
+                Event::Pass | Event::Restart => self.pass()?,
+                Event::Tick => self.tick(true),
+                Event::Scale(n) => {
+                    if *n > self.d.replicas {
+                        self.allowed += n - self.d.replicas;
+                    }
+                    self.d.replicas = *n;
+                }
+                Event::Remove(i) => {
+                    let alive = self.alive();
+                    if !alive.is_empty() && self.d.replicas > 0 {
+                        let c = &self.kids[alive[i % alive.len()]];
+                        if !self.d.remove_nodes.contains(&c.name) {
+                            self.d.remove_nodes.push(c.name.clone());
+                            self.d.replicas -= 1;
+                        }
+                    }
+                }
+                Event::Fail(i) => {
+                    let alive = self.alive();
+                    if !alive.is_empty() {
+                        let k = alive[i % alive.len()];
+                        let c = &mut self.kids[k];
+                        if c.health != Health::Failed {
+                            c.health = Health::Failed;
+                            c.ready_since = None;
+                            c.failed_at = Some(ts(self.t));
+                            // Its replacement is allowed (a drifted Node's counted already).
+                            if !is_drifted(&self.d, c) {
+                                self.allowed += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Under random interleavings of passes, restarts, scale changes, named removals,
+        /// failures and time: never above replicas + maxSurge Nodes, never below replicas −
+        /// maxUnavailable available through a replacement, every drifted Node replaced at
+        /// most once and no more creates than replacements need; and once the world is quiet,
+        /// every Node is up to date (unless the rollout stopped, and then it replaced nothing
+        /// more).
+        #[test]
+        fn rolling_update_invariants(
+            replicas in 0usize..10,
+            drifted in 0usize..10,
+            max_surge in 0usize..4,
+            max_unavailable in 0usize..3,
+            min_ready in prop::sample::select(vec![0i64, 20]),
+            events in prop::collection::vec(arb_event(), 0..120),
+        ) {
+            let max_surge = if max_surge == 0 && max_unavailable == 0 { 1 } else { max_surge };
+            let mut d = rolling(replicas, max_surge, max_unavailable);
+            d.min_ready = SignedDuration::from_secs(min_ready);
+            // Failures are the rollout's to stop on, not the breaker's or the backoff's.
+            d.max_unhealthy = 100;
+            d.backoff = BackoffPolicy {
+                base: SignedDuration::from_secs(1),
+                max: SignedDuration::from_secs(10),
+            };
+            let mut w = World::new(replicas, drifted.min(replicas), d);
+            for e in &events {
+                w.event(e)?;
+            }
+            // Quiet: no more failures, machines boot, drains finish.
+            for _ in 0..(4 * (replicas + drifted + 12)) {
+                w.pass()?;
+                w.tick(true);
+            }
+            prop_assert!(w.creates <= w.allowed, "{} creates, {} allowed", w.creates, w.allowed);
+            let alive: Vec<&ChildNode> = w.kids.iter().filter(|c| !c.deleting).collect();
+            if !w.stalled {
+                prop_assert_eq!(alive.len(), w.d.replicas);
+                prop_assert!(alive.iter().all(|c| !is_drifted(&w.d, c)), "drifted left: {:?}", alive);
+            }
         }
     }
 }

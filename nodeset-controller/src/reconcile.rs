@@ -16,19 +16,25 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_node_crds::names::{
-    AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT, BACKOFF_CONDITION,
-    BACKOFF_EVENT_REASON, CIRCUIT_BREAKER_CONDITION, FIELD_MANAGER, MACHINE_FINALIZER,
-    NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, NODESET_LABEL,
-    OUTDATED_CONDITION, READY_CONDITION, REPLICA_FAILURE_CONDITION, UNREGISTERED_TAINT,
+    AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT, AVAILABLE_CONDITION,
+    BACKOFF_CONDITION, BACKOFF_EVENT_REASON, BUILD_HASH_ANNOTATION, CIRCUIT_BREAKER_CONDITION,
+    DRIFTED_CONDITION, FIELD_MANAGER, MACHINE_FINALIZER, NODE_CLASS_ANNOTATION,
+    NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, NODESET_LABEL, OUTDATED_CONDITION,
+    PROGRESSING_CONDITION, READY_CONDITION, REPLACED_EVENT_REASON, REPLICA_FAILURE_CONDITION,
+    UNREGISTERED_TAINT,
 };
-use kube_node_crds::v1alpha1::{NodeClass, NodeSet, NodeSetStatus};
+use kube_node_crds::v1alpha1::{NodeClass, NodeSet, NodeSetStatus, RolloutStatus, StrategyType};
 use rand::Rng;
 use serde_json::json;
 
 use crate::backoff::{BackoffPolicy, BackoffState};
+use crate::drift::BuildHash;
 use crate::expectations::Expectations;
 use crate::observe::{child, phase_counts, related};
-use crate::plan::{ChildNode, Desired, Failure, Ownership, Plan, plan, resolve_max_unhealthy};
+use crate::plan::{
+    ChildNode, Desired, Failure, Ownership, Plan, Progress, RolloutState, Stall, UpdateStrategy,
+    drift_of, plan, resolve_int_or_percent, resolve_max_unhealthy,
+};
 use crate::{Config, Error, Metrics};
 
 /// The periodic resync of a healthy NodeSet.
@@ -156,6 +162,7 @@ pub(crate) fn build_node(
     name: &str,
     labels: &BTreeMap<String, String>,
     class_generation: Option<i64>,
+    build: Option<&BuildHash>,
 ) -> Result<Node, Error> {
     let uid = ns
         .metadata
@@ -173,6 +180,10 @@ pub(crate) fn build_node(
     annotations.insert(NODE_CLASS_ANNOTATION.to_string(), class.clone());
     if let Some(g) = class_generation {
         annotations.insert(NODE_CLASS_GENERATION_ANNOTATION.to_string(), g.to_string());
+    }
+    // What the Node is built from, so drift is a comparison with what would be built now.
+    if let Some(b) = build {
+        annotations.insert(BUILD_HASH_ANNOTATION.to_string(), b.annotation());
     }
     let mut taints: Vec<Taint> = ns
         .spec
@@ -340,6 +351,13 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         backoff: BackoffPolicy::from_spec(&ns.spec),
         history: BackoffState::from_status(previous.backoff.as_ref()),
         template_hash: template_hash(ns),
+        target: class
+            .as_ref()
+            .map(|c| BuildHash::of(class_name, &c.spec, &ns.spec.template)),
+        strategy: strategy(ns, replicas)?,
+        progress_deadline: SignedDuration::try_from(ns.spec.progress_deadline())
+            .unwrap_or(SignedDuration::MAX),
+        rollout: rollout_state(previous.rollout.as_ref()),
     };
 
     // Observe and plan, from the cache first.
@@ -401,7 +419,20 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     }
     if satisfied {
         if !the_plan.deletes.is_empty() {
-            delete_nodes(ns, ctx, &node_api, &the_plan, &lookup).await;
+            // Why each drifted Node is replaced, for its event.
+            let notes: HashMap<String, String> = the_plan
+                .replaced
+                .iter()
+                .filter_map(|n| {
+                    let node = lookup(n)?;
+                    let d = drift_of(&desired, &child(ns, &node))?;
+                    Some((
+                        n.clone(),
+                        format!("{}: {}", d.reason, d.message(class_name)),
+                    ))
+                })
+                .collect();
+            delete_nodes(ns, ctx, &node_api, &the_plan, &lookup, &notes).await;
         }
         let hold = lock(&ctx.create_backoff)
             .get(&name)
@@ -414,7 +445,16 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
             create_hold = Some(until);
         } else if the_plan.creates > 0 {
             let count = the_plan.creates.min(ctx.config.max_create_batch.max(1));
-            if let Err(e) = create_nodes(ns, ctx, &node_api, count, &labels, class_generation).await
+            if let Err(e) = create_nodes(
+                ns,
+                ctx,
+                &node_api,
+                count,
+                &labels,
+                class_generation,
+                desired.target.as_ref(),
+            )
+            .await
             {
                 create_error = Some(e);
             }
@@ -423,6 +463,7 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     if !the_plan.prune_removals.is_empty() {
         prune_removals(ns, ctx, &the_plan.prune_removals).await?;
     }
+    mark_drift(&node_api, &desired, &children, &cached).await;
 
     // Status, once.
     let create_failure = lock(&ctx.create_failures).get(&name).cloned();
@@ -461,6 +502,24 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         }
+        if let Progress::Stalled(stall) = &the_plan.progress
+            && previous
+                .rollout
+                .as_ref()
+                .and_then(|r| r.stalled_hash.as_ref())
+                != Some(&stall.target)
+        {
+            tracing::warn!(reason = %stall.reason, message = %stall.message, "rollout stopped");
+            publish(
+                ctx,
+                ns,
+                EventType::Warning,
+                &stall.reason,
+                "Replace",
+                format!("rollout stopped: {}", stall.message),
+            )
+            .await;
+        }
         // One Warning per backoff step, not per retry.
         let before = BackoffState::from_status(previous.backoff.as_ref()).failures;
         if the_plan.backoff.failures > before {
@@ -495,7 +554,15 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         .map(|n| n.as_ref())
         .filter(|n| child(ns, n).ownership == Ownership::Ours)
         .collect();
-    for (phase, count) in phase_counts(ours) {
+    let rollout_phases = [
+        ("updated", the_plan.counts.updated),
+        ("drifted", the_plan.counts.drifted),
+    ];
+    for (phase, count) in phase_counts(ours).into_iter().chain(
+        rollout_phases
+            .into_iter()
+            .map(|(p, n)| (p, i64::try_from(n).unwrap_or(i64::MAX))),
+    ) {
         ctx.metrics
             .nodes
             .get_or_create(&crate::metrics::NodesLabels {
@@ -523,6 +590,10 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     }
     if let Some(wait) = status_deferred {
         requeue = requeue.min(wait);
+    }
+    if let Some(left) = the_plan.progress_check_in {
+        let left = Duration::try_from(left).unwrap_or_default() + Duration::from_millis(100);
+        requeue = requeue.min(left);
     }
     if let Some(left) = the_plan.next_available_in {
         let left = Duration::try_from(left).unwrap_or_default() + Duration::from_millis(100);
@@ -605,6 +676,7 @@ async fn delete_nodes(
     api: &Api<Node>,
     the_plan: &Plan,
     lookup: &impl Fn(&str) -> Option<Node>,
+    notes: &HashMap<String, String>,
 ) {
     let name = ns.name_any();
     ctx.expectations.expect_deletes(&name, &the_plan.deletes);
@@ -655,6 +727,20 @@ async fn delete_nodes(
         )
         .await;
     }
+    // One event per replaced Node: a rollout is followed Node by Node.
+    for victim in deleted.iter().filter(|v| the_plan.replaced.contains(v)) {
+        let why = notes.get(victim).map_or("drifted", String::as_str);
+        tracing::info!(node = %victim, why, "replacing drifted node");
+        publish(
+            ctx,
+            ns,
+            EventType::Normal,
+            REPLACED_EVENT_REASON,
+            "Replace",
+            format!("Replacing drifted Node {victim} ({why}): draining and deleting it"),
+        )
+        .await;
+    }
     if let Some((victim, e)) = failed.first() {
         let note = format!("deleting Node {victim} failed: {e}");
         publish(ctx, ns, EventType::Warning, "FailedDelete", "Delete", note).await;
@@ -691,9 +777,10 @@ async fn create_nodes(
     count: usize,
     labels: &BTreeMap<String, String>,
     class_generation: Option<i64>,
+    build: Option<&BuildHash>,
 ) -> Result<(), Error> {
     let name = ns.name_any();
-    let template = build_node(ns, &name, labels, class_generation)?;
+    let template = build_node(ns, &name, labels, class_generation, build)?;
     let cap = ctx.config.max_create_batch.max(1);
     let mut remaining = count;
     let mut batch = 1usize;
@@ -871,6 +958,130 @@ fn condition(
 
 fn to_i32(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// `spec.strategy`, resolved against `replicas`.
+fn strategy(ns: &NodeSet, replicas: usize) -> Result<UpdateStrategy, Error> {
+    if ns.spec.strategy_type() == StrategyType::OnDelete {
+        return Ok(UpdateStrategy::OnDelete);
+    }
+    let ru = ns
+        .spec
+        .strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref());
+    let max_surge = resolve_int_or_percent(
+        "spec.strategy.rollingUpdate.maxSurge",
+        ru.and_then(|r| r.max_surge.as_ref()),
+        1,
+        replicas,
+        true,
+    )
+    .map_err(Error::InvalidSpec)?;
+    let max_unavailable = resolve_int_or_percent(
+        "spec.strategy.rollingUpdate.maxUnavailable",
+        ru.and_then(|r| r.max_unavailable.as_ref()),
+        0,
+        replicas,
+        false,
+    )
+    .map_err(Error::InvalidSpec)?;
+    // As a Deployment: with both at 0 (e.g. percentages of a small NodeSet), surge by one.
+    let max_surge = if max_surge == 0 && max_unavailable == 0 {
+        1
+    } else {
+        max_surge
+    };
+    Ok(UpdateStrategy::RollingUpdate {
+        max_surge,
+        max_unavailable,
+    })
+}
+
+/// The rollout state as last written.
+fn rollout_state(status: Option<&RolloutStatus>) -> RolloutState {
+    let Some(s) = status else {
+        return RolloutState::default();
+    };
+    RolloutState {
+        target: s.target_hash.clone(),
+        stalled: s.stalled_hash.clone().map(|target| Stall {
+            target,
+            reason: s.stalled_reason.clone().unwrap_or_default(),
+            message: s.stalled_message.clone().unwrap_or_default(),
+        }),
+    }
+}
+
+/// How many `Drifted` condition writes one pass makes at most (the rest come next pass).
+const DRIFT_WRITES_PER_PASS: usize = 64;
+
+/// Sets the `Drifted` condition on the NodeSet's Nodes whose drift changed: True (reason
+/// naming what changed) on a Node that drifted, False on one that no longer has (a NodeClass
+/// edit reverted). A Node that never drifted gets no condition, and costs no write.
+async fn mark_drift(
+    api: &Api<Node>,
+    desired: &Desired,
+    children: &[ChildNode],
+    nodes: &[Arc<Node>],
+) {
+    let Some(target) = &desired.target else {
+        return;
+    };
+    let now = Time(Timestamp::now());
+    let mut writes = Vec::new();
+    for (c, node) in children.iter().zip(nodes) {
+        if c.ownership != Ownership::Ours || c.deleting {
+            continue;
+        }
+        let existing = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|x| x.type_ == DRIFTED_CONDITION));
+        let (status, reason, message) = match drift_of(desired, c) {
+            Some(d) => ("True", d.reason.clone(), d.message(&target.class)),
+            None if existing.is_some_and(|x| x.status == "True") => (
+                "False",
+                "UpToDate".to_string(),
+                "built from what the NodeSet and its NodeClass say now".to_string(),
+            ),
+            None => continue,
+        };
+        if existing
+            .is_some_and(|x| x.status == status && x.reason.as_deref() == Some(reason.as_str()))
+        {
+            continue;
+        }
+        let transition = existing
+            .filter(|x| x.status == status)
+            .and_then(|x| x.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        let cond = k8s_openapi::api::core::v1::NodeCondition {
+            type_: DRIFTED_CONDITION.to_string(),
+            status: status.to_string(),
+            reason: Some(reason),
+            message: Some(message),
+            last_heartbeat_time: Some(now.clone()),
+            last_transition_time: Some(transition),
+        };
+        writes.push((c.name.clone(), cond));
+        if writes.len() >= DRIFT_WRITES_PER_PASS {
+            break;
+        }
+    }
+    let calls = writes.into_iter().map(|(name, cond)| async move {
+        // Strategic merge keyed on `type`: the kubelet's and the node-controller's conditions
+        // are untouched.
+        let patch = json!({"status": {"conditions": [cond]}});
+        let result = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(node = %name, error = %e, "cannot set the Drifted condition");
+        }
+    });
+    join_all(calls).await;
 }
 
 /// A stable hash of `spec.template`: a change of it starts the backoff over.
@@ -1106,16 +1317,109 @@ pub(crate) fn build_status(
             now,
         )
     };
+    let progressing = match &p.progress {
+        Progress::Complete => condition(
+            prev,
+            PROGRESSING_CONDITION,
+            true,
+            "NodeSetUpToDate",
+            format!("all {} Nodes are up to date", c.updated),
+            generation,
+            now,
+        ),
+        Progress::Replacing => condition(
+            prev,
+            PROGRESSING_CONDITION,
+            true,
+            "ReplacingDriftedNodes",
+            format!(
+                "{} of {} Nodes are up to date; replacing {} drifted Nodes",
+                c.updated,
+                c.updated + c.drifted,
+                c.drifted
+            ),
+            generation,
+            now,
+        ),
+        Progress::OnDelete => condition(
+            prev,
+            PROGRESSING_CONDITION,
+            true,
+            "WaitingForDeletion",
+            format!(
+                "{} Nodes drifted; strategy OnDelete replaces each when it is deleted",
+                c.drifted
+            ),
+            generation,
+            now,
+        ),
+        Progress::Stalled(stall) => condition(
+            prev,
+            PROGRESSING_CONDITION,
+            false,
+            &stall.reason,
+            format!(
+                "{}; {} Nodes stay drifted until the NodeClass or the template changes",
+                stall.message, c.drifted
+            ),
+            generation,
+            now,
+        ),
+    };
+    let min_available = p.min_available.min(desired.replicas);
+    let available = if c.available >= min_available {
+        condition(
+            prev,
+            AVAILABLE_CONDITION,
+            true,
+            "MinimumReplicasAvailable",
+            format!(
+                "{} Nodes available, at least {min_available} wanted",
+                c.available
+            ),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            prev,
+            AVAILABLE_CONDITION,
+            false,
+            "MinimumReplicasUnavailable",
+            format!(
+                "{} Nodes available, at least {min_available} wanted",
+                c.available
+            ),
+            generation,
+            now,
+        )
+    };
+    let rollout = (p.rollout != RolloutState::default()).then(|| RolloutStatus {
+        target_hash: p.rollout.target.clone(),
+        stalled_hash: p.rollout.stalled.as_ref().map(|s| s.target.clone()),
+        stalled_reason: p.rollout.stalled.as_ref().map(|s| s.reason.clone()),
+        stalled_message: p.rollout.stalled.as_ref().map(|s| s.message.clone()),
+    });
     NodeSetStatus {
         replicas: to_i32(c.replicas),
         ready_replicas: to_i32(c.ready),
         available_replicas: to_i32(c.available),
         unhealthy_replicas: Some(to_i32(c.unhealthy)),
         outdated_replicas: Some(to_i32(c.outdated)),
+        updated_replicas: Some(to_i32(c.updated)),
+        rollout,
         observed_generation: generation,
         selector: Some(ns.spec.selector.to_selector_string()),
         backoff: p.backoff.to_status(),
-        conditions: vec![ready, replica_failure, breaker, backoff, outdated],
+        conditions: vec![
+            ready,
+            replica_failure,
+            breaker,
+            backoff,
+            outdated,
+            progressing,
+            available,
+        ],
     }
 }
 
@@ -1192,6 +1496,7 @@ fn only_counts_changed(previous: &NodeSetStatus, status: &NodeSetStatus) -> bool
     previous.observed_generation == status.observed_generation
         && previous.selector == status.selector
         && previous.backoff == status.backoff
+        && previous.rollout == status.rollout
         && states(previous) == states(status)
 }
 
@@ -1269,7 +1574,7 @@ mod tests {
             labels.get(NODE_CLASS_LABEL).map(String::as_str),
             Some("sim")
         );
-        let node = build_node(&ns, "workers-abcde", &labels, Some(7)).expect("node");
+        let node = build_node(&ns, "workers-abcde", &labels, Some(7), None).expect("node");
         let a = node.annotations();
         assert_eq!(
             a.get(NODE_CLASS_ANNOTATION).map(String::as_str),

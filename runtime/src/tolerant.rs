@@ -182,6 +182,8 @@ pub fn nodeset_decoder() -> Decoder<kube_node_crds::NodeSet> {
                 max_unhealthy: None,
                 min_ready_seconds: None,
                 replacement_backoff: None,
+                strategy: None,
+                progress_deadline_seconds: None,
             },
             status: None,
         },

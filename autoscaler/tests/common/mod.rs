@@ -107,6 +107,8 @@ pub fn nodeset(
             max_unhealthy: None,
             min_ready_seconds: None,
             replacement_backoff: None,
+            strategy: None,
+            progress_deadline_seconds: None,
         },
     )
 }

@@ -309,6 +309,11 @@ pub struct SimulatedProviderSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::validation::label_value")]
     pub instance_type: Option<String>,
+    /// The image machines boot, a label value such as `ubuntu-2404-v2`. Only recorded, but a
+    /// change of it is a new image: the Nodes of NodeSets using the class drift and are replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::validation::label_value")]
+    pub image: Option<String>,
     /// Zones machines are spread across (label `topology.kubernetes.io/zone`, so label values).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::validation::label_values_16")]
@@ -562,6 +567,9 @@ impl ProviderSpec {
         if let Some(s) = &self.simulated {
             if let Some(t) = &s.instance_type {
                 errors.check("spec.provider.simulated.instanceType", check_label_value(t));
+            }
+            if let Some(t) = &s.image {
+                errors.check("spec.provider.simulated.image", check_label_value(t));
             }
             for (i, z) in s.zones.iter().enumerate() {
                 errors.check(

@@ -43,6 +43,12 @@ use crate::validation::{
     printcolumn(name = "Current", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(
+        name = "Up-To-Date",
+        type_ = "integer",
+        json_path = ".status.updatedReplicas",
+        description = "Nodes built from what the NodeSet and its NodeClass say now (not drifted)"
+    ),
+    printcolumn(
         name = "Failures",
         type_ = "integer",
         json_path = ".status.backoff.consecutiveFailures",
@@ -64,6 +70,7 @@ use crate::validation::{
 #[x_kube(validation = Rule::new("!has(self.selector.matchLabels) || self.selector.matchLabels.all(k, has(self.template.metadata.labels) && k in self.template.metadata.labels && self.template.metadata.labels[k] == self.selector.matchLabels[k])").message("spec.template.metadata.labels must match spec.selector.matchLabels").field_path(".template.metadata.labels"))]
 #[x_kube(validation = Rule::new("!has(self.selector.matchExpressions) || self.selector.matchExpressions.all(e, e.operator == 'In' ? (has(self.template.metadata.labels) && e.key in self.template.metadata.labels && self.template.metadata.labels[e.key] in e.values) : e.operator == 'NotIn' ? (!has(self.template.metadata.labels) || !(e.key in self.template.metadata.labels) || !(self.template.metadata.labels[e.key] in e.values)) : e.operator == 'Exists' ? (has(self.template.metadata.labels) && e.key in self.template.metadata.labels) : (!has(self.template.metadata.labels) || !(e.key in self.template.metadata.labels)))").message("spec.template.metadata.labels must match spec.selector.matchExpressions").field_path(".template.metadata.labels"))]
 #[x_kube(validation = Rule::new("(has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0) || (has(self.selector.matchExpressions) && size(self.selector.matchExpressions) > 0)").message("spec.selector must not be empty").field_path(".selector"))]
+#[x_kube(validation = Rule::new("!has(self.strategy) || !has(self.strategy.rollingUpdate) || !has(self.strategy.type) || self.strategy.type == 'RollingUpdate'").message("spec.strategy.rollingUpdate may only be set when spec.strategy.type is RollingUpdate").field_path(".strategy.rollingUpdate"))]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSetSpec {
     /// How many Nodes (and so machines) to keep. Default 1.
@@ -121,6 +128,82 @@ pub struct NodeSetSpec {
     /// `max: 30m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replacement_backoff: Option<ReplacementBackoff>,
+
+    /// How Nodes that drifted (built from a NodeClass spec or a template that changed since)
+    /// are replaced. Default `RollingUpdate` with `maxSurge: 1`, `maxUnavailable: 0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<NodeSetStrategy>,
+
+    /// How long a replacement Node may take to become Ready during a rollout before the
+    /// rollout stops (`Progressing=False`, reason `ProgressDeadlineExceeded`) instead of
+    /// replacing more Nodes. A replacement whose machine fails stops it at once. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: Option<i32>,
+}
+
+/// How a NodeSet replaces drifted Nodes.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.rollingUpdate) || !has(self.rollingUpdate.maxSurge) || !(string(self.rollingUpdate.maxSurge) in ['0', '0%']) || (has(self.rollingUpdate.maxUnavailable) && !(string(self.rollingUpdate.maxUnavailable) in ['0', '0%']))").message("spec.strategy.rollingUpdate.maxUnavailable must not be 0 when maxSurge is 0").field_path(".rollingUpdate.maxUnavailable"))]
+pub struct NodeSetStrategy {
+    /// `RollingUpdate` (default): replace drifted Nodes a few at a time, new Node first.
+    /// `OnDelete`: only mark them `Drifted`; a Node deleted by a user is replaced by an
+    /// up-to-date one.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<StrategyType>,
+    /// The limits of `RollingUpdate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_update: Option<RollingUpdate>,
+}
+
+/// The strategy type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum StrategyType {
+    /// Replace drifted Nodes within `maxSurge` and `maxUnavailable`.
+    #[default]
+    RollingUpdate,
+    /// Replace a drifted Node only when it is deleted.
+    OnDelete,
+}
+
+/// The limits of a rolling replacement, with the semantics of a Deployment's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RollingUpdate {
+    /// How many Nodes may exist above `replicas` while replacing (a count, or a percentage of
+    /// `replicas` rounded up). Nodes being drained count. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::validation::int_or_percent")]
+    pub max_surge: Option<IntOrString>,
+    /// How many Nodes below `replicas` may be unavailable while replacing (a count, or a
+    /// percentage of `replicas` rounded down). Default 0. Not 0 when `maxSurge` is 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::validation::int_or_percent")]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+/// Default `spec.progressDeadlineSeconds`.
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: i32 = 600;
+
+/// Where a rollout stands, persisted so a restart of the controller resumes it as it was.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The build hash (`kube-node.io/build-hash`) up-to-date Nodes carry now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_hash: Option<String>,
+    /// The target the rollout stopped at, when it stopped: nothing more is replaced until the
+    /// target changes (edit the NodeClass or the template, e.g. a template annotation, to
+    /// try again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_hash: Option<String>,
+    /// Why it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_reason: Option<String>,
+    /// What stopped it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_message: Option<String>,
 }
 
 /// The exponential backoff of replacing failing machines.
@@ -299,6 +382,13 @@ pub struct NodeSetStatus {
     /// How many were built from an older generation of the NodeClass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outdated_replicas: Option<i32>,
+    /// How many (not being deleted) were built from what the NodeSet and its NodeClass say
+    /// now: not drifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_replicas: Option<i32>,
+    /// The rolling replacement of drifted Nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -309,7 +399,8 @@ pub struct NodeSetStatus {
     /// The replacement backoff: consecutive machine failures and when the next launch is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<BackoffStatus>,
-    /// `Ready`, `ReplicaFailure`, `CircuitBreakerOpen`, `Backoff`, `NodeClassOutdated`.
+    /// `Ready`, `ReplicaFailure`, `CircuitBreakerOpen`, `Backoff`, `NodeClassOutdated`,
+    /// `Progressing`, `Available`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -368,6 +459,23 @@ impl NodeSetSpec {
             .and_then(|b| b.max)
             .map_or(DEFAULT_BACKOFF_MAX, Into::into);
         (base, max.max(base))
+    }
+
+    /// `spec.strategy.type`, defaulted.
+    pub fn strategy_type(&self) -> StrategyType {
+        self.strategy
+            .as_ref()
+            .and_then(|s| s.type_)
+            .unwrap_or_default()
+    }
+
+    /// `spec.progressDeadlineSeconds`, defaulted.
+    pub fn progress_deadline(&self) -> std::time::Duration {
+        let s = self
+            .progress_deadline_seconds
+            .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECONDS)
+            .max(1);
+        std::time::Duration::from_secs(u64::from(s.unsigned_abs()))
     }
 
     /// Whether cluster-autoscaler may drive this NodeSet.
@@ -433,6 +541,46 @@ impl NodeSetSpec {
                     "spec.replacementBackoff.max",
                     Err("must not be less than spec.replacementBackoff.base".into()),
                 );
+            }
+        }
+        if self.progress_deadline_seconds.is_some_and(|s| s < 1) {
+            errors.check(
+                "spec.progressDeadlineSeconds",
+                Err("must be at least 1".into()),
+            );
+        }
+        if let Some(st) = &self.strategy {
+            if st.rolling_update.is_some() && st.type_ == Some(StrategyType::OnDelete) {
+                errors.check(
+                    "spec.strategy.rollingUpdate",
+                    Err("may only be set when spec.strategy.type is RollingUpdate".into()),
+                );
+            }
+            if let Some(ru) = &st.rolling_update {
+                for (field, v) in [
+                    ("spec.strategy.rollingUpdate.maxSurge", &ru.max_surge),
+                    (
+                        "spec.strategy.rollingUpdate.maxUnavailable",
+                        &ru.max_unavailable,
+                    ),
+                ] {
+                    if let Some(v) = v {
+                        errors.check(field, check_int_or_percent(v));
+                    }
+                }
+                let zero = |v: &Option<IntOrString>| {
+                    matches!(v, Some(IntOrString::Int(0)))
+                        || matches!(v, Some(IntOrString::String(s)) if s.trim_end_matches('%').chars().all(|c| c == '0'))
+                };
+                // maxUnavailable defaults to 0.
+                if zero(&ru.max_surge)
+                    && (ru.max_unavailable.is_none() || zero(&ru.max_unavailable))
+                {
+                    errors.check(
+                        "spec.strategy.rollingUpdate.maxUnavailable",
+                        Err("must not be 0 when maxSurge is 0".into()),
+                    );
+                }
             }
         }
         for (i, n) in self.remove_nodes.iter().enumerate() {
