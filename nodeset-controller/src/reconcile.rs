@@ -727,19 +727,23 @@ async fn delete_nodes(
         )
         .await;
     }
-    // One event per replaced Node: a rollout is followed Node by Node.
+    // One event per replaced Node (the Node as its related object, so the recorder does not
+    // fold them into one series): a rollout is followed Node by Node.
     for victim in deleted.iter().filter(|v| the_plan.replaced.contains(v)) {
         let why = notes.get(victim).map_or("drifted", String::as_str);
         tracing::info!(node = %victim, why, "replacing drifted node");
-        publish(
-            ctx,
-            ns,
-            EventType::Normal,
-            REPLACED_EVENT_REASON,
-            "Replace",
-            format!("Replacing drifted Node {victim} ({why}): draining and deleting it"),
-        )
-        .await;
+        let ev = Event {
+            type_: EventType::Normal,
+            reason: REPLACED_EVENT_REASON.to_string(),
+            note: Some(format!(
+                "Replacing drifted Node {victim} ({why}): draining and deleting it"
+            )),
+            action: "Replace".to_string(),
+            secondary: lookup(victim).map(|n| n.object_ref(&())),
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &ns.object_ref(&())).await {
+            tracing::debug!(error = %e, "publishing event failed");
+        }
     }
     if let Some((victim, e)) = failed.first() {
         let note = format!("deleting Node {victim} failed: {e}");
