@@ -9,6 +9,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch
 use kube_node_crds::names;
 use kube_node_crds::{NodeClass, NodeSet};
 use kube_node_embedded_api::EmbeddedApi;
+use nodeset_controller::drift::{BuildHash, drift};
 use tokio::time::Instant;
 
 use super::scenario::{Expect, ObjectRef, Scenario, Step};
@@ -32,6 +33,9 @@ pub struct StepReport {
     pub api_writes: u64,
     /// Provider calls during the step.
     pub provider_calls: u64,
+    /// The most Nodes (asking for a machine, those being deleted included) seen at once
+    /// during the step.
+    pub peak_nodes: usize,
 }
 
 /// What a whole scenario did.
@@ -50,7 +54,7 @@ impl Summary {
     /// A printable table.
     pub fn render(&self) -> String {
         let mut out = String::from(
-            "\nstep                                              converged  nodes+  nodes-  ctrl-writes provider-calls\n",
+            "\nstep                                              converged  nodes+  nodes-  peak  ctrl-writes provider-calls\n",
         );
         for s in &self.steps {
             let t = s.converged_after.map_or_else(
@@ -58,22 +62,24 @@ impl Summary {
                 |d| format!("{:.1}s", d.as_secs_f64()),
             );
             out.push_str(&format!(
-                "{:<50}{:>9}{:>8}{:>8}{:>12}{:>16}\n",
+                "{:<50}{:>9}{:>8}{:>8}{:>6}{:>13}{:>16}\n",
                 truncate(&s.name, 49),
                 t,
                 s.nodes_created,
                 s.nodes_deleted,
+                s.peak_nodes,
                 s.api_writes,
                 s.provider_calls
             ));
         }
         let total = |f: fn(&StepReport) -> u64| self.steps.iter().map(f).sum::<u64>();
         out.push_str(&format!(
-            "{:<50}{:>9}{:>8}{:>8}{:>12}{:>16}\n",
+            "{:<50}{:>9}{:>8}{:>8}{:>6}{:>13}{:>16}\n",
             "total",
             "",
             total(|s| s.nodes_created),
             total(|s| s.nodes_deleted),
+            "",
             total(|s| s.api_writes),
             total(|s| s.provider_calls)
         ));
@@ -254,20 +260,60 @@ impl Simulation {
             .filter(|n| n.annotations().contains_key(names::NODE_CLASS_ANNOTATION))
             .collect();
         let ready = annotated.iter().filter(|n| kubelet_ready(n)).count();
-        let ready_replicas = match &expect.node_set {
-            Some(ns) => Api::<NodeSet>::all(self.cluster.client.clone())
-                .get_opt(ns)
-                .await?
-                .and_then(|s| s.status)
-                .map(|s| s.ready_replicas),
+        let nodeset = match &expect.node_set {
+            Some(ns) => {
+                Api::<NodeSet>::all(self.cluster.client.clone())
+                    .get_opt(ns)
+                    .await?
+            }
             None => None,
+        };
+        let ready_replicas = nodeset
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .map(|s| s.ready_replicas);
+        let up_to_date = match (&nodeset, expect.up_to_date) {
+            (Some(ns), Some(_)) => Some(self.up_to_date(ns, &annotated).await?),
+            _ => None,
         };
         Ok(Observed {
             nodes: annotated.len(),
             ready_nodes: ready,
             machines: self.cluster.cloud.machine_count(),
             ready_replicas,
+            up_to_date,
         })
+    }
+
+    /// Whether every live Node of the NodeSet carries the build hash of its current template
+    /// and NodeClass.
+    async fn up_to_date(&self, ns: &NodeSet, nodes: &[&Node]) -> anyhow::Result<bool> {
+        let class = &ns.spec.template.spec.node_class_name;
+        let Some(spec) = Api::<NodeClass>::all(self.cluster.client.clone())
+            .get_opt(class)
+            .await?
+            .map(|c| c.spec)
+        else {
+            return Ok(false);
+        };
+        let target = BuildHash::of(class, &spec, &ns.spec.template);
+        let uid = ns.metadata.uid.as_deref();
+        Ok(nodes
+            .iter()
+            .filter(|n| {
+                n.metadata.deletion_timestamp.is_none()
+                    && n.owner_references()
+                        .iter()
+                        .any(|o| Some(o.uid.as_str()) == uid)
+            })
+            .all(|n| {
+                let a = n.annotations();
+                BuildHash::parse(
+                    a.get(names::NODE_CLASS_ANNOTATION).map(String::as_str),
+                    a.get(names::BUILD_HASH_ANNOTATION).map(String::as_str),
+                )
+                .is_some_and(|b| drift(&target, &b).is_none())
+            }))
     }
 }
 
@@ -278,6 +324,7 @@ struct Observed {
     ready_nodes: usize,
     machines: usize,
     ready_replicas: Option<i32>,
+    up_to_date: Option<bool>,
 }
 
 impl Observed {
@@ -286,6 +333,7 @@ impl Observed {
             && e.machines.is_none_or(|n| n == self.machines)
             && e.ready_replicas
                 .is_none_or(|n| Some(n) == self.ready_replicas)
+            && e.up_to_date.is_none_or(|u| Some(u) == self.up_to_date)
     }
 }
 
@@ -335,8 +383,10 @@ pub async fn simulate_scenario(
         let timeout: Duration = step.timeout.map_or(Duration::from_secs(120), Into::into);
         let expect = step.expect.clone().unwrap_or_default();
         let mut last_print = Instant::now();
+        let mut peak_nodes = 0;
         let converged_after = loop {
             let observed = sim.observe(&expect).await?;
+            peak_nodes = peak_nodes.max(observed.nodes);
             if observed.satisfies(&expect) {
                 break Some(step_start.elapsed());
             }
@@ -378,6 +428,7 @@ pub async fn simulate_scenario(
             nodes_deleted: d1 - d0,
             api_writes: w1 - w0,
             provider_calls: sim.provider_calls() - p0,
+            peak_nodes,
         });
         if converged_after.is_none() {
             break;

@@ -107,6 +107,10 @@ pub struct Expect {
     /// Live machines of the simulated cloud.
     #[serde(default)]
     pub machines: Option<usize>,
+    /// Whether every Node of the NodeSet (not being deleted) was built from what the NodeSet
+    /// and its NodeClass say now (no drift: a rollout is done).
+    #[serde(default)]
+    pub up_to_date: Option<bool>,
 }
 
 impl Scenario {
@@ -196,6 +200,12 @@ mod tests {
         assert!(s.steps.len() >= 5);
         assert_eq!(s.steps[0].apply.len(), 2, "NodeClass and NodeSet");
         assert_eq!(s.steps[1].scale.as_ref().map(|x| x.replicas), Some(20));
+        // A rollout step waits for every Node to be up to date.
+        assert!(
+            s.steps
+                .iter()
+                .any(|st| st.expect.as_ref().and_then(|e| e.up_to_date) == Some(true))
+        );
     }
 
     #[test]
