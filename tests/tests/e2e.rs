@@ -2290,3 +2290,220 @@ async fn the_readme_quick_start_works_on_a_fresh_cluster() {
     kn.kill();
     env.finish().await;
 }
+
+/// A 10-Node NodeSet rolls to a new image (maxSurge 2, maxUnavailable 0) under a Deployment
+/// the real scheduler spread over it, protected by a PodDisruptionBudget (minAvailable 9):
+/// the Deployment's available pods never fall below the PDB's minimum, and the NodeSet never
+/// has more than 12 Nodes. Needs a cluster started with `--scheduler`.
+#[tokio::test]
+async fn a_ten_node_rollout_keeps_a_pdb_protected_workload_available() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let Some(env) = setup("rollout").await else {
+        return;
+    };
+    let client = env.client.clone();
+    let kn = spawn_leader(&env, RunOptions::new(&env, "e2e-rollout")).await;
+    let class_name = env.name("e2e-rollout-class");
+    let set_name = env.name("e2e-rollout");
+    apply_class(
+        &client,
+        &simulated_class(
+            &class_name,
+            json!({"provider": {"simulated": {"image": "os-v1"}}, "timeouts": {"drain": "300s"}}),
+        ),
+    )
+    .await;
+    let set: NodeSet = serde_json::from_value(json!({
+        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeSet",
+        "metadata": {"name": set_name, "labels": {SUITE_LABEL: "true"}},
+        "spec": {
+            "replicas": 10,
+            "selector": {"matchLabels": {"e2e.kube-node.io/pool": set_name}},
+            "template": {
+                "metadata": {"labels": {"e2e.kube-node.io/pool": set_name, SUITE_LABEL: "true"}},
+                "spec": {"nodeClassName": class_name},
+            },
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 2, "maxUnavailable": 0}},
+        },
+    }))
+    .expect("NodeSet");
+    let sets: Api<NodeSet> = Api::all(client.clone());
+    sets.create(&PostParams::default(), &set)
+        .await
+        .expect("NodeSet created");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pool = ListParams::default().labels(&format!("e2e.kube-node.io/pool={set_name}"));
+    let list_pool = || {
+        let (nodes, pool) = (nodes.clone(), pool.clone());
+        async move { nodes.list(&pool).await.map(|l| l.items).unwrap_or_default() }
+    };
+    eventually("10 Ready Nodes", Duration::from_secs(180), || async {
+        let ns = list_pool().await;
+        ns.len() == 10 && ns.iter().all(is_ready)
+    })
+    .await;
+    let before: HashSet<String> = list_pool().await.iter().map(|n| n.name_any()).collect();
+
+    // The workload: 10 pods spread over the pool by the scheduler, at most one disruption.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &env.namespace);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web", "labels": {SUITE_LABEL: "true"}},
+        "spec": {
+            "replicas": 10,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web", SUITE_LABEL: "true"}},
+                "spec": {
+                    "nodeSelector": {"e2e.kube-node.io/pool": set_name},
+                    "terminationGracePeriodSeconds": 1,
+                    "topologySpreadConstraints": [{
+                        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                        "whenUnsatisfiable": "ScheduleAnyway",
+                        "labelSelector": {"matchLabels": {"app": "web"}},
+                    }],
+                    "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.9"}],
+                },
+            },
+        },
+    }))
+    .expect("Deployment");
+    eventually("Deployment admitted", Duration::from_secs(60), || {
+        let (deployments, d) = (deployments.clone(), deployment.clone());
+        async move { deployments.create(&PostParams::default(), &d).await.is_ok() }
+    })
+    .await;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &env.namespace);
+    let pdb: PodDisruptionBudget = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"minAvailable": 9, "selector": {"matchLabels": {"app": "web"}}}
+    }))
+    .expect("PDB");
+    pdbs.create(&PostParams::default(), &pdb)
+        .await
+        .expect("PDB created");
+    let available = || {
+        let deployments = deployments.clone();
+        async move {
+            deployments
+                .get("web")
+                .await
+                .ok()
+                .and_then(|d| d.status)
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0)
+        }
+    };
+    eventually(
+        "10 web pods available",
+        Duration::from_secs(120),
+        || async { available().await == 10 },
+    )
+    .await;
+    eventually(
+        "the PDB allows one disruption",
+        Duration::from_secs(60),
+        || {
+            let pdbs = pdbs.clone();
+            async move {
+                pdbs.get("web").await.is_ok_and(|p| {
+                    p.status
+                        .as_ref()
+                        .is_some_and(|s| s.current_healthy == 10 && s.disruptions_allowed == 1)
+                })
+            }
+        },
+    )
+    .await;
+
+    // Watch the rollout: the fewest available pods, the most Nodes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new((i32::MAX, 0usize)));
+    let watcher = {
+        let (stop, seen, deployments, nodes, pool) = (
+            stop.clone(),
+            seen.clone(),
+            deployments.clone(),
+            nodes.clone(),
+            pool.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let avail = deployments
+                    .get("web")
+                    .await
+                    .ok()
+                    .and_then(|d| d.status)
+                    .and_then(|s| s.available_replicas);
+                let count = nodes.list(&pool).await.map(|l| l.items.len()).ok();
+                if let Ok(mut s) = seen.lock() {
+                    if let Some(a) = avail {
+                        s.0 = s.0.min(a);
+                    }
+                    if let Some(c) = count {
+                        s.1 = s.1.max(c);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    let started = std::time::Instant::now();
+    let classes: Api<NodeClass> = Api::all(client.clone());
+    classes
+        .patch(
+            &class_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"provider": {"simulated": {"image": "os-v2"}}}})),
+        )
+        .await
+        .expect("new image");
+    eventually(
+        "every Node replaced and the NodeSet up to date",
+        Duration::from_secs(600),
+        || async {
+            let ns = list_pool().await;
+            let updated = sets
+                .get(&set_name)
+                .await
+                .ok()
+                .and_then(|s| s.status)
+                .and_then(|s| s.updated_replicas);
+            ns.len() == 10
+                && ns.iter().all(is_ready)
+                && ns.iter().all(|n| !before.contains(&n.name_any()))
+                && updated == Some(10)
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    eventually(
+        "10 web pods available again",
+        Duration::from_secs(120),
+        || async { available().await == 10 },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watcher.await;
+    let (min_available, peak) = *seen.lock().expect("watch state");
+    println!(
+        "e2e rollout of 10 Nodes: {:.1}s, peak {peak} Nodes, at least {min_available} of 10 web pods available (PDB minAvailable 9)",
+        took.as_secs_f64()
+    );
+    assert!(
+        min_available >= 9,
+        "{min_available} available pods, below the PDB minimum"
+    );
+    assert!(peak <= 12, "{peak} Nodes, above replicas + maxSurge");
+
+    let _ = deployments.delete("web", &DeleteParams::default()).await;
+    let _ = pdbs.delete("web", &DeleteParams::default()).await;
+    let _ = sets.delete(&set_name, &DeleteParams::default()).await;
+    eventually("the NodeSet's Nodes gone", GONE_TIMEOUT, || async {
+        list_pool().await.is_empty()
+    })
+    .await;
+    delete_class_and_wait(&client, &class_name).await;
+    drop(kn);
+    env.finish().await;
+}
