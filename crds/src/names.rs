@@ -70,6 +70,11 @@ pub const AUTOSCALER_UNREGISTERED_TAINT_EFFECT: &str = "PreferNoSchedule";
 
 /// Node condition type that carries the machine's lifecycle phase as its reason.
 pub const MACHINE_READY_CONDITION: &str = "MachineReady";
+/// The [`MACHINE_READY_CONDITION`] message of a machine about to be (or being) created: the
+/// node-controller writes it before its create call, and a NodeSet creates its Nodes with it
+/// already in `status` (the API server keeps a Node's status on create), which saves that
+/// write.
+pub const LAUNCHING_MESSAGE: &str = "creating the machine";
 
 /// NodeClass/NodeSet condition: the summary condition.
 pub const READY_CONDITION: &str = "Ready";

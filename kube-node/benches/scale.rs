@@ -213,13 +213,72 @@ fn print_writes(title: &str, counts: &BTreeMap<(String, String), u64>, nodes: u6
     }
 }
 
+/// The baseline kube-controller-manager's ReplicaSet controller stands for on a real cluster:
+/// N Node creates by 16 parallel workers behind one token bucket at the controllers' QPS and
+/// burst, on a fresh embedded API (nothing else running).
+async fn raw_create_baseline(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<Duration> {
+    let api = EmbeddedApi::new();
+    let client = ClientBuilder::new(api.service(), "default")
+        .with_layer(&RateLimitLayer::new(qps, burst))
+        .build();
+    let node_api: Api<Node> = Api::all(client);
+    let next = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (node_api, next) = (node_api.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= nodes {
+                        return anyhow::Ok(());
+                    }
+                    let node: Node = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("raw-{i}"), "labels": {"bench": "raw"}},
+                    }))?;
+                    node_api.create(&PostParams::default(), &node).await?;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await??;
+    }
+    Ok(start.elapsed())
+}
+
+/// When the simulated cloud had seen `n` create calls since `base`, polled every 5 ms.
+fn watch_creates(
+    cloud: kube_node_provider_simulated::SimulatedCloud,
+    base: u64,
+    n: u64,
+    start: Instant,
+) -> tokio::task::JoinHandle<Duration> {
+    tokio::spawn(async move {
+        loop {
+            if cloud.create_calls().saturating_sub(base) >= n {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+}
+
 async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
+    // The baseline first, on its own quiet API server.
+    let baseline = raw_create_baseline(nodes, qps, burst).await?;
     // One token bucket per controller, as `kube-node run` gives each its own client; a write
     // counter on each so the breakdown is per controller. The simulated kubelet stands for N
     // separate kubelets: its own unlimited client.
     let api = EmbeddedApi::new();
     let node_writes = WriteCounts::default();
     let nodeset_writes = WriteCounts::default();
+    let event_writes = WriteCounts::default();
+    // The node-controller's event path: its own client, as `kube-node run` gives it (the
+    // writer's own token bucket limits it).
+    let event_client = ClientBuilder::new(api.service(), "default")
+        .with_layer(&event_writes)
+        .build();
     let node_client = ClientBuilder::new(api.service(), "default")
         .with_layer(&node_writes)
         .with_layer(&RateLimitLayer::new(qps, burst))
@@ -241,6 +300,7 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         .nodeset_config(nodeset_config)
         .client(Role::NodeController, node_client)
         .client(Role::NodesetController, nodeset_client)
+        .client(Role::Events, event_client)
         .controllers_stopped()
         .start()
         .await?;
@@ -273,6 +333,7 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
     api.reset_stats();
     node_writes.reset();
     nodeset_writes.reset();
+    event_writes.reset();
     let kubelet0 = cloud.kubelet_writes();
     let scale = |n: i32| {
         let sets = sets.clone();
@@ -289,6 +350,8 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
     let poll = Duration::from_millis(100);
 
     let start = Instant::now();
+    let n_u64 = u64::try_from(nodes)?;
+    let launched = watch_creates(cloud.clone(), cloud.create_calls(), n_u64, start);
     scale(nodes).await?;
     let mut created = None;
     let ready = loop {
@@ -306,6 +369,8 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         tokio::time::sleep(poll).await;
     };
     let created = created.unwrap_or(ready);
+    let launched = launched.await?;
+    let up_writes = node_writes.total() + nodeset_writes.total() + event_writes.total();
     let all = node_api.list(&ListParams::default()).await?;
     let ready_nodes = all.items.iter().filter(|n| kubelet_ready(n)).count();
     let (hwm_up, rss_up) = memory("self");
@@ -337,7 +402,8 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         .saturating_sub(bench_writes);
     let node_counts = node_writes.snapshot();
     let nodeset_counts = nodeset_writes.snapshot();
-    let ctrl_total = node_writes.total() + nodeset_writes.total();
+    let event_counts = event_writes.snapshot();
+    let ctrl_total = node_writes.total() + nodeset_writes.total() + event_writes.total();
     let n = u64::try_from(nodes)?;
     let (hwm, rss) = memory("self");
 
@@ -347,12 +413,23 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
     );
     println!("NodeClass: simulated, bootDelay 0s, deleteDelay 0s");
     println!(
-        "all {nodes} Nodes created after         {:>7.2} s",
-        created.as_secs_f64()
+        "baseline: {nodes} raw Node creates (16 workers, one bucket at {qps} QPS, burst {burst}, quiet API) {:>7.2} s",
+        baseline.as_secs_f64()
     );
     println!(
-        "status.readyReplicas == {nodes} after    {:>7.2} s  ({ready_nodes} Nodes kubelet-Ready)",
-        ready.as_secs_f64()
+        "all {nodes} Nodes created after         {:>7.2} s  ({:.2} x baseline; target <= 1.0)",
+        created.as_secs_f64(),
+        created.as_secs_f64() / baseline.as_secs_f64()
+    );
+    println!(
+        "status.readyReplicas == {nodes} after    {:>7.2} s  ({:.2} x baseline; target <= 4.0; {ready_nodes} Nodes kubelet-Ready)",
+        ready.as_secs_f64(),
+        ready.as_secs_f64() / baseline.as_secs_f64()
+    );
+    println!(
+        "{nodes}th provider create issued after {:>7.2} s  ({:.2} x the Nodes' creation; target <= 1.5)",
+        launched.as_secs_f64(),
+        launched.as_secs_f64() / created.as_secs_f64()
     );
     println!(
         "scale to 0: no Node left after       {:>7.2} s",
@@ -362,7 +439,17 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         "API writes per Node lifecycle (create -> Ready -> delete), both controllers: {:.2}",
         ctrl_total as f64 / n as f64
     );
+    println!(
+        "  of which during the scale-up (to readyReplicas == {nodes}): {:.2} per Node; the scale-down: {:.2} per Node",
+        up_writes as f64 / n as f64,
+        (ctrl_total - up_writes) as f64 / n as f64
+    );
     print_writes("node-controller", &node_counts, n);
+    print_writes(
+        "node-controller events (best-effort path, own client)",
+        &event_counts,
+        n,
+    );
     print_writes("nodeset-controller", &nodeset_counts, n);
     println!(
         "  cross-check from EmbeddedApi::stats(): {} writes in all - {kubelet_writes} by the simulated kubelet - {bench_writes} /scale patches by the bench = {from_stats} (counted on the controllers' clients: {ctrl_total})",

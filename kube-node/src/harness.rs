@@ -55,6 +55,8 @@ pub enum Role {
     NodesetController,
     /// The simulated kubelet's (it plays every machine's kubelet).
     Kubelet,
+    /// The node-controller's event path (default: the node-controller's own client).
+    Events,
 }
 
 /// How a [`Harness`] is set up; see [`Harness::builder`].
@@ -71,6 +73,7 @@ pub struct HarnessBuilder {
     node_client: Option<Client>,
     nodeset_client: Option<Client>,
     kubelet_client: Option<Client>,
+    events_client: Option<Client>,
     start_controllers: bool,
 }
 
@@ -92,6 +95,7 @@ impl Default for HarnessBuilder {
             node_client: None,
             nodeset_client: None,
             kubelet_client: None,
+            events_client: None,
             start_controllers: true,
         }
     }
@@ -171,6 +175,7 @@ impl HarnessBuilder {
             Role::NodeController => self.node_client = Some(client),
             Role::NodesetController => self.nodeset_client = Some(client),
             Role::Kubelet => self.kubelet_client = Some(client),
+            Role::Events => self.events_client = Some(client),
         }
         self
     }
@@ -225,6 +230,7 @@ impl HarnessBuilder {
         let mut harness = Harness {
             node_client: self.node_client.unwrap_or_else(|| api.client()),
             nodeset_client: self.nodeset_client.unwrap_or_else(|| api.client()),
+            events_client: self.events_client,
             api,
             client,
             cloud,
@@ -270,6 +276,7 @@ pub struct Harness {
     providers: ProviderRegistry,
     node_client: Client,
     nodeset_client: Client,
+    events_client: Option<Client>,
     node_config: Option<node_controller::Config>,
     nodeset_config: Option<nodeset_controller::Config>,
     kubelet: Option<KubeletHandle>,
@@ -338,12 +345,25 @@ impl Harness {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        // Both controllers on one Node watch, as `kube-node run` runs them.
+        let (node_watch, nodeset_watch) =
+            match (self.node_config.is_some(), self.nodeset_config.is_some()) {
+                (true, true) => {
+                    let (a, b) = crate::run::shared_node_watch(self.node_client.clone());
+                    (Some(a), Some(b))
+                }
+                _ => (None, None),
+            };
         if let Some(config) = self.node_config.clone() {
-            let run = node_controller::run(
+            let run = node_controller::run_shared(
                 self.node_client.clone(),
                 self.providers.clone(),
                 config,
                 self.node_metrics.clone(),
+                kube_node_runtime::Shared {
+                    nodes: node_watch,
+                    events_client: self.events_client.clone(),
+                },
                 stopped(stop_rx.clone()),
             );
             self.controllers.push((
@@ -352,10 +372,11 @@ impl Harness {
             ));
         }
         if let Some(config) = self.nodeset_config.clone() {
-            let run = nodeset_controller::run(
+            let run = nodeset_controller::run_shared(
                 self.nodeset_client.clone(),
                 config,
                 self.nodeset_metrics.clone(),
+                nodeset_watch,
                 stopped(stop_rx),
             );
             self.controllers.push((

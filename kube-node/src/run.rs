@@ -3,8 +3,12 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube_node_provider::{ProviderMetrics, ProviderRegistry};
 use kube_node_provider_simulated::SimulatedCloud;
+use kube_node_runtime::{Fanout, Shared, WatchSource};
 use prometheus_client::registry::Registry;
 
 use crate::cli::{ControllerArgs, RunArgs};
@@ -55,6 +59,29 @@ pub fn provider_registry(cloud: &SimulatedCloud, metrics: ProviderMetrics) -> Pr
     registry
 }
 
+/// One Node watch for both controllers: one cache (trimmed to what either reads, see
+/// [`node_controller::trim_node`]) and one decode of every Node event, handed to each
+/// controller in order. Two watches held two caches of every Node. The watch runs until both
+/// controllers have dropped their half.
+pub fn shared_node_watch(client: kube::Client) -> (WatchSource<Node>, WatchSource<Node>) {
+    let (store, writer) = reflector::store::<Node>();
+    let mut fanout = Fanout::new();
+    let nodes = WatchSource {
+        store: store.clone(),
+        events: fanout.subscribe(),
+    };
+    let nodesets = WatchSource {
+        store,
+        events: fanout.subscribe(),
+    };
+    let source = watcher(Api::<Node>::all(client), watcher::Config::default())
+        .default_backoff()
+        .modify(node_controller::trim_node)
+        .reflect(writer);
+    tokio::spawn(fanout.run(source));
+    (nodes, nodesets)
+}
+
 /// The controllers' configs from the flags.
 pub fn controller_configs(
     cluster_name: &str,
@@ -90,6 +117,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let clients = Clients {
         nodes: limited_client(config.clone(), qps, burst)?,
         nodesets: limited_client(config.clone(), qps, burst)?,
+        // The shared Node watch's list and watch calls, like an informer factory's client.
+        watch: limited_client(config.clone(), qps, burst)?,
+        // The event path has its own token bucket (see `EventSink`): none here.
+        events: limited_client(config.clone(), 0.0, 1)?,
         kubelet: limited_client(config, qps, burst)?,
     };
     let version = client
@@ -215,6 +246,8 @@ impl Drop for AbortOnDrop {
 struct Clients {
     nodes: kube::Client,
     nodesets: kube::Client,
+    watch: kube::Client,
+    events: kube::Client,
     /// The simulated kubelet's: it plays many kubelets, which would each have their own.
     kubelet: kube::Client,
 }
@@ -315,17 +348,23 @@ async fn run_controllers(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let mut nodes = tokio::spawn(node_controller::run(
+    let (node_watch, nodeset_watch) = shared_node_watch(clients.watch);
+    let mut nodes = tokio::spawn(node_controller::run_shared(
         clients.nodes,
         providers,
         node_config,
         node_metrics,
+        Shared {
+            nodes: Some(node_watch),
+            events_client: Some(clients.events),
+        },
         stopped(stop_rx.clone()),
     ));
-    let mut nodesets = tokio::spawn(nodeset_controller::run(
+    let mut nodesets = tokio::spawn(nodeset_controller::run_shared(
         clients.nodesets,
         nodeset_config,
         nodeset_metrics,
+        Some(nodeset_watch),
         stopped(stop_rx.clone()),
     ));
     let why = tokio::select! {

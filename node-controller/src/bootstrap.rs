@@ -61,6 +61,16 @@ impl BootstrapToken {
         Self { id, secret }
     }
 
+    /// A new token under the public id `id` (a fresh secret half), when `id` is a valid one:
+    /// the id a NodeSet recorded on the Node when it created it.
+    pub fn with_id(id: &str) -> Option<Self> {
+        let valid = id.len() == 6 && id.bytes().all(|b| ALPHABET.contains(&b));
+        valid.then(|| Self {
+            id: id.to_string(),
+            secret: Self::generate().secret,
+        })
+    }
+
     /// The name of the Secret holding this token.
     pub fn secret_name(&self) -> String {
         secret_name(&self.id)

@@ -37,7 +37,7 @@ use kube::{Api, Client, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::NODE_CLASS_ANNOTATION;
 use kube_node_provider::{Credentials, Provider, ProviderError, ProviderRegistry, ResolvedClass};
-use kube_node_runtime::Backoff;
+use kube_node_runtime::{Backoff, EventSink, Shared};
 
 pub use error::{Error, WAIT_FOR_CHANGE, error_delay};
 pub use kube_node_runtime::tolerant::{self, Decoder, InvalidObjects, nodeclass_decoder};
@@ -102,6 +102,8 @@ pub(crate) struct Context {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
     pub(crate) recorder: Recorder,
+    /// Node events: best effort, never waited for.
+    pub(crate) events: EventSink,
     pub(crate) nodes: Store<Node>,
     /// NodeClasses as the watch last saw them: a Node pass reads its class here, not from the
     /// API server (a scale-up of 1000 Nodes would otherwise cost 1000+ GETs).
@@ -382,8 +384,9 @@ impl Context {
 /// not of kube-node, and the kubelet's status (images, addresses, capacity, node info,
 /// volumes) but the Ready and MachineReady conditions. With thousands of Nodes the cache is most of the controller's
 /// memory. Metadata and spec stay whole: patches test the taints and resourceVersion they
-/// were computed from.
-fn trim_node(node: &mut Node) {
+/// were computed from. A process sharing one Node watch between both controllers trims with
+/// this (it keeps everything the nodeset-controller's own trim keeps).
+pub fn trim_node(node: &mut Node) {
     node.metadata.managed_fields = None;
     // Patches add annotation keys one by one where the map exists: keep it, emptied of
     // others' keys.
@@ -415,6 +418,26 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    run_shared(
+        client,
+        providers,
+        config,
+        metrics,
+        Shared::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`], on the process's shared Node watch and event client where `shared` has them.
+pub async fn run_shared(
+    client: Client,
+    providers: ProviderRegistry,
+    config: Config,
+    metrics: Metrics,
+    shared: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut sync_stop = stop_rx.clone();
     tokio::spawn(async move {
@@ -433,12 +456,20 @@ pub async fn run(
     // The Node watch feeds the cache and the controller; every object it delivers is a
     // trigger the work queue counts.
     let queue = metrics.work_queue().clone();
-    let (store, writer) = reflector::store::<Node>();
+    let (store, node_events) = match shared.nodes {
+        Some(source) => (source.store, source.events),
+        None => {
+            let (store, writer) = reflector::store::<Node>();
+            let events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .modify(trim_node)
+                .reflect(writer)
+                .boxed();
+            (store, events)
+        }
+    };
     let watched = queue.clone();
-    let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(trim_node)
-        .reflect(writer)
+    let node_events = node_events
         .applied_objects()
         .inspect_ok(move |n| watched.add(&n.name_any()));
     let node_ctrl = Controller::for_stream(node_events, store.clone())
@@ -466,6 +497,12 @@ pub async fn run(
             instance: None,
         },
     );
+    let events = EventSink::start(
+        shared.events_client.unwrap_or_else(|| client.clone()),
+        REPORTER,
+        kube_node_runtime::events::EVENT_QPS,
+        kube_node_runtime::events::EVENT_BURST,
+    );
     let (capacity_tx, capacity_rx) = futures::channel::mpsc::unbounded::<ObjectRef<NodeClass>>();
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -473,6 +510,7 @@ pub async fn run(
         config,
         metrics,
         recorder,
+        events,
         nodes: store.clone(),
         classes: class_store.clone(),
         invalid_classes: invalid_classes.clone(),

@@ -10,14 +10,14 @@ use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Secret, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::{
     AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT,
-    BOOTSTRAP_TOKEN_ANNOTATION, INSTANCE_ID_ANNOTATION, LAUNCHED_AT_ANNOTATION, MACHINE_FINALIZER,
-    MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
-    NODE_CLASS_LABEL, READY_CONDITION, UNREGISTERED_TAINT, tags,
+    BOOTSTRAP_TOKEN_ANNOTATION, INSTANCE_ID_ANNOTATION, LAUNCHED_AT_ANNOTATION, LAUNCHING_MESSAGE,
+    MACHINE_FINALIZER, MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION,
+    NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, READY_CONDITION, UNREGISTERED_TAINT, tags,
 };
 use kube_node_crds::v1alpha1::find_condition;
 use kube_node_provider::{CreateRequest, Instance, ListFilter, Provider, ProviderError};
@@ -486,19 +486,8 @@ async fn act(
                 MachinePhase::Launching => "the machine is booting",
                 _ => "the machine runs; waiting for its kubelet to report Ready",
             };
+            // The condition is the record: a routine transition writes no event.
             set_condition(pass, ctx, phase, msg).await?;
-            // Registering is a condition only; the Launching event came with the create.
-            if phase == MachinePhase::Launching {
-                transition_event(
-                    ctx,
-                    pass,
-                    phase_before,
-                    EventType::Normal,
-                    phase.as_str(),
-                    msg,
-                )
-                .await;
-            }
             Ok(Requeue::requeue(requeue))
         }
         Action::MarkReady => {
@@ -519,16 +508,8 @@ async fn act(
             }
             apply_ops(pass, ctx, ops).await?;
             set_condition(pass, ctx, MachinePhase::Ready, "the kubelet reported Ready").await?;
+            // The condition says Registered ("the kubelet reported Ready"): no event.
             tracing::info!("node registered");
-            transition_event(
-                ctx,
-                pass,
-                phase_before,
-                EventType::Normal,
-                "Registered",
-                "the machine's kubelet joined the Node and reported Ready",
-            )
-            .await;
             if let Some(class) = pass.node.annotations().get(NODE_CLASS_ANNOTATION) {
                 ctx.check_capacity_soon(class);
             }
@@ -544,16 +525,8 @@ async fn act(
             Ok(long)
         }
         Action::Cordon => {
+            // The condition says Deleting: no event.
             set_condition(pass, ctx, MachinePhase::Deleting, DELETING_MESSAGE).await?;
-            transition_event(
-                ctx,
-                pass,
-                phase_before,
-                EventType::Normal,
-                "Deleting",
-                "the Node is being deleted: cordoning, draining, deleting the machine",
-            )
-            .await;
             let patch = serde_json::json!({"spec": {"unschedulable": true}});
             pass.node = node_api(ctx)
                 .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -568,15 +541,6 @@ async fn act(
                 evictable.len().saturating_sub(evicted)
             );
             set_condition(pass, ctx, MachinePhase::Deleting, &msg).await?;
-            transition_event(
-                ctx,
-                pass,
-                phase_before,
-                EventType::Normal,
-                "Deleting",
-                "the Node is being deleted: draining, deleting the machine",
-            )
-            .await;
             tracing::info!(evicted, blocked, "evicted pods");
             Ok(Requeue::requeue(DRAIN_POLL))
         }
@@ -586,15 +550,6 @@ async fn act(
             if pass.phase != Some(MachinePhase::Deleting) {
                 set_condition(pass, ctx, MachinePhase::Deleting, DELETING_MESSAGE).await?;
             }
-            transition_event(
-                ctx,
-                pass,
-                phase_before,
-                EventType::Normal,
-                "Deleting",
-                "the Node is being deleted: deleting the machine",
-            )
-            .await;
             if drain_timed_out {
                 let msg = format!(
                     "drain did not finish within {}s; deleting the machine anyway",
@@ -653,8 +608,14 @@ async fn create(
         .and_then(|b| b.api_server_endpoint.clone())
         .or_else(|| ctx.config.api_server_endpoint.clone())
         .ok_or(Error::NoApiServerEndpoint)?;
-    let hash = ctx.ca_cert_hash().await?;
-    let token = ensure_token(pass, ctx, class).await?;
+    // The writes this machine's launch waits for go ahead of every bookkeeping write of the
+    // controller (see `kube_node_runtime::urgent`).
+    let (hash, token) = kube_node_runtime::urgent(async {
+        let hash = ctx.ca_cert_hash().await?;
+        let token = ensure_token(pass, ctx, class).await?;
+        Ok::<_, Error>((hash, token))
+    })
+    .await?;
     let user_data = bootstrap::render_user_data(&JoinParams {
         node_name: &pass.name,
         api_server_endpoint: &endpoint,
@@ -665,8 +626,14 @@ async fn create(
 
     // From here on a machine may exist: the Launching phase tells a later deletion to look
     // for it by its tag even if the providerID write below never happens.
-    let before = pass.phase;
-    set_condition(pass, ctx, MachinePhase::Launching, "creating the machine").await?;
+    // A NodeSet creates its Nodes with this very condition: then nothing is written here.
+    kube_node_runtime::urgent(set_condition(
+        pass,
+        ctx,
+        MachinePhase::Launching,
+        LAUNCHING_MESSAGE,
+    ))
+    .await?;
     let mut tags_map = BTreeMap::from([
         (tags::CLUSTER.to_string(), ctx.config.cluster_name.clone()),
         (tags::NODE_NAME.to_string(), pass.name.clone()),
@@ -709,16 +676,9 @@ async fn create(
     ]));
     b.meta(&want);
     let ops = b.into_ops();
+    // The providerID and the instance-id annotation say where the machine is (`kubectl
+    // describe node`); the Launching condition says what it does: no event.
     apply_ops(pass, ctx, ops).await?;
-    transition_event(
-        ctx,
-        pass,
-        before,
-        EventType::Normal,
-        "Launching",
-        &format!("created machine {}", instance.id),
-    )
-    .await;
     ctx.metrics.set_phase(&pass.uid, pass.phase);
     Ok(Requeue::requeue(Duration::from_millis(500)))
 }
@@ -753,6 +713,31 @@ async fn ensure_token(
         return Ok(token);
     }
     let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
+    let ttl = jiff::SignedDuration::try_from(class.spec.token_ttl())
+        .unwrap_or(jiff::SignedDuration::from_secs(3600));
+    let expiration = now.checked_add(ttl).unwrap_or(now);
+    if ctx.cached_token(&pass.uid).is_none()
+        && let Some(token) = recorded
+            .as_deref()
+            .and_then(|n| n.strip_prefix("bootstrap-token-"))
+            .and_then(BootstrapToken::with_id)
+    {
+        // A name recorded before this process knew the Node: the nodeset-controller records
+        // one in the Node it creates (avoiding every name recorded on a Node it knows), so
+        // the machine's only write before its launch is the Secret. Free: it is ours now.
+        // Taken (409): a predecessor's token, deleted below like any recorded token this
+        // process cannot reuse, and a new one is recorded first.
+        let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                tracing::info!(secret = %token.secret_name(), "created bootstrap token");
+                ctx.cache_token(&pass.uid, token.clone(), expiration);
+                return Ok(token);
+            }
+            Err(kube::Error::Api(e)) if crate::error::is_conflict(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     // A token recorded on the Node that this process cannot reuse (a predecessor's, or one
     // about to expire): it would stay valid until its TTL.
     if let Some(old) = &recorded {
@@ -760,9 +745,6 @@ async fn ensure_token(
         tracing::info!(secret = %old, "deleted a bootstrap token this process cannot reuse");
     }
     ctx.forget_token(&pass.uid);
-    let ttl = jiff::SignedDuration::try_from(class.spec.token_ttl())
-        .unwrap_or(jiff::SignedDuration::from_secs(3600));
-    let expiration = now.checked_add(ttl).unwrap_or(now);
     let mut attempt = 0;
     loop {
         let token = BootstrapToken::generate();
@@ -1256,51 +1238,11 @@ async fn set_condition(
     Ok(())
 }
 
+/// Queues an event on the best-effort path: the pass never waits for it (see
+/// [`kube_node_runtime::EventSink`]).
 async fn event(ctx: &Context, node: &Node, type_: EventType, reason: &str, note: &str) {
-    let note: String = note.chars().take(1000).collect();
-    let result = match type_ {
-        // A transition happens once per Node: the recorder's cache of every event it wrote
-        // (kept six minutes, for series of repeats) would hold one entry per Node and
-        // transition — most of the controller's memory in a scale-up of thousands.
-        EventType::Normal => {
-            kube_node_runtime::publish_transition(
-                &ctx.client,
-                crate::REPORTER,
-                node.object_ref(&()),
-                reason,
-                &note,
-            )
-            .await
-        }
-        // Failures repeat with the backoff: the recorder folds them into one series.
-        EventType::Warning => {
-            let ev = Event {
-                type_,
-                reason: reason.to_string(),
-                note: Some(note),
-                action: "Reconcile".to_string(),
-                secondary: None,
-            };
-            ctx.recorder.publish(&ev, &node.object_ref(&())).await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "cannot publish event");
-    }
-}
-
-/// A Normal event, only when the phase changed.
-async fn transition_event(
-    ctx: &Context,
-    pass: &Pass,
-    before: Option<MachinePhase>,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    if before != pass.phase {
-        event(ctx, &pass.node, type_, reason, note).await;
-    }
+    ctx.events
+        .publish(node.object_ref(&()), type_, reason, note);
 }
 
 /// Pods the drain must evict: not DaemonSet-owned, not mirror pods, not already terminating

@@ -88,16 +88,36 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    run_shared(client, config, metrics, None, shutdown).await
+}
+
+/// [`run`], on the process's shared Node watch when `nodes` is given (its cache must keep
+/// what [`observe::trim_node`] keeps).
+pub async fn run_shared(
+    client: Client,
+    config: Config,
+    metrics: Metrics,
+    nodes: Option<kube_node_runtime::WatchSource<Node>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let expectations = Arc::new(Expectations::default());
 
     // Nodes: one watch feeds the cache, the expectations (as events arrive, after the cache
     // has them, like an informer's event handler) and the reconcile triggers.
-    let (node_store, node_writer) = reflector::store::<Node>();
+    let (node_store, node_events) = match nodes {
+        Some(source) => (source.store, source.events),
+        None => {
+            let (store, writer) = reflector::store::<Node>();
+            let events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .modify(observe::trim_node)
+                .reflect(writer)
+                .boxed();
+            (store, events)
+        }
+    };
     let observer = expectations.clone();
-    let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(observe::trim_node)
-        .reflect(node_writer)
+    let node_events = node_events
         .inspect_ok(move |event| observer.observe_event(event))
         .touched_objects();
 

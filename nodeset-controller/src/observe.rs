@@ -8,7 +8,8 @@ use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube_node_crds::names::{
     BUILD_HASH_ANNOTATION, DELETE_NODE_ANNOTATION, DRIFTED_CONDITION, LAUNCHED_AT_ANNOTATION,
-    MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
+    LAUNCHING_MESSAGE, MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION,
+    NODE_CLASS_GENERATION_ANNOTATION,
 };
 use kube_node_crds::v1alpha1::NodeSet;
 
@@ -125,6 +126,8 @@ pub fn child(nodeset: &NodeSet, node: &Node) -> ChildNode {
     let failure = match (health, message) {
         (Health::Ready, _) | (_, None) => None,
         (_, Some("")) => None,
+        // The condition a NodeSet creates its Nodes with: nothing has happened yet.
+        (_, Some(LAUNCHING_MESSAGE)) if phase == Some(MachinePhase::Launching) => None,
         (_, Some(m)) => Some(Failure {
             reason: message_reason(m)
                 .map(str::to_string)

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{
     DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions,
@@ -17,8 +17,9 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_node_crds::names::{
     AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT, AVAILABLE_CONDITION,
-    BACKOFF_CONDITION, BACKOFF_EVENT_REASON, BUILD_HASH_ANNOTATION, CIRCUIT_BREAKER_CONDITION,
-    DRIFTED_CONDITION, FIELD_MANAGER, MACHINE_FINALIZER, NODE_CLASS_ANNOTATION,
+    BACKOFF_CONDITION, BACKOFF_EVENT_REASON, BOOTSTRAP_TOKEN_ANNOTATION, BUILD_HASH_ANNOTATION,
+    CIRCUIT_BREAKER_CONDITION, DRIFTED_CONDITION, FIELD_MANAGER, LAUNCHING_MESSAGE,
+    MACHINE_FINALIZER, MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION,
     NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, NODESET_LABEL, OUTDATED_CONDITION,
     PROGRESSING_CONDITION, READY_CONDITION, REPLACED_EVENT_REASON, REPLICA_FAILURE_CONDITION,
     UNREGISTERED_TAINT,
@@ -214,6 +215,18 @@ pub(crate) fn build_node(
             time_added: None,
         });
     }
+    // The machine's first phase goes in the create (the API server keeps a Node's status on
+    // create, as kubelets register): the node-controller then writes nothing to the Node before
+    // its create call.
+    let now = Time(Timestamp::now());
+    let launching = NodeCondition {
+        type_: MACHINE_READY_CONDITION.to_string(),
+        status: "False".to_string(),
+        reason: Some(MachinePhase::Launching.as_str().to_string()),
+        message: Some(LAUNCHING_MESSAGE.to_string()),
+        last_heartbeat_time: Some(now.clone()),
+        last_transition_time: Some(now),
+    };
     Ok(Node {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -227,8 +240,33 @@ pub(crate) fn build_node(
             taints: Some(taints),
             ..Default::default()
         }),
-        status: None,
+        status: Some(NodeStatus {
+            conditions: Some(vec![launching]),
+            ..Default::default()
+        }),
     })
+}
+
+/// A bootstrap token Secret name for a new Node (`bootstrap-token-` and six of `[a-z0-9]`, the
+/// token's public half), recorded in the create so that the node-controller's only write
+/// before the machine's launch is the Secret; the secret half is the node-controller's alone.
+/// Never a name recorded on a Node the cache knows: the node-controller takes a taken name
+/// for its predecessor's token and deletes it.
+fn bootstrap_token_name(nodes: &Store<Node>) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    loop {
+        let id: String = (0..6)
+            .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+            .collect();
+        let name = format!("bootstrap-token-{id}");
+        let taken = nodes
+            .find(|n| n.annotations().get(BOOTSTRAP_TOKEN_ANNOTATION) == Some(&name))
+            .is_some();
+        if !taken {
+            return name;
+        }
+    }
 }
 
 fn owner_reference(name: String, uid: String) -> OwnerReference {
@@ -881,6 +919,10 @@ async fn create_one(
         attempt += 1;
         let mut node = template.clone();
         node.metadata.name = Some(name.clone());
+        node.annotations_mut().insert(
+            BOOTSTRAP_TOKEN_ANNOTATION.to_string(),
+            bootstrap_token_name(&ctx.nodes),
+        );
         match api.create(&PostParams::default(), &node).await {
             Ok(_) => return Ok(name),
             Err(kube::Error::Api(s)) if s.is_already_exists() && attempt < NAME_ATTEMPTS => {

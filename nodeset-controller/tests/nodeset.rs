@@ -96,7 +96,9 @@ impl Env {
                                     )
                                     .await;
                             }
-                        } else if ready && machine_reason(&n).is_none() {
+                        } else if ready
+                            && matches!(machine_reason(&n).as_deref(), None | Some("Launching"))
+                        {
                             let _ = set_machine(&nodes, &name, "Ready", "", true).await;
                         }
                     }

@@ -24,12 +24,46 @@ pub fn limited_client(
         .build())
 }
 
-/// A token bucket shared by every clone of the layer's services.
+tokio::task_local! {
+    static URGENT: ();
+}
+
+/// Runs `f` with its API requests ahead of every other request waiting for the same token
+/// bucket: the writes a machine's launch waits for (its bootstrap token) go before bookkeeping
+/// (conditions, labels, tokens of Nodes already Ready), so a scale-up's provider creates are
+/// not paced by the writes of the machines launched before them.
+pub async fn urgent<F: Future>(f: F) -> F::Output {
+    URGENT.scope((), f).await
+}
+
+fn is_urgent() -> bool {
+    URGENT.try_with(|_| ()).is_ok()
+}
+
+/// A token bucket shared by every clone of the layer's services. Requests made inside
+/// [`urgent`] take the next tokens; the others wait while any of those waits.
 #[derive(Debug)]
 pub struct TokenBucket {
     state: Mutex<(f64, Instant)>,
     qps: f64,
     burst: f64,
+    urgent_waiting: std::sync::atomic::AtomicUsize,
+    urgent_done: tokio::sync::Notify,
+}
+
+/// Counts an urgent waiter while it waits.
+struct UrgentWaiter<'a>(&'a TokenBucket);
+
+impl Drop for UrgentWaiter<'_> {
+    fn drop(&mut self) {
+        let left = self
+            .0
+            .urgent_waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if left == 1 {
+            self.0.urgent_done.notify_waiters();
+        }
+    }
 }
 
 impl TokenBucket {
@@ -40,12 +74,36 @@ impl TokenBucket {
             state: Mutex::new((burst, Instant::now())),
             qps: if qps > 0.0 { qps } else { f64::INFINITY },
             burst,
+            urgent_waiting: Default::default(),
+            urgent_done: Default::default(),
         }
     }
 
     /// Waits for one token.
     pub async fn acquire(&self) {
+        self.acquire_as(false).await;
+    }
+
+    /// Waits for one token; `urgent` goes ahead of the others.
+    pub async fn acquire_as(&self, urgent: bool) {
+        let _waiter = urgent.then(|| {
+            self.urgent_waiting
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            UrgentWaiter(self)
+        });
         loop {
+            if !urgent {
+                // Registered before the check, so a wake-up between the two is not lost.
+                let done = self.urgent_done.notified();
+                if self
+                    .urgent_waiting
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    > 0
+                {
+                    done.await;
+                    continue;
+                }
+            }
             let wait = {
                 let mut state = self.state.lock().await;
                 let now = Instant::now();
@@ -113,8 +171,9 @@ where
         // a token limits the request rate without needing a clonable inner service.
         let fut = self.inner.call(request);
         let bucket = self.bucket.clone();
+        let urgent = is_urgent();
         Box::pin(async move {
-            bucket.acquire().await;
+            bucket.acquire_as(urgent).await;
             fut.await
         })
     }
@@ -123,6 +182,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn urgent_requests_take_the_next_tokens() {
+        let bucket = Arc::new(TokenBucket::new(10.0, 1));
+        bucket.acquire().await;
+        // Both wait for the next token; the urgent one came second and gets it first.
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (b, o) = (bucket.clone(), order.clone());
+        let slow = tokio::spawn(async move {
+            b.acquire_as(false).await;
+            o.lock().expect("order").push("bookkeeping");
+        });
+        tokio::task::yield_now().await;
+        let (b, o) = (bucket.clone(), order.clone());
+        let fast = tokio::spawn(async move {
+            b.acquire_as(true).await;
+            o.lock().expect("order").push("launch");
+        });
+        let _ = tokio::join!(slow, fast);
+        assert_eq!(*order.lock().expect("order"), ["launch", "bookkeeping"]);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_bucket_allows_a_burst_then_the_steady_rate() {

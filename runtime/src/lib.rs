@@ -7,9 +7,11 @@
 //!   `..._duration_seconds`, `..._errors_total`) and each controller's work-queue depth
 //!   (`kube_node_workqueue_depth`), registered once per process and labelled by controller;
 //! - [`backoff`]: the per-object exponential backoff of the error policies;
-//! - [`events`]: the uncached writer of Normal transition events;
+//! - [`events`]: the best-effort event path ([`EventSink`]: bounded queue, per-object spam
+//!   filter, its own token bucket) and the uncached writer of Normal transition events;
 //! - [`client`]: a Kubernetes client behind its own client-side token bucket (QPS and burst),
 //!   one per controller;
+//! - [`shared`]: one watch per kind for the whole process, fanned out to every controller;
 //! - [`tolerant`]: NodeClass and NodeSet watches that decode one object at a time, setting
 //!   aside (and reporting on itself) any object the types cannot hold.
 
@@ -17,9 +19,11 @@ pub mod backoff;
 pub mod client;
 pub mod events;
 pub mod metrics;
+pub mod shared;
 pub mod tolerant;
 
 pub use backoff::Backoff;
-pub use client::{RateLimitLayer, TokenBucket, limited_client};
-pub use events::publish_transition;
+pub use client::{RateLimitLayer, TokenBucket, limited_client, urgent};
+pub use events::{EventSink, publish_transition};
 pub use metrics::{ReconcileFamilies, WorkQueue};
+pub use shared::{Fanout, Shared, WatchSource};

@@ -1,13 +1,18 @@
 //! Scale figures against the real cluster of `KUBE_NODE_E2E_KUBECONFIG` (skipped, saying so,
-//! when unset): the nodeset-controller creating N Nodes against kube-controller-manager's
-//! ReplicaSet controller creating N Pods on the same API server, with the same client rate
-//! limit. It prints the figures; it asserts only what must hold whatever the speed: exactly N
+//! when unset): the nodeset-controller creating N Nodes (and their machines becoming Ready)
+//! against kube-controller-manager's ReplicaSet controller creating N Pods, each side measured
+//! alone on a quiet API server, with the same client rate limit. It prints four figures:
+//! Nodes created, Nodes Ready, the Nth provider `create` call, each against the ReplicaSet's
+//! Pods or the Nodes' creation; it asserts only what must hold whatever the speed: exactly N
 //! Nodes, never more on the way.
 //!
-//! Knobs: `KUBE_NODE_E2E_SCALE_N` (1000) and `KUBE_NODE_E2E_KCM_QPS` / `KUBE_NODE_E2E_KCM_BURST`
+//! Knobs: `KUBE_NODE_E2E_SCALE_N` (1000); `KUBE_NODE_E2E_KCM_QPS` / `KUBE_NODE_E2E_KCM_BURST`
 //! — the `--kube-api-qps` / `--kube-api-burst` the cluster's kube-controller-manager runs with
-//! (its defaults, 20 / 30, unless told): kube-node runs with the same while it creates.
-
+//! (its defaults, 20 / 30, unless told): kube-node runs with the same;
+//! `KUBE_NODE_E2E_RESTART` — a shell command that restarts the cluster's control plane and
+//! returns once it serves again (e.g. `cluster.sh restart <name>`). With it the control plane
+//! is restarted between the two sides; without it the ReplicaSet side waits until the API
+//! server has seen no write for 5 s after kube-node stopped. The output says which was done.
 #[allow(dead_code)]
 #[path = "e2e/support.rs"]
 mod support;
@@ -56,6 +61,20 @@ impl Counter {
         K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
         K::DynamicType: Default,
     {
+        Self::start_counting(api, selector, target, |_: &K| true).await
+    }
+
+    /// [`Counter::start`], counting only the objects `counts` accepts.
+    async fn start_counting<K>(
+        api: Api<K>,
+        selector: &str,
+        target: usize,
+        counts: impl Fn(&K) -> bool + Send + 'static,
+    ) -> Self
+    where
+        K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+        K::DynamicType: Default,
+    {
         let state = Arc::new(Mutex::new(Count::default()));
         let (listed_tx, listed_rx) = tokio::sync::oneshot::channel();
         let s = state.clone();
@@ -68,7 +87,11 @@ impl Counter {
                 let Ok(mut c) = s.lock() else { return };
                 match ev {
                     Event::Apply(o) | Event::InitApply(o) => {
-                        c.names.insert(o.name_any());
+                        if counts(&o) {
+                            c.names.insert(o.name_any());
+                        } else {
+                            c.names.remove(&o.name_any());
+                        }
                     }
                     Event::Delete(o) => {
                         c.names.remove(&o.name_any());
@@ -161,6 +184,115 @@ fn nodeset(name: &str, class: &str) -> NodeSet {
     .expect("NodeSet")
 }
 
+/// Makes the API server quiet for the next side: restarts the control plane with
+/// `KUBE_NODE_E2E_RESTART`, or else waits until it has seen no write for 5 s. Says which.
+async fn quiet_server(client: &kube::Client) -> String {
+    if let Ok(cmd) = std::env::var("KUBE_NODE_E2E_RESTART")
+        && !cmd.trim().is_empty()
+    {
+        let status = tokio::process::Command::new("sh")
+            .args(["-c", &cmd])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("KUBE_NODE_E2E_RESTART runs");
+        assert!(
+            status.success(),
+            "KUBE_NODE_E2E_RESTART ({cmd}) failed: {status}"
+        );
+        eventually(
+            "the API server serves again",
+            Duration::from_secs(120),
+            || {
+                let c = client.clone();
+                async move { c.apiserver_version().await.is_ok() }
+            },
+        )
+        .await;
+        return format!("control plane restarted (`{cmd}`)");
+    }
+    let started = Instant::now();
+    let mut last = writes_seen(client).await;
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(5) {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the API server kept taking writes for 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = writes_seen(client).await;
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+    format!(
+        "no control-plane restart (KUBE_NODE_E2E_RESTART unset): waited {:.0} s until the API server had seen no write for 5 s",
+        started.elapsed().as_secs_f64()
+    )
+}
+
+/// Every write the API server has served (its `apiserver_request_total`), but leader
+/// election's Lease renewals, which never stop.
+async fn writes_seen(client: &kube::Client) -> u64 {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("request");
+    let body = client.request_text(req).await.unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["\"POST\"", "\"PUT\"", "\"PATCH\"", "\"DELETE\""]
+                .iter()
+                .any(|v| l.contains(v))
+        })
+        .filter(|l| !l.contains("resource=\"leases\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Makes sure the ReplicaSet controller is up (after a restart its caches sync first): a
+/// one-Pod ReplicaSet gets its Pod, then goes.
+async fn warm_up_replica_sets(client: &kube::Client, namespace: &str, name: &str) {
+    let rs_api: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+    rs_api
+        .create(&PostParams::default(), &replica_set(name, 1))
+        .await
+        .expect("warm-up ReplicaSet");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("e2e.kube-node.io/rs={name}");
+    eventually(
+        "the warm-up ReplicaSet's Pod",
+        Duration::from_secs(120),
+        || {
+            let (pods, selector) = (pods.clone(), selector.clone());
+            async move {
+                pods.list(&ListParams::default().labels(&selector))
+                    .await
+                    .is_ok_and(|l| !l.items.is_empty())
+            }
+        },
+    )
+    .await;
+    let _ = rs_api.delete(name, &DeleteParams::foreground()).await;
+    eventually("the warm-up Pod gone", Duration::from_secs(120), || {
+        let (pods, selector) = (pods.clone(), selector.clone());
+        async move {
+            pods.list(&ListParams::default().labels(&selector))
+                .await
+                .is_ok_and(|l| l.items.is_empty())
+        }
+    })
+    .await;
+}
+
+fn kubelet_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 #[tokio::test]
 async fn creating_1000_nodes_takes_as_long_as_the_replica_set_controller_creating_1000_pods() {
     let Some(env) = setup("perf").await else {
@@ -173,15 +305,18 @@ async fn creating_1000_nodes_takes_as_long_as_the_replica_set_controller_creatin
     let client = env.client.clone();
     // Bounds for the waits: generous at low rates, never unbounded.
     let create_limit = Duration::from_secs_f64(60.0 + 3.0 * n as f64 / qps.max(1.0));
+    let ready_limit = Duration::from_secs_f64(120.0 + 12.0 * n as f64 / qps.max(1.0));
 
-    // 1. kube-node creates N Nodes at the controller-manager's rate limit. The machines never
-    // register (no simulated kubelet writes), so the API server's work is the controllers'.
+    // 1. kube-node: N Nodes created, their machines launched and their kubelets (simulated, in
+    // the kube-node process, on a client of their own) Ready, at the controller-manager's rate
+    // limit, on a server that has done nothing else yet.
+    let quiet_before_nodes = quiet_server(&client).await;
     let class = env.name("e2e-perf-class");
     apply_class(
         &client,
         &simulated_class(
             &class,
-            json!({"provider": {"simulated": {"bootDelay": "0s", "register": false}}}),
+            json!({"provider": {"simulated": {"bootDelay": "0s"}}}),
         ),
     )
     .await;
@@ -198,12 +333,19 @@ async fn creating_1000_nodes_takes_as_long_as_the_replica_set_controller_creatin
     sets.create(&PostParams::default(), &nodeset(&set, &class))
         .await
         .expect("NodeSet created");
-    let nodes = Counter::start(
+    let selector = format!("e2e.kube-node.io/set={set}");
+    let nodes = Counter::start(Api::<Node>::all(client.clone()), &selector, n).await;
+    let ready = Counter::start_counting(
         Api::<Node>::all(client.clone()),
-        &format!("e2e.kube-node.io/set={set}"),
+        &selector,
         n,
+        kubelet_ready,
     )
     .await;
+    let creates_before = kn
+        .metric_with("kube_node_provider_requests_total", &["method=\"create\""])
+        .await
+        .unwrap_or_default();
     let started = Instant::now();
     sets.patch_scale(
         &set,
@@ -212,17 +354,66 @@ async fn creating_1000_nodes_takes_as_long_as_the_replica_set_controller_creatin
     )
     .await
     .expect("scaled");
+    // The Nth provider create, from kube-node's own metrics, polled every 20 ms.
+    let launched = {
+        let metrics = kn.metrics;
+        tokio::spawn(async move {
+            loop {
+                let c = support::metric_at(
+                    metrics,
+                    "kube_node_provider_requests_total",
+                    &["method=\"create\""],
+                )
+                .await
+                .unwrap_or_default();
+                if c - creates_before >= n as f64 {
+                    return Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
     let nodes_at = nodes
         .wait_reached("Nodes created by the nodeset-controller", create_limit)
         .await;
     let node_secs = nodes_at.duration_since(started).as_secs_f64();
+    let launched_at = tokio::time::timeout(create_limit, launched)
+        .await
+        .expect("the Nth provider create within the limit")
+        .expect("metrics poller");
+    let launch_secs = launched_at.duration_since(started).as_secs_f64();
+    let ready_at = ready.wait_reached("Nodes Ready", ready_limit).await;
+    let ready_secs = ready_at.duration_since(started).as_secs_f64();
     kn.assert_running();
     // Settle: no late create may follow (the expectations hold the count at N).
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(nodes.count(), n, "exactly {n} Nodes");
     assert_eq!(nodes.max_seen(), n, "never more than {n} Nodes on the way");
+    drop(ready);
 
-    // 2. kube-controller-manager's ReplicaSet controller creates N Pods on the same server.
+    // Teardown of this side before the other is measured: kube-node deletes the machines and
+    // lets the Nodes go, then stops.
+    sets.delete(&set, &DeleteParams::background())
+        .await
+        .expect("NodeSet deleted");
+    eventually("every Node gone", Duration::from_secs(600), || {
+        let c = nodes.count();
+        async move { c == 0 }
+    })
+    .await;
+    let left = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list Nodes");
+    assert!(left.items.is_empty(), "{} Nodes left", left.items.len());
+    delete_class_and_wait(&client, &class).await;
+    kn.kill();
+    drop(nodes);
+
+    // 2. kube-controller-manager's ReplicaSet controller creates N Pods, alone on a quiet
+    // server.
+    let quiet_before_pods = quiet_server(&client).await;
+    warm_up_replica_sets(&client, &env.namespace, &env.name("e2e-perf-warm")).await;
     let rs_name = env.name("e2e-perf-rs");
     let rs_api: Api<ReplicaSet> = Api::namespaced(client.clone(), &env.namespace);
     let pods = Counter::start(
@@ -242,40 +433,27 @@ async fn creating_1000_nodes_takes_as_long_as_the_replica_set_controller_creatin
     let pod_secs = pods_at.duration_since(started).as_secs_f64();
 
     println!(
-        "e2e scale: {n} Nodes by the nodeset-controller in {node_secs:.2} s; {n} Pods by \
-         kube-controller-manager's ReplicaSet controller in {pod_secs:.2} s (ratio {:.2}); both \
-         at {qps} QPS, burst {burst} (KUBE_NODE_E2E_KCM_QPS/BURST must match the cluster's \
-         kube-controller-manager flags for a fair comparison)",
+        "e2e scale, {n} replicas, kube-node and kube-controller-manager both at {qps} QPS, burst {burst} \
+         (KUBE_NODE_E2E_KCM_QPS/BURST must match the cluster's kube-controller-manager flags):"
+    );
+    println!("  before the kube-node side: {quiet_before_nodes}");
+    println!("  before the ReplicaSet side: {quiet_before_pods}");
+    println!("  ReplicaSet controller: {n} Pods created           {pod_secs:>7.2} s");
+    println!(
+        "  nodeset-controller: {n} Nodes created              {node_secs:>7.2} s  ({:.2} x the Pods; target <= 1.0)",
         node_secs / pod_secs
     );
+    println!(
+        "  {n} Nodes Ready (simulated kubelet, boot 0 s)       {ready_secs:>7.2} s  ({:.2} x the Pods; target <= 4.0)",
+        ready_secs / pod_secs
+    );
+    println!(
+        "  {n}th provider create issued                       {launch_secs:>7.2} s  ({:.2} x the Nodes' creation; target <= 1.5)",
+        launch_secs / node_secs
+    );
 
-    // Cleanup. Pods: background deletion through the garbage collector. Nodes: a kube-node
-    // without the creation-time rate limit tears the machines down.
+    // Cleanup: Pods through the garbage collector (and the namespace's deletion).
     let _ = rs_api.delete(&rs_name, &DeleteParams::background()).await;
     drop(pods);
-    kn.kill();
-    let mut opts = RunOptions::new(&env, "e2e-perf-cleanup");
-    opts.extra = vec![
-        "--kube-qps".into(),
-        "1000".into(),
-        "--kube-burst".into(),
-        "2000".into(),
-    ];
-    let kn = spawn_leader(&env, opts).await;
-    sets.delete(&set, &DeleteParams::background())
-        .await
-        .expect("NodeSet deleted");
-    eventually("every Node gone", Duration::from_secs(300), || {
-        let c = nodes.count();
-        async move { c == 0 }
-    })
-    .await;
-    let left = Api::<Node>::all(client.clone())
-        .list(&ListParams::default().labels(&format!("e2e.kube-node.io/set={set}")))
-        .await
-        .expect("list Nodes");
-    assert!(left.items.is_empty(), "{} Nodes left", left.items.len());
-    delete_class_and_wait(&client, &class).await;
-    drop(kn);
     env.finish().await;
 }

@@ -397,24 +397,7 @@ impl KubeNode {
 
     /// The sum of every sample of a metric family whose labels contain all of `labels`.
     pub async fn metric_with(&self, name: &str, labels: &[&str]) -> Option<f64> {
-        let (status, body) = http_get(self.metrics, "/metrics").await?;
-        if status != 200 {
-            return None;
-        }
-        let mut found = None;
-        for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let metric = series.split('{').next().unwrap_or(series);
-            if metric != name || !labels.iter().all(|l| series.contains(l)) {
-                continue;
-            }
-            if let Ok(v) = value.parse::<f64>() {
-                *found.get_or_insert(0.0) += v;
-            }
-        }
-        found
+        metric_at(self.metrics, name, labels).await
     }
 
     pub async fn metric(&self, name: &str) -> Option<f64> {
@@ -716,4 +699,27 @@ pub async fn table_row(
         .cloned()
         .unwrap_or_default();
     columns.into_iter().zip(cells).collect()
+}
+
+/// The sum of every sample of a metric family, served at `addr`'s `/metrics`, whose labels
+/// contain all of `labels`.
+pub async fn metric_at(addr: SocketAddr, name: &str, labels: &[&str]) -> Option<f64> {
+    let (status, body) = http_get(addr, "/metrics").await?;
+    if status != 200 {
+        return None;
+    }
+    let mut found = None;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let metric = series.split('{').next().unwrap_or(series);
+        if metric != name || !labels.iter().all(|l| series.contains(l)) {
+            continue;
+        }
+        if let Ok(v) = value.parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
 }
