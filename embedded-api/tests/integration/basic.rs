@@ -1037,3 +1037,47 @@ async fn garbage_requests_never_panic() {
             .is_ok()
     );
 }
+
+/// As kube-apiserver's Node strategy does ("Nodes allow *all* fields, including status, to be
+/// set on create", pkg/registry/core/node/strategy.go, v1.28.7): a Node's status in the create
+/// request is kept — kubelets register so, and a NodeSet creates its Nodes with their first
+/// MachineReady condition. An update of the main resource keeps the stored status.
+#[tokio::test]
+async fn a_node_keeps_the_status_it_is_created_with() {
+    let (_api, client) = setup();
+    let nodes: Api<Node> = Api::all(client);
+    let mut n = node("with-status");
+    n.status = Some(
+        serde_json::from_value(json!({"conditions": [
+            {"type": "MachineReady", "status": "False", "reason": "Launching", "message": "creating the machine"}
+        ]}))
+        .unwrap(),
+    );
+    let created = nodes.create(&PostParams::default(), &n).await.unwrap();
+    let reason = |n: &Node| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.type_ == "MachineReady")
+                    .and_then(|c| c.reason.clone())
+            })
+    };
+    assert_eq!(reason(&created).as_deref(), Some("Launching"));
+    assert_eq!(
+        reason(&nodes.get("with-status").await.unwrap()).as_deref(),
+        Some("Launching")
+    );
+    let patched = nodes
+        .patch(
+            "with-status",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"a": "b"}}, "status": {"conditions": []}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reason(&patched).as_deref(), Some("Launching"));
+}
