@@ -419,3 +419,42 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+#[cfg(test)]
+mod shared_watch_tests {
+    use super::*;
+
+    /// The shared cache is trimmed by the node-controller's rule: the nodeset-controller must
+    /// find in it everything its own trim keeps.
+    #[test]
+    fn the_shared_trim_keeps_all_the_nodeset_controller_reads() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "w-1", "uid": "u", "resourceVersion": "7",
+                "labels": {"pool": "w", "kubernetes.io/hostname": "w-1"},
+                "annotations": {"kube-node.io/node-class": "c", "kube-node.io/launched-at": "2026-01-01T00:00:00Z", "other.io/x": "y"},
+                "finalizers": ["kube-node.io/machine"],
+                "ownerReferences": [{"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeSet", "name": "w", "uid": "s", "controller": true}],
+                "deletionTimestamp": "2026-01-01T00:00:00Z",
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+            },
+            "spec": {"providerID": "sim://a/b", "unschedulable": true, "taints": [{"key": "k", "effect": "NoSchedule"}]},
+            "status": {
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                    {"type": "MachineReady", "status": "False", "reason": "Launching", "message": "m", "lastHeartbeatTime": "2026-01-01T00:00:00Z"},
+                    {"type": "MemoryPressure", "status": "False"},
+                ],
+                "images": [{"names": ["a"], "sizeBytes": 1}],
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+            },
+        }))
+        .expect("node");
+        let mut alone = node.clone();
+        nodeset_controller::observe::trim_node(&mut alone);
+        let mut shared = node;
+        node_controller::trim_node(&mut shared);
+        nodeset_controller::observe::trim_node(&mut shared);
+        assert_eq!(shared, alone);
+    }
+}
