@@ -131,6 +131,22 @@ pub(crate) struct Context {
     /// Bootstrap tokens this process created, by Node UID, with their expiry: the only place a
     /// token's secret half is kept outside its Secret and the machine's user-data.
     tokens: Mutex<HashMap<String, (bootstrap::BootstrapToken, jiff::Timestamp)>>,
+    /// Machines created whose providerID is not on their Node yet, by Node UID: recorded by a
+    /// later pass, once no launch is in flight.
+    launched: Mutex<HashMap<String, kube_node_provider::Instance>>,
+    /// Passes creating a machine right now.
+    launches: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a launch in flight while it lives.
+pub(crate) struct Launching<'a>(&'a Context);
+
+impl Drop for Launching<'_> {
+    fn drop(&mut self) {
+        self.0
+            .launches
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// How long the cluster CA's hash is reused before kube-root-ca.crt is read again.
@@ -263,6 +279,35 @@ impl Context {
     ) {
         if let Ok(mut t) = self.tokens.lock() {
             t.insert(uid.to_string(), (token, expires));
+        }
+    }
+
+    /// Marks a launch in flight until the guard drops.
+    pub(crate) fn launching(&self) -> Launching<'_> {
+        self.launches
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Launching(self)
+    }
+
+    /// Whether a pass is creating a machine: bookkeeping passes then wait, so that the
+    /// reconcile workers and the client's tokens go to launches first.
+    pub(crate) fn launches_in_flight(&self) -> bool {
+        self.launches.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
+    pub(crate) fn remember_launch(&self, uid: &str, instance: kube_node_provider::Instance) {
+        if let Ok(mut l) = self.launched.lock() {
+            l.insert(uid.to_string(), instance);
+        }
+    }
+
+    pub(crate) fn launched_instance(&self, uid: &str) -> Option<kube_node_provider::Instance> {
+        self.launched.lock().ok()?.get(uid).cloned()
+    }
+
+    pub(crate) fn forget_launch(&self, uid: &str) {
+        if let Ok(mut l) = self.launched.lock() {
+            l.remove(uid);
         }
     }
 
@@ -523,6 +568,8 @@ pub async fn run_shared(
         inventory: Mutex::default(),
         attempts: Mutex::default(),
         tokens: Mutex::default(),
+        launched: Mutex::default(),
+        launches: std::sync::atomic::AtomicUsize::new(0),
         capacity_checks: capacity_tx,
     });
 

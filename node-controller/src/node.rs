@@ -261,6 +261,27 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
         }
     };
 
+    // A machine this process created whose providerID is not on the Node yet: recorded now,
+    // unless other launches are in flight (they go first; a restart meanwhile finds the
+    // machine by the idempotent create, or by its tag when the Node goes).
+    if pid.is_none()
+        && deleting.is_none()
+        && let Some(instance) = ctx.launched_instance(&pass.uid)
+    {
+        if ctx.launches_in_flight() {
+            return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
+        }
+        let want = wanted_meta(
+            pass,
+            Some(&class),
+            Some(&instance),
+            kubelet_ready(&pass.node),
+        );
+        record_machine(pass, ctx, &class, &instance, &want).await?;
+        ctx.forget_launch(&pass.uid);
+        return Ok(Requeue::requeue(Duration::ZERO));
+    }
+
     // Observe the machine.
     let now = Timestamp::now();
     let launched_at: Option<Timestamp> = pass
@@ -471,6 +492,10 @@ async fn act(
             Ok(long)
         }
         Action::Create => create(pass, ctx, class, provider, &step.want).await,
+        Action::WaitForRegistration { .. } | Action::MarkReady if ctx.launches_in_flight() => {
+            // Bookkeeping waits for the launches in flight (see `BOOKKEEPING_WAIT`).
+            Ok(Requeue::requeue(BOOKKEEPING_WAIT))
+        }
         Action::WaitForRegistration { phase, requeue } => {
             let since_launch = step
                 .launched_at
@@ -583,6 +608,7 @@ async fn create(
     provider: &dyn Provider,
     want: &MetaWant,
 ) -> Result<Requeue, Error> {
+    let launching = ctx.launching();
     let class_name = class.name_any();
     if class.metadata.deletion_timestamp.is_some() {
         // Its deletion waits for its Nodes; a new machine would make it wait longer.
@@ -655,32 +681,58 @@ async fn create(
     };
     let instance = provider.create(&request).await?;
     tracing::info!(provider_id = %instance.provider_id, "created machine");
+    ctx.metrics.set_phase(&pass.uid, pass.phase);
+    drop(launching);
+    if ctx.launches_in_flight() {
+        // Other machines wait for their create: the providerID is written by a later pass
+        // (see `BOOKKEEPING_WAIT`), and this worker goes to the next launch.
+        ctx.remember_launch(&pass.uid, instance);
+        return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
+    }
+    let mut want = want.clone();
+    want.labels.extend(instance_labels(&instance));
+    record_machine(pass, ctx, class, &instance, &want).await?;
+    Ok(Requeue::requeue(Duration::from_millis(500)))
+}
+
+/// How long bookkeeping (a providerID, a Ready transition) waits while machines are being
+/// launched: the reconcile workers and the client's tokens go to launches first, so a
+/// scale-up's last machine is not created behind the first ones' bookkeeping.
+const BOOKKEEPING_WAIT: Duration = Duration::from_millis(500);
+
+/// Writes a created machine onto its Node in one write: providerID, the annotations, and the
+/// class's, template's and instance's labels and taints. The providerID and the instance-id
+/// annotation say where the machine is (`kubectl describe node`); the Launching condition
+/// says what it does: no event.
+async fn record_machine(
+    pass: &mut Pass,
+    ctx: &Context,
+    class: &NodeClass,
+    instance: &Instance,
+    want: &MetaWant,
+) -> Result<(), Error> {
     let launched = instance
         .created_unix
         .and_then(|s| Timestamp::from_second(s).ok())
         .unwrap_or_else(Timestamp::now);
-    // One Node write: providerID, the annotations, and the class's, template's and instance's
-    // labels and taints.
-    let mut want = want.clone();
-    want.labels.extend(instance_labels(&instance));
-    let mut b = NodePatch::new(&pass.node);
-    b.provider_id(&instance.provider_id);
-    b.annotations(&BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (INSTANCE_ID_ANNOTATION.to_string(), instance.id.clone()),
         (LAUNCHED_AT_ANNOTATION.to_string(), launched.to_string()),
         (
             NODE_CLASS_GENERATION_ANNOTATION.to_string(),
             class.metadata.generation.unwrap_or_default().to_string(),
         ),
-        (BOOTSTRAP_TOKEN_ANNOTATION.to_string(), token.secret_name()),
-    ]));
-    b.meta(&want);
-    let ops = b.into_ops();
-    // The providerID and the instance-id annotation say where the machine is (`kubectl
-    // describe node`); the Launching condition says what it does: no event.
-    apply_ops(pass, ctx, ops).await?;
+    ]);
+    if let Some((token, _)) = ctx.cached_token(&pass.uid) {
+        annotations.insert(BOOTSTRAP_TOKEN_ANNOTATION.to_string(), token.secret_name());
+    }
+    let mut b = NodePatch::new(&pass.node);
+    b.provider_id(&instance.provider_id);
+    b.annotations(&annotations);
+    b.meta(want);
+    apply_ops(pass, ctx, b.into_ops()).await?;
     ctx.metrics.set_phase(&pass.uid, pass.phase);
-    Ok(Requeue::requeue(Duration::from_millis(500)))
+    Ok(())
 }
 
 /// The Node's bootstrap token: the one this process created for it while still valid for a
@@ -827,6 +879,7 @@ async fn delete_tokens(ctx: &Context, node: &Node) -> Result<(), Error> {
 /// The machine is gone (or never existed): delete the token, then let the Node go.
 async fn finalize(pass: &mut Pass, ctx: &Context, had_machine: bool) -> Result<Requeue, Error> {
     delete_tokens(ctx, &pass.node).await?;
+    ctx.forget_launch(&pass.uid);
     if had_machine {
         event(
             ctx,
