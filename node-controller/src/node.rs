@@ -268,7 +268,10 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
         && deleting.is_none()
         && let Some(instance) = ctx.launched_instance(&pass.uid)
     {
-        if ctx.launches_in_flight() {
+        let created = instance
+            .created_unix
+            .and_then(|s| Timestamp::from_second(s).ok());
+        if defer_bookkeeping(ctx, created) {
             return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
         }
         let want = wanted_meta(
@@ -492,7 +495,9 @@ async fn act(
             Ok(long)
         }
         Action::Create => create(pass, ctx, class, provider, &step.want).await,
-        Action::WaitForRegistration { .. } | Action::MarkReady if ctx.launches_in_flight() => {
+        Action::WaitForRegistration { .. } | Action::MarkReady
+            if defer_bookkeeping(ctx, kubelet_ready_since(&pass.node).or(step.launched_at)) =>
+        {
             // Bookkeeping waits for the launches in flight (see `BOOKKEEPING_WAIT`).
             Ok(Requeue::requeue(BOOKKEEPING_WAIT))
         }
@@ -699,6 +704,31 @@ async fn create(
 /// launched: the reconcile workers and the client's tokens go to launches first, so a
 /// scale-up's last machine is not created behind the first ones' bookkeeping.
 const BOOKKEEPING_WAIT: Duration = Duration::from_millis(500);
+/// The longest bookkeeping waits for launches: a Node whose kubelet is Ready must not keep its
+/// unregistered taint (and take no pods) through a long run of launches.
+const BOOKKEEPING_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether bookkeeping due since `since` waits for the launches in flight.
+fn defer_bookkeeping(ctx: &Context, since: Option<Timestamp>) -> bool {
+    ctx.launches_in_flight()
+        && since.is_none_or(|t| {
+            Duration::try_from(Timestamp::now().duration_since(t))
+                .is_ok_and(|d| d < BOOKKEEPING_MAX_WAIT)
+        })
+}
+
+/// When the kubelet's Ready condition turned True.
+fn kubelet_ready_since(node: &Node) -> Option<Timestamp> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == READY_CONDITION && c.status == "True")?
+        .last_transition_time
+        .as_ref()
+        .map(|t| t.0)
+}
 
 /// Writes a created machine onto its Node in one write: providerID, the annotations, and the
 /// class's, template's and instance's labels and taints. The providerID and the instance-id
