@@ -869,6 +869,8 @@ async fn aws_restart_between_run_instances_and_provider_id_write_launches_no_sec
                 ),
             ]))),
             cluster_name: cluster.clone(),
+            inventory: None,
+            claims: None,
         })
         .expect("provider");
     let launched = kube_node_provider::Provider::create(

@@ -42,6 +42,7 @@ fn config() -> Config {
         orphan_gc_interval: Duration::from_millis(500),
         concurrency: 8,
         synced: None,
+        ..Config::default()
     }
 }
 
@@ -137,6 +138,8 @@ impl Harness {
             spec: serde_json::from_value(spec).expect("spec"),
             credentials: None,
             cluster_name: CLUSTER.to_string(),
+            inventory: None,
+            claims: None,
         }
     }
 

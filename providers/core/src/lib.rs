@@ -5,11 +5,13 @@
 //! provider (through a [`ProviderFactory`]) and pass plain requests. `providers/CONTRACT.md`
 //! states what every backend MUST and SHOULD guarantee; [`conformance`] checks it.
 
+pub mod claims;
 pub mod conformance;
 mod error;
 mod metered;
 mod types;
 
+pub use claims::{ClaimRecord, ClaimStore, MemoryClaimStore, Written};
 pub use error::{ProviderError, Result};
 pub use metered::{Metered, ProviderMetrics};
 pub use types::*;
@@ -52,6 +54,14 @@ pub trait Provider: Send + Sync + 'static {
     /// Starts deleting a machine. A machine that is already gone is success
     /// ([`DeleteOutcome::Gone`]).
     async fn delete(&self, provider_id: &str) -> Result<DeleteOutcome>;
+
+    /// How many more machines this backend can make for its NodeClass now, when it draws from
+    /// a fixed pool (bare-metal hosts that are neither claimed nor set aside); `None` for
+    /// backends without a fixed pool (clouds). Feeds the NodeSet's and the autoscaler's max
+    /// size.
+    async fn free_capacity(&self) -> Result<Option<u32>> {
+        Ok(None)
+    }
 
     /// The group-level operations, for backends where the cloud owns the instances of a group
     /// (GKE node pools) and kube-node only sets a size and names victims.

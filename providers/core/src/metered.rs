@@ -194,6 +194,10 @@ impl Provider for Metered {
         r
     }
 
+    async fn free_capacity(&self) -> Result<Option<u32>> {
+        self.inner.free_capacity().await
+    }
+
     fn as_group(&self) -> Option<&dyn GroupProvider> {
         self.inner.as_group()
     }

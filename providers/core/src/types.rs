@@ -17,6 +17,12 @@ pub struct ResolvedClass {
     pub credentials: Option<Credentials>,
     /// The cluster name kube-node runs with (tags every machine).
     pub cluster_name: String,
+    /// The data of the ConfigMap the provider block references (a bare-metal host inventory),
+    /// resolved by the controller like the credentials Secret.
+    pub inventory: Option<BTreeMap<String, String>>,
+    /// Where a backend without a tag store keeps its claims (`providers/CONTRACT.md`
+    /// section 10). The node-controller always provides one; backends with tags ignore it.
+    pub claims: Option<std::sync::Arc<dyn crate::ClaimStore>>,
 }
 
 impl fmt::Debug for ResolvedClass {
@@ -29,6 +35,8 @@ impl fmt::Debug for ResolvedClass {
                 "credentials",
                 &self.credentials.as_ref().map(|_| "<redacted>"),
             )
+            .field("inventory", &self.inventory.as_ref().map(BTreeMap::len))
+            .field("claims", &self.claims.is_some())
             .finish()
     }
 }
@@ -41,6 +49,11 @@ impl Credentials {
     /// One value as UTF-8 text.
     pub fn get_str(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// One value as bytes.
+    pub fn get_bytes(&self, key: &str) -> Option<&[u8]> {
+        self.0.get(key).map(Vec::as_slice)
     }
 
     /// Every value, for redacting them out of text that might echo them (program output).

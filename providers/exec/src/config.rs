@@ -244,6 +244,7 @@ mod tests {
                     simulated: None,
                     aws: None,
                     exec: Some(spec),
+                    baremetal: None,
                 },
                 credentials_secret_ref: creds.map(|_| SecretReference {
                     name: "lab-creds".into(),
@@ -264,6 +265,8 @@ mod tests {
                 )
             }),
             cluster_name: "test".into(),
+            inventory: None,
+            claims: None,
         }
     }
 

@@ -551,6 +551,8 @@ fn the_example_nodeclass_parses_and_builds() {
             [("apiToken".to_string(), b"token-value".to_vec())].into(),
         )),
         cluster_name: CLUSTER.into(),
+        inventory: None,
+        claims: None,
     };
     let p = ExecProvider::new(&resolved).expect("the example is valid");
     assert_eq!(p.config().max_concurrency, 4);

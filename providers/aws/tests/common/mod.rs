@@ -132,6 +132,8 @@ pub fn class(name: &str, cluster: &str, aws: AwsProviderSpec) -> ResolvedClass {
             ),
         ]))),
         cluster_name: cluster.into(),
+        inventory: None,
+        claims: None,
     }
 }
 

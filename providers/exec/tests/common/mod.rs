@@ -114,6 +114,7 @@ pub fn class(spec: ExecProviderSpec, creds: Option<&[(&str, &str)]>) -> Resolved
                 simulated: None,
                 aws: None,
                 exec: Some(spec),
+                baremetal: None,
             },
             credentials_secret_ref: creds.map(|_| SecretReference {
                 namespace: "kube-node".into(),
@@ -134,6 +135,8 @@ pub fn class(spec: ExecProviderSpec, creds: Option<&[(&str, &str)]>) -> Resolved
             )
         }),
         cluster_name: CLUSTER.into(),
+        inventory: None,
+        claims: None,
     }
 }
 

@@ -24,6 +24,8 @@ pub fn class(name: &str, sim: Value) -> ResolvedClass {
         spec,
         credentials: None,
         cluster_name: CLUSTER.to_string(),
+        inventory: None,
+        claims: None,
     }
 }
 
