@@ -61,7 +61,7 @@ pub fn template_labels(nodeset: &NodeSet, class: &NodeClass) -> BTreeMap<String,
                 }
             }
         }
-        ProviderType::Exec => {}
+        ProviderType::Exec | ProviderType::Baremetal => {}
     }
     labels.extend(class.spec.labels.clone());
     labels.extend(
@@ -306,6 +306,7 @@ mod tests {
                     }),
                     aws: None,
                     exec: None,
+                    baremetal: None,
                 },
                 credentials_secret_ref: None,
                 labels: [("team".to_string(), "ml".to_string())].into(),

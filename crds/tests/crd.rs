@@ -269,5 +269,13 @@ fn structural_constraints_name_their_fields() {
     assert_eq!(tspec["properties"]["nodeClassName"]["minLength"], json!(1));
     let nc = schema_of(&NodeClass::crd());
     let ty = &nc["properties"]["spec"]["properties"]["provider"]["properties"]["type"];
-    assert_eq!(ty["enum"], json!(["simulated", "aws", "exec"]));
+    assert_eq!(ty["enum"], json!(["simulated", "aws", "exec", "baremetal"]));
+    // Inline hosts are bounded so the per-host CEL rules stay within the API server's cost
+    // budget; larger inventories go into a ConfigMap (inventoryRef).
+    let bm = &nc["properties"]["spec"]["properties"]["provider"]["properties"]["baremetal"];
+    assert_eq!(bm["properties"]["hosts"]["maxItems"], json!(64));
+    assert_eq!(
+        bm["properties"]["hosts"]["items"]["properties"]["name"]["maxLength"],
+        json!(63)
+    );
 }

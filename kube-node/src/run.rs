@@ -56,6 +56,10 @@ pub fn provider_registry(cloud: &SimulatedCloud, metrics: ProviderMetrics) -> Pr
     registry.register(Arc::new(kube_node_provider_exec::ExecFactory::new()));
     #[cfg(feature = "aws")]
     registry.register(Arc::new(kube_node_provider_aws::AwsFactory::new()));
+    #[cfg(feature = "baremetal")]
+    registry.register(Arc::new(
+        kube_node_provider_baremetal::BaremetalFactory::new(),
+    ));
     registry
 }
 
@@ -96,6 +100,7 @@ pub fn controller_configs(
         orphan_gc_interval: args.orphan_gc_interval.into(),
         concurrency: args.node_concurrency,
         synced: None,
+        claim_namespace: "kube-node-system".to_string(),
     };
     let nodeset = nodeset_controller::Config {
         concurrency: args.nodeset_concurrency,
@@ -327,6 +332,8 @@ async fn run_controllers(
     let providers = provider_registry(&cloud, provider_metrics);
     let (mut node_config, mut nodeset_config) =
         controller_configs(&args.cluster_name, &args.controllers, join_endpoint(url));
+    // Claims live beside the leader Lease, in kube-node's own namespace.
+    node_config.claim_namespace = args.leader.leader_election_namespace.clone();
     // A leader is ready only once its watches have synced: a standby was ready when it had
     // no controllers to run, but a leader whose NodeClass or NodeSet watch never synced serves
     // nothing.

@@ -47,6 +47,14 @@ pub enum Error {
         /// Its name.
         name: String,
     },
+    /// The inventory ConfigMap of a bare-metal NodeClass does not exist.
+    #[error("inventory ConfigMap {namespace}/{name} not found")]
+    InventoryNotFound {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
     /// The cluster CA ConfigMap is missing or unusable.
     #[error("cluster CA: {0}")]
     CaCertificate(String),
@@ -94,6 +102,7 @@ impl Error {
             Self::NodeClassNotReady { .. } => "NodeClassNotReady",
             Self::NodeClassDeleting(_) => "NodeClassDeleting",
             Self::CredentialsNotFound { .. } => "CredentialsNotFound",
+            Self::InventoryNotFound { .. } => "InventoryNotFound",
             Self::CaCertificate(_) => "CaCertificateNotFound",
             Self::NoApiServerEndpoint => "NoApiServerEndpoint",
             Self::InvalidNode(_) => "InvalidNode",
@@ -117,6 +126,7 @@ impl Error {
             | Self::WriteRefused(_)
             | Self::NodeClassNotReady { .. }
             | Self::CredentialsNotFound { .. }
+            | Self::InventoryNotFound { .. }
             | Self::NoApiServerEndpoint
             | Self::InvalidNode(_) => true,
             _ => false,

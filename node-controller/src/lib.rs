@@ -13,6 +13,7 @@
 mod applied;
 pub mod bootstrap;
 pub mod capacity;
+pub mod claims;
 mod error;
 mod gc;
 mod metrics;
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::TryStreamExt;
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -64,6 +65,9 @@ pub struct Config {
     pub concurrency: u16,
     /// Set to `true` once the Node and NodeClass caches have synced (for a readiness probe).
     pub synced: Option<tokio::sync::watch::Sender<bool>>,
+    /// kube-node's namespace: where backends without tags keep their claims (one Lease per
+    /// machine, `providers/CONTRACT.md` section 10).
+    pub claim_namespace: String,
 }
 
 impl Default for Config {
@@ -76,6 +80,7 @@ impl Default for Config {
             orphan_gc_interval: Duration::from_secs(60),
             concurrency: 32,
             synced: None,
+            claim_namespace: "kube-node-system".to_string(),
         }
     }
 }
@@ -123,6 +128,8 @@ pub(crate) struct Context {
     /// The cluster CA's hash for join payloads, with when it was read.
     ca_hash: Mutex<Option<(String, std::time::Instant)>>,
     pub(crate) backoff: Backoff,
+    /// The claim store handed to every provider (Leases in kube-node's namespace).
+    claims: Arc<dyn kube_node_provider::ClaimStore>,
     cache: Mutex<HashMap<String, CachedProvider>>,
     pub(crate) inventory: Mutex<HashMap<String, Inventory>>,
     attempts: Mutex<HashMap<String, u32>>,
@@ -330,7 +337,7 @@ impl Context {
         if !refresh && let Some(p) = self.cached(&name, generation, None) {
             return Ok(p);
         }
-        let (credentials, secret_version) = match &nc.spec.credentials_secret_ref {
+        let (credentials, mut secret_version) = match &nc.spec.credentials_secret_ref {
             None => (None, None),
             Some(r) => {
                 let secret = Api::<Secret>::namespaced(self.client.clone(), &r.namespace)
@@ -349,6 +356,30 @@ impl Context {
                 (Some(Credentials(data)), secret.metadata.resource_version)
             }
         };
+        // A referenced inventory is read like the credentials, and its version is part of the
+        // cache key: an edited inventory rebuilds the provider without a new generation.
+        let mut inventory = None;
+        if let Some(r) = nc
+            .spec
+            .provider
+            .baremetal
+            .as_ref()
+            .and_then(|b| b.inventory_ref.as_ref())
+        {
+            let cm = Api::<ConfigMap>::namespaced(self.client.clone(), &r.namespace)
+                .get_opt(&r.name)
+                .await?
+                .ok_or_else(|| Error::InventoryNotFound {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                })?;
+            secret_version = Some(format!(
+                "{}/{}",
+                secret_version.unwrap_or_default(),
+                cm.metadata.resource_version.unwrap_or_default()
+            ));
+            inventory = Some(cm.data.unwrap_or_default());
+        }
         if let Some(p) = self.cached(&name, generation, Some(&secret_version)) {
             return Ok(p);
         }
@@ -358,6 +389,8 @@ impl Context {
             spec: nc.spec.clone(),
             credentials,
             cluster_name: self.config.cluster_name.clone(),
+            inventory,
+            claims: Some(self.claims.clone()),
         })?;
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(
@@ -549,6 +582,9 @@ pub async fn run_shared(
         kube_node_runtime::events::EVENT_BURST,
     );
     let (capacity_tx, capacity_rx) = futures::channel::mpsc::unbounded::<ObjectRef<NodeClass>>();
+    let claim_store: Arc<dyn kube_node_provider::ClaimStore> = Arc::new(
+        claims::LeaseClaimStore::new(client.clone(), &config.claim_namespace),
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         providers,
@@ -564,6 +600,7 @@ pub async fn run_shared(
         synced: std::sync::atomic::AtomicBool::new(false),
         ca_hash: Mutex::default(),
         backoff: Backoff::default(),
+        claims: claim_store,
         cache: Mutex::default(),
         inventory: Mutex::default(),
         attempts: Mutex::default(),

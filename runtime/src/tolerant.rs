@@ -144,6 +144,7 @@ pub fn nodeclass_decoder() -> Decoder<kube_node_crds::NodeClass> {
                     simulated: None,
                     aws: None,
                     exec: None,
+                    baremetal: None,
                 },
                 credentials_secret_ref: None,
                 labels: Default::default(),

@@ -95,6 +95,8 @@ pub struct NodeClassSpec {
 #[x_kube(validation = Rule::new("self.type != 'aws' || has(self.aws)").message("spec.provider.aws is required when spec.provider.type is aws").field_path(".aws"))]
 #[x_kube(validation = Rule::new("!has(self.exec) || self.type == 'exec'").message("spec.provider.exec may be set only when spec.provider.type is exec").field_path(".exec"))]
 #[x_kube(validation = Rule::new("self.type != 'exec' || has(self.exec)").message("spec.provider.exec is required when spec.provider.type is exec").field_path(".exec"))]
+#[x_kube(validation = Rule::new("!has(self.baremetal) || self.type == 'baremetal'").message("spec.provider.baremetal may be set only when spec.provider.type is baremetal").field_path(".baremetal"))]
+#[x_kube(validation = Rule::new("self.type != 'baremetal' || has(self.baremetal)").message("spec.provider.baremetal is required when spec.provider.type is baremetal").field_path(".baremetal"))]
 pub struct ProviderSpec {
     /// The backend: `simulated` (in-process machines, no cloud), `aws` (EC2 instances) or
     /// `exec` (a program of yours that speaks the exec provider protocol).
@@ -112,6 +114,10 @@ pub struct ProviderSpec {
     /// Configuration of the `exec` backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecProviderSpec>,
+
+    /// Configuration of the `baremetal` backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baremetal: Option<BaremetalProviderSpec>,
 }
 
 /// The backends kube-node knows.
@@ -125,6 +131,8 @@ pub enum ProviderType {
     Aws,
     /// A user-supplied program speaking the exec provider protocol (providers/exec/PROTOCOL.md).
     Exec,
+    /// Servers you own: powered on and off through their BMCs (Redfish), joined over SSH.
+    Baremetal,
 }
 
 impl ProviderType {
@@ -134,6 +142,7 @@ impl ProviderType {
             Self::Simulated => "simulated",
             Self::Aws => "aws",
             Self::Exec => "exec",
+            Self::Baremetal => "baremetal",
         }
     }
 }
@@ -221,6 +230,113 @@ pub enum AwsCapacityType {
     /// Spot instances.
     #[serde(rename = "spot")]
     Spot,
+}
+
+/// Configuration of the bare-metal backend: a pool of servers with Redfish BMCs and an OS
+/// with kubeadm and a kubelet on their disks.
+///
+/// Name the hosts inline (`hosts`, at most 64) or in a ConfigMap (`inventoryRef`, for racks
+/// of hundreds or thousands): exactly one of the two. The credentials Secret holds the BMC
+/// login (`bmc-username`, `bmc-password`) and the SSH key (`ssh-private-key`), each
+/// overridable per host (`<host>.bmc-username`, ...).
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.hosts) && size(self.hosts) > 0) != has(self.inventoryRef)").message("spec.provider.baremetal: set exactly one of hosts and inventoryRef").field_path(".hosts"))]
+pub struct BaremetalProviderSpec {
+    /// The hosts, inline (at most 64; use `inventoryRef` for more).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub hosts: Vec<BaremetalHost>,
+    /// A ConfigMap whose key (default `hosts.yaml`) holds the hosts as a YAML list of the same
+    /// shape as `hosts`. Read like the credentials Secret; editing it does not change the
+    /// NodeClass's generation, so no Node becomes outdated when a host is added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory_ref: Option<ConfigMapKeyReference>,
+    /// The SSH user kubeadm runs as (it needs root or passwordless sudo). Default `root`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub ssh_user: Option<String>,
+    /// A shell command run over SSH before a host is powered off on delete (e.g. wiping the
+    /// kubelet's data disk). Its failure is logged, never fatal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub wipe_command: Option<String>,
+    /// How long a graceful shutdown may take before `ForceOff`. Default `2m`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::validation::duration_serde::deserialize"
+    )]
+    #[schemars(schema_with = "crate::validation::positive_duration")]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+/// One host of a bare-metal inventory.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaremetalHost {
+    /// A stable name of the host (a DNS-1123 label), used in provider IDs and messages.
+    #[schemars(schema_with = "crate::validation::dns1123_label")]
+    pub name: String,
+    /// The host's Redfish ComputerSystem: its full URL
+    /// (`https://bmc-01.example/redfish/v1/Systems/1`), or the BMC's root (`https://bmc-01`)
+    /// when the BMC has exactly one system.
+    #[schemars(schema_with = "crate::validation::url")]
+    pub redfish_url: String,
+    /// The OS's SSH address, `host` or `host:port`.
+    #[schemars(schema_with = "crate::validation::endpoint")]
+    pub ssh_address: String,
+    /// The OS's SSH host public key (`ssh-ed25519 AAAA...`): the only key accepted. Without
+    /// it, the credentials Secret's `<host>.ssh-host-key` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    pub ssh_host_key: Option<String>,
+    /// Labels the host's Node gets (rack, zone).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "crate::validation::labels_16")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl BaremetalHost {
+    /// Checks one host (of an inline list or a referenced inventory), naming each invalid
+    /// field under `field`.
+    pub fn validate(&self, field: &str) -> Result<(), InvalidSpec> {
+        let mut errors = Errors::default();
+        self.check(field, &mut errors);
+        errors.finish()
+    }
+
+    pub(crate) fn check(&self, field: &str, errors: &mut Errors) {
+        errors.check(
+            format_args!("{field}.name"),
+            check_dns1123_label(&self.name),
+        );
+        errors.check(
+            format_args!("{field}.redfishUrl"),
+            check_url(&self.redfish_url),
+        );
+        errors.check(
+            format_args!("{field}.sshAddress"),
+            check_endpoint(&self.ssh_address),
+        );
+        super::common::check_labels(&format!("{field}.labels"), &self.labels, errors);
+    }
+}
+
+/// A key of a ConfigMap in a given namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyReference {
+    /// The ConfigMap's namespace (kube-node reads ConfigMaps only in its own).
+    #[schemars(schema_with = "crate::validation::dns1123_label")]
+    pub namespace: String,
+    /// The ConfigMap's name.
+    #[schemars(schema_with = "crate::validation::dns1123_subdomain")]
+    pub name: String,
+    /// The key holding the inventory. Default `hosts.yaml`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
 }
 
 /// Configuration of the exec backend: a program run once per provider operation.
@@ -539,6 +655,7 @@ impl ProviderSpec {
             (ProviderType::Simulated, self.simulated.is_some()),
             (ProviderType::Aws, self.aws.is_some()),
             (ProviderType::Exec, self.exec.is_some()),
+            (ProviderType::Baremetal, self.baremetal.is_some()),
         ];
         for (ty, set) in blocks {
             let field = format!("spec.provider.{}", ty.as_str());
@@ -562,6 +679,44 @@ impl ProviderSpec {
             errors.check(
                 "spec.provider.exec",
                 Err("is required when spec.provider.type is exec".into()),
+            );
+        }
+        if self.type_ == ProviderType::Baremetal && self.baremetal.is_none() {
+            errors.check(
+                "spec.provider.baremetal",
+                Err("is required when spec.provider.type is baremetal".into()),
+            );
+        }
+        if let Some(b) = &self.baremetal {
+            if b.hosts.is_empty() == b.inventory_ref.is_none() {
+                errors.check(
+                    "spec.provider.baremetal.hosts",
+                    Err("set exactly one of hosts and inventoryRef".into()),
+                );
+            }
+            if b.hosts.len() > 64 {
+                errors.check(
+                    "spec.provider.baremetal.hosts",
+                    Err("at most 64 hosts inline; use inventoryRef for more".into()),
+                );
+            }
+            for (i, h) in b.hosts.iter().enumerate() {
+                h.check(&format!("spec.provider.baremetal.hosts[{i}]"), errors);
+            }
+            if let Some(r) = &b.inventory_ref {
+                errors.check(
+                    "spec.provider.baremetal.inventoryRef.namespace",
+                    check_dns1123_label(&r.namespace),
+                );
+                errors.check(
+                    "spec.provider.baremetal.inventoryRef.name",
+                    check_dns1123_subdomain(&r.name),
+                );
+            }
+            check_positive(
+                "spec.provider.baremetal.shutdownTimeout",
+                b.shutdown_timeout,
+                errors,
             );
         }
         if let Some(s) = &self.simulated {
