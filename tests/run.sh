@@ -15,8 +15,14 @@ fi
 # checkout do not share or stop each other's emulators.
 RUN_ID="run-$$"
 tests/emulators/moto.sh install
-trap 'tests/emulators/moto.sh stop "$RUN_ID"' EXIT
+# The bare-metal provider's rack: sushy-tools (Redfish, in moto's venv) and Debian's
+# openssh-server (the hosts' OS, with a recording kubeadm), the same way.
+tests/emulators/sushy.sh install
+tests/emulators/sshd.sh install
+trap 'tests/emulators/moto.sh stop "$RUN_ID"; tests/emulators/sushy.sh stop "$RUN_ID"; tests/emulators/sshd.sh stop "$RUN_ID"' EXIT
 eval "$(tests/emulators/moto.sh start "$RUN_ID")"
+eval "$(tests/emulators/sushy.sh start "$RUN_ID")"
+eval "$(tests/emulators/sshd.sh start "$RUN_ID")"
 
 if [ -z "${KUBE_NODE_E2E_KUBECONFIG:-}" ]; then
   echo "e2e suite: SKIPPED (KUBE_NODE_E2E_KUBECONFIG is not set; its tests return at once)"

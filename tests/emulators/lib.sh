@@ -1,4 +1,4 @@
-# Shared by the emulator scripts in this folder (moto now; sushy-tools and openssh-server next).
+# Shared by the emulator scripts in this folder (moto, sushy-tools, openssh-server).
 # Source it; it defines functions only.
 #
 # Every emulator a test run starts is that run's own: its pid file, log and port live in

@@ -885,7 +885,14 @@ impl Provider for BaremetalProvider {
             inner.teardown(h, failed.as_deref()).await;
         }
         let sys = inner.system(i, h, true).await?;
-        if sys.power != PowerState::Off {
+        if sys.power == PowerState::Off {
+            // BMCs apply power changes asynchronously: a host that still reads Off may have
+            // our power-on queued. ForceOff replaces it; a BMC that refuses it for a host
+            // that is off anyway changes nothing.
+            if let Err(e) = inner.clients[i].reset(&sys, "ForceOff").await {
+                tracing::debug!(host = %h.name, error = %e, "ForceOff of an off host refused");
+            }
+        } else {
             let graceful = sys.reset_types.is_empty()
                 || sys.reset_types.iter().any(|t| t == "GracefulShutdown");
             let kind = if graceful {
