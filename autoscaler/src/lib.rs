@@ -35,7 +35,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::info;
 
-pub use service::NodeSetCloudProvider;
+pub use service::{NodeSetCloudProvider, effective_max_size};
 
 /// PEM files of the server's TLS identity and of the CA that signs client certificates.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -134,10 +134,28 @@ impl NodeSetCloudProvider {
     }
 }
 
+/// The most a NodeSet can reach now: `maxSize`, and for a class with a fixed pool (bare-metal
+/// hosts) no more than its current Nodes plus the free machines, so cluster-autoscaler never
+/// asks for servers that do not exist and tries another group at once.
+pub fn effective_max_size(ns: &NodeSet) -> i32 {
+    let max = ns.spec.max_size.unwrap_or(0);
+    match ns.status.as_ref().and_then(|s| s.free_machines) {
+        Some(free) => {
+            let current = ns
+                .status
+                .as_ref()
+                .map_or(0, |s| s.replicas)
+                .max(ns.spec.replicas);
+            max.min(current.saturating_add(free.max(0)))
+        }
+        None => max,
+    }
+}
+
 fn node_group(ns: &NodeSet) -> NodeGroup {
     let name = ns.name_any();
     let min = ns.spec.min_size.unwrap_or(0);
-    let max = ns.spec.max_size.unwrap_or(0);
+    let max = effective_max_size(ns);
     NodeGroup {
         debug: format!(
             "NodeSet {name}: replicas={} min={min} max={max} nodeClass={}",
@@ -484,11 +502,16 @@ impl CloudProvider for NodeSetCloudProvider {
                 ))
                 .into());
             }
-            let max = ns.spec.max_size.unwrap_or(0);
+            let max = effective_max_size(&ns);
             let target = ns.spec.replicas.saturating_add(req.delta);
             if target > max {
+                let why = if max < ns.spec.max_size.unwrap_or(0) {
+                    format!("only {max} can exist: its NodeClass has no more free machines")
+                } else {
+                    format!("maxSize is {max}")
+                };
                 return Err(Status::failed_precondition(format!(
-                    "size increase too large: NodeSet {} would have {target} replicas, maxSize is {max}",
+                    "size increase too large: NodeSet {} would have {target} replicas, {why}",
                     req.id
                 ))
                 .into());

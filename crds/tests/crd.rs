@@ -103,6 +103,7 @@ fn crds_are_cluster_scoped_with_subresources_and_columns() {
             "CURRENT",
             "READY",
             "UP-TO-DATE",
+            "FREE",
             "FAILURES",
             "NEXT-ATTEMPT",
             "AGE"

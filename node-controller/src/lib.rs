@@ -182,6 +182,20 @@ impl Context {
         }
     }
 
+    /// A machine of `class` was created or deleted: when the class draws from a fixed pool
+    /// (its status counts free machines), has the NodeClass controller count again now, so
+    /// the NodeSet and cluster-autoscaler see the new count within a pass.
+    pub(crate) fn recount_pool(&self, class: &str) {
+        let pooled = self.node_class(class).is_some_and(|nc| {
+            nc.status
+                .as_ref()
+                .is_some_and(|s| s.free_machines.is_some())
+        });
+        if pooled {
+            let _ = self.capacity_checks.unbounded_send(ObjectRef::new(class));
+        }
+    }
+
     /// The `sha256:` hash of the cluster CA from kube-system/kube-root-ca.crt, read at most once
     /// a minute (one GET per create would double the reads of a scale-up).
     pub(crate) async fn ca_cert_hash(&self) -> Result<String, Error> {

@@ -593,6 +593,7 @@ async fn act(
             };
             provider.delete(&pid).await?;
             tracing::info!(provider_id = %pid, "deleted machine");
+            ctx.recount_pool(&class.name_any());
             Ok(Requeue::requeue(DELETE_POLL))
         }
         Action::WaitForGone => {
@@ -686,6 +687,7 @@ async fn create(
     };
     let instance = provider.create(&request).await?;
     tracing::info!(provider_id = %instance.provider_id, "created machine");
+    ctx.recount_pool(&class.name_any());
     ctx.metrics.set_phase(&pass.uid, pass.phase);
     drop(launching);
     if ctx.launches_in_flight() {

@@ -82,25 +82,35 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
         let ready = ready
             .as_ref()
             .map(|(s, r, m)| (s.as_str(), r.as_str(), m.as_str()));
-        let changed = write_status(&ctx, &nc, ready, None, borrow(&in_use_cond)).await?;
+        let free = nc.status.as_ref().and_then(|s| s.free_machines);
+        let changed = write_status(&ctx, &nc, ready, None, borrow(&in_use_cond), free).await?;
         if changed && in_use > 0 {
             tracing::info!(nodes = in_use, "nodeclass deletion waits for its nodes");
             event(&ctx, &nc, "DeletionWaiting", &in_use_cond.2).await;
         }
         return Ok(Action::requeue(DELETION_POLL));
     }
+    // A fixed pool's free machines (bare-metal hosts), counted on every pass; a failed count
+    // keeps the last one.
+    let mut free = nc.status.as_ref().and_then(|s| s.free_machines);
     let result = match ctx.provider_for(&nc, true).await {
-        Ok(provider) => match ctx.validation(&name) {
-            Some(r) => r.map_err(Error::from),
-            None => {
-                let r = provider.validate().await;
-                // A passing failure says nothing about the configuration: ask again next time.
-                if r.as_ref().err().is_none_or(|e| !e.is_retryable()) {
-                    ctx.set_validation(&name, r.clone());
-                }
-                r.map_err(Error::from)
+        Ok(provider) => {
+            match provider.free_capacity().await {
+                Ok(f) => free = f.map(|f| i32::try_from(f).unwrap_or(i32::MAX)),
+                Err(e) => tracing::debug!(error = %e, "cannot count free machines"),
             }
-        },
+            match ctx.validation(&name) {
+                Some(r) => r.map_err(Error::from),
+                None => {
+                    let r = provider.validate().await;
+                    // A passing failure says nothing about the configuration: ask again next time.
+                    if r.as_ref().err().is_none_or(|e| !e.is_retryable()) {
+                        ctx.set_validation(&name, r.clone());
+                    }
+                    r.map_err(Error::from)
+                }
+            }
+        }
         Err(e) => Err(e),
     };
     let (status, reason, message) = match (&result, ctx.rejected_write(&nc)) {
@@ -127,6 +137,7 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
         ready,
         capacity.as_ref().map(borrow),
         borrow(&in_use_cond),
+        free,
     )
     .await;
     if let Err(e) = written {
@@ -149,8 +160,17 @@ async fn reconcile_inner(nc: Arc<NodeClass>, ctx: Arc<Context>) -> Result<Action
         started.elapsed().as_secs_f64(),
         result.as_ref().err().map(Error::reason),
     );
-    Ok(Action::requeue(RESYNC))
+    // A fixed pool is counted again soon: its count is the autoscaler's max size.
+    Ok(Action::requeue(if free.is_some() {
+        POOL_RESYNC
+    } else {
+        RESYNC
+    }))
 }
+
+/// How often a class with a fixed pool recounts its free machines (besides the recount each
+/// create and delete of its machines asks for).
+const POOL_RESYNC: Duration = Duration::from_secs(15);
 
 /// The Ready reason of a NodeClass whose labels or taints the API server refused on a Node.
 const NODE_WRITE_REFUSED: &str = "NodeWriteRefused";
@@ -178,7 +198,8 @@ pub(crate) async fn report_rejected_write(ctx: &Context, nc: &NodeClass) -> Resu
         .filter(|n| protection::uses(n, &name))
         .count();
     let in_use = protection::in_use_condition(nc.metadata.deletion_timestamp.is_some(), in_use);
-    write_status(ctx, nc, Some(ready), None, borrow(&in_use)).await?;
+    let free = nc.status.as_ref().and_then(|s| s.free_machines);
+    write_status(ctx, nc, Some(ready), None, borrow(&in_use), free).await?;
     Ok(())
 }
 
@@ -333,6 +354,7 @@ async fn write_status(
     ready: Option<Parts<'_>>,
     capacity: Option<Parts<'_>>,
     in_use: Parts<'_>,
+    free_machines: Option<i32>,
 ) -> Result<bool, Error> {
     let generation = nc.metadata.generation;
     let current = nc.status.as_ref();
@@ -351,6 +373,7 @@ async fn write_status(
     }
     if wanted.iter().all(|c| same(existing(&c.type_), c))
         && current.and_then(|s| s.observed_generation) == generation
+        && current.and_then(|s| s.free_machines) == free_machines
     {
         return Ok(false);
     }
@@ -359,7 +382,11 @@ async fn write_status(
     let patch = serde_json::json!({
         "apiVersion": "kube-node.io/v1alpha1",
         "kind": "NodeClass",
-        "status": { "observedGeneration": generation, "conditions": conditions },
+        "status": {
+            "observedGeneration": generation,
+            "conditions": conditions,
+            "freeMachines": free_machines,
+        },
     });
     Api::<NodeClass>::all(ctx.client.clone())
         .patch_status(

@@ -505,7 +505,7 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
 
     // Status, once.
     let create_failure = lock(&ctx.create_failures).get(&name).cloned();
-    let status = build_status(
+    let mut status = build_status(
         ns,
         &desired,
         &the_plan,
@@ -514,6 +514,11 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         &previous,
         now,
     );
+    // A fixed pool's free machines, as the node-controller last counted them on the class.
+    status.free_machines = class
+        .as_deref()
+        .and_then(|c| c.status.as_ref())
+        .and_then(|s| s.free_machines);
     let mut status_deferred = None;
     if status != previous
         && let Some(wait) = status_write_wait(ctx, &uid, &previous, &status)
@@ -1457,6 +1462,7 @@ pub(crate) fn build_status(
         observed_generation: generation,
         selector: Some(ns.spec.selector.to_selector_string()),
         backoff: p.backoff.to_status(),
+        free_machines: None,
         conditions: vec![
             ready,
             replica_failure,

@@ -223,6 +223,15 @@ async fn nodeset_scales_0_5_2_0_on_five_hosts_and_a_sixth_replica_finds_no_host(
         .create_node_set("rack-a", "rack-a", 0)
         .await
         .expect("NodeSet");
+    // A cluster-autoscaler node group of up to 10 (more than the rack has).
+    Api::<NodeSet>::all(client.clone())
+        .patch(
+            "rack-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"minSize": 0, "maxSize": 10}})),
+        )
+        .await
+        .expect("sizes");
     cluster.start_controllers();
     cluster.spawn(kubelet(client.clone(), lab));
 
@@ -313,6 +322,34 @@ async fn nodeset_scales_0_5_2_0_on_five_hosts_and_a_sixth_replica_finds_no_host(
     })
     .await;
 
+    // The pool is spent: the class, the NodeSet (`kubectl get nodeset` column Free) and the
+    // autoscaler's max size say so.
+    eventually(
+        "free machines 0, autoscaler max size 5",
+        STEP_TIMEOUT,
+        || async {
+            let nc = Api::<kube_node_crds::NodeClass>::all(client.clone())
+                .get("rack-a")
+                .await
+                .map_err(|e| e.to_string())?;
+            let ns = Api::<NodeSet>::all(client.clone())
+                .get("rack-a")
+                .await
+                .map_err(|e| e.to_string())?;
+            let class_free = nc.status.and_then(|s| s.free_machines);
+            let set_free = ns.status.as_ref().and_then(|s| s.free_machines);
+            let max = kube_node_autoscaler::effective_max_size(&ns);
+            if class_free == Some(0) && set_free == Some(0) && max == 5 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "class free {class_free:?}, nodeset free {set_free:?}, max size {max}"
+                ))
+            }
+        },
+    )
+    .await;
+
     // A 6th replica: no free host. The Node reports it (condition, event) and the NodeSet's
     // ReplicaFailure says InsufficientCapacity, while nothing is powered and nothing joins.
     scale(&client, "rack-a", 6).await;
@@ -383,6 +420,20 @@ async fn nodeset_scales_0_5_2_0_on_five_hosts_and_a_sixth_replica_finds_no_host(
             Ok(())
         } else {
             Err(format!("{n} live / {all} Nodes, {claims} claims, {on} on"))
+        }
+    })
+    .await;
+    eventually("3 hosts free again, max size 5", STEP_TIMEOUT, || async {
+        let ns = Api::<NodeSet>::all(client.clone())
+            .get("rack-a")
+            .await
+            .map_err(|e| e.to_string())?;
+        let free = ns.status.as_ref().and_then(|s| s.free_machines);
+        let max = kube_node_autoscaler::effective_max_size(&ns);
+        if free == Some(3) && max == 5 {
+            Ok(())
+        } else {
+            Err(format!("free {free:?}, max {max}"))
         }
     })
     .await;

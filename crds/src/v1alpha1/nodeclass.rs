@@ -559,6 +559,10 @@ pub struct NodeClassStatus {
     /// 5 %. cluster-autoscaler's scale-from-zero template is built from the declaration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// For a backend with a fixed pool (bare metal): how many more machines it can make now
+    /// (hosts neither claimed nor set aside as failed). Absent for clouds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_machines: Option<i32>,
 }
 
 /// Default registration timeout.

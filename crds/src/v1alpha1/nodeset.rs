@@ -49,6 +49,12 @@ use crate::validation::{
         description = "Nodes built from what the NodeSet and its NodeClass say now (not drifted)"
     ),
     printcolumn(
+        name = "Free",
+        type_ = "integer",
+        json_path = ".status.freeMachines",
+        description = "Machines of a fixed pool (bare-metal hosts) still free for this NodeSet's class"
+    ),
+    printcolumn(
         name = "Failures",
         type_ = "integer",
         json_path = ".status.backoff.consecutiveFailures",
@@ -399,6 +405,11 @@ pub struct NodeSetStatus {
     /// The replacement backoff: consecutive machine failures and when the next launch is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<BackoffStatus>,
+    /// For a NodeClass with a fixed pool (bare metal): its machines still free, so the most
+    /// this NodeSet can reach now is `min(maxSize, replicas + freeMachines)` (what
+    /// cluster-autoscaler is told as the group's max size). Absent for clouds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_machines: Option<i32>,
     /// `Ready`, `ReplicaFailure`, `CircuitBreakerOpen`, `Backoff`, `NodeClassOutdated`,
     /// `Progressing`, `Available`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
