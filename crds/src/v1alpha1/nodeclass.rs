@@ -283,7 +283,7 @@ pub struct BaremetalHost {
     /// when the BMC has exactly one system.
     #[schemars(schema_with = "crate::validation::url")]
     pub redfish_url: String,
-    /// The OS's SSH address, `host` or `host:port`.
+    /// The OS's SSH address, `host:port` (usually port 22).
     #[schemars(schema_with = "crate::validation::endpoint")]
     pub ssh_address: String,
     /// The OS's SSH host public key (`ssh-ed25519 AAAA...`): the only key accepted. Without

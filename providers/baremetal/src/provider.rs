@@ -875,7 +875,12 @@ impl Provider for BaremetalProvider {
             return Ok(DeleteOutcome::Gone);
         };
         if r.data.get(data::PHASE).map(String::as_str) == Some(phase::RELEASING) {
-            return Ok(DeleteOutcome::Deleting);
+            // Callers that do not poll get (the orphan collector) finish the release here.
+            return match self.get(provider_id).await {
+                Err(ProviderError::NotFound(_)) => Ok(DeleteOutcome::Gone),
+                Ok(_) => Ok(DeleteOutcome::Deleting),
+                Err(e) => Err(e),
+            };
         }
         if let Some(j) = inner.joins.lock().ok().and_then(|mut j| j.remove(&r.key)) {
             j.abort();

@@ -138,3 +138,66 @@ async fn unreachable_bmc_is_transient() {
     assert_eq!(e.reason(), "Transient", "{e}");
     assert!(e.is_retryable());
 }
+
+/// Prints the calls of one host's lifecycle (create with a join payload, join, delete, release),
+/// and checks it against the design: three Redfish calls to bring a host up, one SSH session
+/// to join it, one to reset it, and a power-state read per poll while it shuts down.
+#[tokio::test]
+async fn one_host_lifecycle_costs_few_calls() {
+    let lab = Lab::shared();
+    const FIRST_HOST: usize = 30;
+    let mut rc = class(lab, Arc::new(MemoryClaimStore::new()));
+    rc.spec
+        .provider
+        .baremetal
+        .as_mut()
+        .expect("baremetal")
+        .hosts = lab.hosts("life", FIRST_HOST, 1);
+    let provider = BaremetalFactory::new().build_baremetal(&rc).expect("build");
+    if lab.power_state(FIRST_HOST).as_deref() != Some("Off") {
+        lab.reset(FIRST_HOST, "ForceOff");
+        tokio::time::sleep(Duration::from_secs(12)).await;
+    }
+    let stats = provider.stats();
+    let mut req =
+        Conformance::default_request("life", "00000000-0000-4000-8000-00000000life", "life-node");
+    req.user_data = Some(kube_node_provider::Sensitive(
+        "#cloud-config\nwrite_files:\n- path: /tmp/kube-node-test/life.yaml\n  permissions: '0600'\n  content: |\n    kind: JoinConfiguration\n    nodeRegistration:\n      name: life-node\nruncmd:\n- [kubeadm, join, --config, /tmp/kube-node-test/life.yaml]\n".into(),
+    ));
+    let i = provider.create(&req).await.expect("create");
+    let up_requests = stats.redfish_requests();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while provider.get(&i.provider_id).await.expect("get").state
+        != kube_node_provider::InstanceState::Running
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the host joins");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (joined_requests, joined_sessions) = (stats.redfish_requests(), stats.ssh_sessions());
+    provider.delete(&i.provider_id).await.expect("delete");
+    let mut polls = 0;
+    loop {
+        polls += 1;
+        match provider.get(&i.provider_id).await {
+            Err(ProviderError::NotFound(_)) => break,
+            Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(polls < 120, "released");
+    }
+    println!(
+        "one host lifecycle: create {up_requests} Redfish requests; joined after {joined_requests} Redfish / {joined_sessions} SSH sessions; delete + release {} Redfish ({polls} get polls at 1 s) / {} SSH sessions in all",
+        stats.redfish_requests() - joined_requests,
+        stats.ssh_sessions(),
+    );
+    assert_eq!(
+        up_requests, 3,
+        "GET system, PATCH boot override, POST Reset On"
+    );
+    assert_eq!(joined_requests, 3, "no Redfish call while joining");
+    assert_eq!(
+        joined_sessions, 1,
+        "one SSH session joins the host (its sshd is already up)"
+    );
+    assert_eq!(stats.ssh_sessions(), 2, "one more resets kubeadm on delete");
+}
