@@ -50,10 +50,18 @@ async fn conformance_against_sushy_and_sshd() {
     let provider = BaremetalFactory::new()
         .build_baremetal(&class(lab, claims.clone()))
         .expect("build");
-    provider
-        .validate()
-        .await
-        .expect("validate against sushy-tools");
+    // A just-started emulator may answer a first burst with a 5xx: retry what is retryable.
+    let mut attempt = 0;
+    loop {
+        match provider.validate().await {
+            Ok(()) => break,
+            Err(e) if e.is_retryable() && attempt < 10 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("validate against sushy-tools: {e}"),
+        }
+    }
     let stats = provider.stats();
     let mut c = Conformance::new("conformance");
     c.node_class = Some("conf".into());
