@@ -18,8 +18,9 @@ pub const INSTANCE_ID_ANNOTATION: &str = "kube-node.io/instance-id";
 /// from, so a NodeSet can report Nodes built from an older NodeClass.
 pub const NODE_CLASS_GENERATION_ANNOTATION: &str = "kube-node.io/node-class-generation";
 /// Annotation recording what a NodeSet's Node was built from: a short hash of each input that
-/// shapes its machine (`provider=…,capacity=…,bootstrap=…,template=…`), computed from the
-/// NodeClass spec and the NodeSet template when the Node is created. A Node whose hashes
+/// shapes its machine (`provider=…,capacity=…,bootstrap=…`), computed from the NodeClass spec
+/// when the Node is created (the NodeSet template's labels, annotations and taints are patched
+/// in place instead; earlier versions also wrote a `template=…` part, now ignored). A Node whose hashes
 /// differ from what its NodeSet would build now has drifted.
 pub const BUILD_HASH_ANNOTATION: &str = "kube-node.io/build-hash";
 /// Annotation marking a Node to be removed first when its NodeSet scales down (any value but
@@ -37,6 +38,21 @@ pub const APPLIED_LABELS_ANNOTATION: &str = "kube-node.io/applied-labels";
 /// Annotation listing the taints kube-node applied to the Node from its NodeClass, as
 /// comma-separated `key:Effect`, for the same reason as [`APPLIED_LABELS_ANNOTATION`].
 pub const APPLIED_TAINTS_ANNOTATION: &str = "kube-node.io/applied-taints";
+
+/// Annotation listing the label keys a NodeSet applied to the Node from its template
+/// (comma-separated), so that a label removed from the template comes off its Nodes in place
+/// while labels others set stay.
+pub const TEMPLATE_LABELS_ANNOTATION: &str = "kube-node.io/template-labels";
+/// Annotation listing the annotation keys a NodeSet applied to the Node from its template, for
+/// the same reason as [`TEMPLATE_LABELS_ANNOTATION`].
+pub const TEMPLATE_ANNOTATIONS_ANNOTATION: &str = "kube-node.io/template-annotations";
+/// Annotation listing the taints a NodeSet applied to the Node from its template, as
+/// comma-separated `key:Effect`, for the same reason as [`TEMPLATE_LABELS_ANNOTATION`].
+pub const TEMPLATE_TAINTS_ANNOTATION: &str = "kube-node.io/template-taints";
+/// Annotation with a hash of the template labels, annotations and taints last applied to the
+/// Node, so a NodeSet finds the Nodes a template change has not reached without reading every
+/// Node whole.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "kube-node.io/template-hash";
 
 /// Label on Nodes created by a NodeSet naming it (the NodeSet's selector usually matches on it).
 pub const NODESET_LABEL: &str = "kube-node.io/nodeset";

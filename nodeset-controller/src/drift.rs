@@ -8,14 +8,15 @@
 //! | `provider` | the NodeClass's `spec.provider` (image, machine type, subnets, …) |
 //! | `capacity` | the NodeClass's `spec.capacity` and `spec.allocatable` |
 //! | `bootstrap` | the NodeClass's `spec.bootstrap` |
-//! | `template` | the NodeSet's `spec.template` labels, annotations and taints |
 //!
 //! Drift is then a pure comparison of that annotation with the hashes of the current specs:
 //! it survives restarts, and a NodeClass deleted and re-created with the same spec is not
 //! drift (generations start over, hashes do not). A Node on another class than the template
 //! names has drifted too. What kube-node patches onto existing Nodes in place — the NodeClass's
-//! `labels` and `taints` — and what only tunes kube-node itself (timeouts, credentials) is not
-//! hashed. The simulated provider's knobs that describe its cloud rather than its machines
+//! `labels` and `taints`, and the NodeSet template's labels, annotations and taints (see
+//! `template.rs`) — and what only tunes kube-node itself (timeouts, credentials) is not
+//! hashed: a change of them is applied to the Nodes, it does not replace them. Annotations
+//! written by earlier versions also carry a `template=` part; it is read and ignored. The simulated provider's knobs that describe its cloud rather than its machines
 //! (faults, capacity, quota, delays, registration) are not hashed either.
 //!
 //! A Node without the annotation (created before kube-node recorded it, or created by a user
@@ -24,11 +25,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use kube_node_crds::v1alpha1::{NodeClassSpec, NodeTemplate};
+use kube_node_crds::v1alpha1::NodeClassSpec;
 use serde_json::{Value, json};
 
 /// The inputs hashed, in the order drift reasons are named.
-pub const PARTS: [&str; 4] = ["provider", "capacity", "bootstrap", "template"];
+pub const PARTS: [&str; 3] = ["provider", "capacity", "bootstrap"];
+
+/// A part earlier versions hashed and this one patches in place instead.
+const RETIRED_PARTS: [&str; 1] = ["template"];
 
 /// The simulated provider's fields that describe its cloud, not its machines.
 const SIMULATED_CLOUD_FIELDS: [&str; 8] = [
@@ -55,8 +59,8 @@ pub struct BuildHash {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Drift {
     /// PascalCase, for the `Drifted` condition's reason: `NodeClassChanged` (another class),
-    /// else `ProviderChanged`, `CapacityChanged`, `BootstrapChanged` or `TemplateChanged` for
-    /// the first part (in [`PARTS`] order) that changed.
+    /// else `ProviderChanged`, `CapacityChanged` or `BootstrapChanged` for the first part (in
+    /// [`PARTS`] order) that changed.
     pub reason: String,
     /// Every input that changed, for the message.
     pub changed: Vec<String>,
@@ -71,17 +75,14 @@ impl Drift {
         let what: Vec<String> = self
             .changed
             .iter()
-            .map(|p| match p.as_str() {
-                "template" => "the NodeSet template".to_string(),
-                p => format!("spec.{p} of NodeClass {class}"),
-            })
+            .map(|p| format!("spec.{p} of NodeClass {class}"))
             .collect();
         format!("{} changed since this Node was built", what.join(", "))
     }
 }
 
 /// FNV-1a, 64 bits: stable across releases and platforms (unlike `std`'s hasher).
-fn fnv(text: &str) -> String {
+pub(crate) fn fnv(text: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         h ^= u64::from(b);
@@ -109,7 +110,7 @@ fn hash_value(v: &Value) -> String {
 
 impl BuildHash {
     /// The hashes of what a Node of `template` on NodeClass `class` is built from.
-    pub fn of(class: &str, spec: &NodeClassSpec, template: &NodeTemplate) -> Self {
+    pub fn of(class: &str, spec: &NodeClassSpec) -> Self {
         let mut provider = serde_json::to_value(&spec.provider).unwrap_or(Value::Null);
         if let Some(sim) = provider.get_mut("simulated").and_then(Value::as_object_mut) {
             for f in SIMULATED_CLOUD_FIELDS {
@@ -118,16 +119,10 @@ impl BuildHash {
         }
         let capacity = json!({"capacity": spec.capacity, "allocatable": spec.allocatable});
         let bootstrap = serde_json::to_value(&spec.bootstrap).unwrap_or(Value::Null);
-        let tmpl = json!({
-            "labels": template.metadata.labels,
-            "annotations": template.metadata.annotations,
-            "taints": template.spec.taints,
-        });
         let parts = [
             ("provider", hash_value(&provider)),
             ("capacity", hash_value(&capacity)),
             ("bootstrap", hash_value(&bootstrap)),
-            ("template", hash_value(&tmpl)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -138,7 +133,7 @@ impl BuildHash {
         }
     }
 
-    /// The annotation value: `provider=…,capacity=…,bootstrap=…,template=…`.
+    /// The annotation value: `provider=…,capacity=…,bootstrap=…`.
     pub fn annotation(&self) -> String {
         let mut s = String::new();
         for (i, p) in PARTS.iter().enumerate() {
@@ -157,6 +152,9 @@ impl BuildHash {
         let mut parts = BTreeMap::new();
         for item in annotation?.split(',') {
             let (k, v) = item.split_once('=')?;
+            if RETIRED_PARTS.contains(&k) {
+                continue;
+            }
             if !PARTS.contains(&k) || v.is_empty() {
                 return None;
             }
@@ -212,55 +210,46 @@ mod tests {
         .spec
     }
 
-    fn template(v: Value) -> NodeTemplate {
-        serde_json::from_value(v).expect("template")
-    }
-
     #[test]
     fn equal_specs_hash_equally_and_round_trip() {
-        let t =
-            template(json!({"metadata": {"labels": {"a": "b"}}, "spec": {"nodeClassName": "c"}}));
         let spec = json!({"provider": {"type": "simulated", "simulated": {"image": "v1"}}});
-        let a = BuildHash::of("c", &class(spec.clone()), &t);
+        let a = BuildHash::of("c", &class(spec.clone()));
         // A NodeClass deleted and re-created with the same spec: same hashes.
-        let b = BuildHash::of("c", &class(spec), &t);
+        let b = BuildHash::of("c", &class(spec));
         assert_eq!(a, b);
         assert_eq!(drift(&a, &b), None);
         let parsed = BuildHash::parse(Some("c"), Some(&a.annotation())).expect("parses");
         assert_eq!(parsed, a);
         assert_eq!(BuildHash::parse(Some("c"), Some("provider=1")), None);
         assert_eq!(BuildHash::parse(None, Some(&a.annotation())), None);
-        assert_eq!(BuildHash::parse(Some("c"), Some("x=1,y=2,z=3,w=4")), None);
+        assert_eq!(BuildHash::parse(Some("c"), Some("x=1,y=2,z=3")), None);
+        // What an earlier version wrote, with a template part: read, the template ignored.
+        let legacy = format!("{},template=0123456789abcdef", a.annotation());
+        assert_eq!(BuildHash::parse(Some("c"), Some(&legacy)), Some(a));
     }
 
     #[test]
     fn what_drifts_and_what_does_not() {
-        let t = template(json!({"spec": {"nodeClassName": "c"}}));
         let base = json!({"provider": {"type": "simulated", "simulated": {"image": "v1"}},
                           "labels": {"x": "y"}, "capacity": {"cpu": "2"}});
-        let target = |spec: Value, t: &NodeTemplate| BuildHash::of("c", &class(spec), t);
-        let built = target(base.clone(), &t);
+        let target = |spec: Value| BuildHash::of("c", &class(spec));
+        let built = target(base.clone());
         // Patched in place, or knobs of the simulated cloud: no drift.
         let same = json!({"provider": {"type": "simulated", "simulated": {"image": "v1", "faults": {"insufficientCapacityPercent": 50}, "register": false}},
                    "labels": {"x": "z"}, "taints": [{"key": "k", "effect": "NoSchedule"}], "capacity": {"cpu": "2"},
                    "timeouts": {"registration": "1m"}});
-        assert_eq!(drift(&target(same, &t), &built), None);
+        assert_eq!(drift(&target(same), &built), None);
         let image = json!({"provider": {"type": "simulated", "simulated": {"image": "v2"}}, "capacity": {"cpu": "2"}});
-        let d = drift(&target(image, &t), &built).expect("drift");
+        let d = drift(&target(image), &built).expect("drift");
         assert_eq!(d.reason, "ProviderChanged");
         assert_eq!(
             d.message("c"),
             "spec.provider of NodeClass c changed since this Node was built"
         );
         let both = json!({"provider": {"type": "simulated", "simulated": {"image": "v2"}}, "capacity": {"cpu": "4"}});
-        let d = drift(&target(both, &t), &built).expect("drift");
+        let d = drift(&target(both), &built).expect("drift");
         assert_eq!(d.changed, vec!["provider", "capacity"]);
-        let tainted = template(
-            json!({"spec": {"nodeClassName": "c", "taints": [{"key": "k", "effect": "NoSchedule"}]}}),
-        );
-        let d = drift(&target(base.clone(), &tainted), &built).expect("drift");
-        assert_eq!(d.reason, "TemplateChanged");
-        let other = BuildHash::of("d", &class(base), &t);
+        let other = BuildHash::of("d", &class(base));
         assert_eq!(
             drift(&other, &built).map(|d| d.reason),
             Some("NodeClassChanged".into())

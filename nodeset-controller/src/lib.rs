@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod observe;
 pub mod plan;
 mod reconcile;
+pub mod template;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -668,7 +668,13 @@ pub fn plan(desired: &Desired, children: &[ChildNode], now: Timestamp) -> Plan {
 /// its target is still the target). A Node built from the new spec that cannot become Ready
 /// stops a rolling update, rather than letting it churn through the fleet.
 fn stall(desired: &Desired, alive: &[&ChildNode], now: Timestamp, out: &mut Plan) {
-    let Some(target) = desired.target.as_ref().map(BuildHash::id) else {
+    // The template is in the id although it no longer shapes machines: editing it (say an
+    // annotation, as `kubectl rollout restart` does) is how a stopped rollout is retried.
+    let Some(target) = desired
+        .target
+        .as_ref()
+        .map(|t| format!("{}-{}", t.id(), desired.template_hash))
+    else {
         return;
     };
     out.rollout.target = Some(target.clone());

@@ -36,6 +36,7 @@ use crate::plan::{
     ChildNode, Desired, Failure, Ownership, Plan, Progress, RolloutState, Stall, UpdateStrategy,
     drift_of, plan, resolve_int_or_percent, resolve_max_unhealthy,
 };
+use crate::template::Wanted;
 use crate::{Config, Error, Metrics};
 
 /// The periodic resync of a healthy NodeSet.
@@ -179,6 +180,8 @@ pub(crate) fn build_node(
         .clone()
         .unwrap_or_default();
     annotations.insert(NODE_CLASS_ANNOTATION.to_string(), class.clone());
+    // What the template applied, so a later template change is patched in place.
+    annotations.extend(Wanted::of(ns).record());
     if let Some(g) = class_generation {
         annotations.insert(NODE_CLASS_GENERATION_ANNOTATION.to_string(), g.to_string());
     }
@@ -389,9 +392,7 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         backoff: BackoffPolicy::from_spec(&ns.spec),
         history: BackoffState::from_status(previous.backoff.as_ref()),
         template_hash: template_hash(ns),
-        target: class
-            .as_ref()
-            .map(|c| BuildHash::of(class_name, &c.spec, &ns.spec.template)),
+        target: class.as_ref().map(|c| BuildHash::of(class_name, &c.spec)),
         strategy: strategy(ns, replicas)?,
         progress_deadline: SignedDuration::try_from(ns.spec.progress_deadline())
             .unwrap_or(SignedDuration::MAX),
@@ -502,6 +503,7 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         prune_removals(ns, ctx, &the_plan.prune_removals).await?;
     }
     mark_drift(&node_api, &desired, &children, &cached).await;
+    sync_template(ns, &node_api, &children, &cached).await;
 
     // Status, once.
     let create_failure = lock(&ctx.create_failures).get(&name).cloned();
@@ -1130,6 +1132,43 @@ async fn mark_drift(
             .await;
         if let Err(e) = result {
             tracing::debug!(node = %name, error = %e, "cannot set the Drifted condition");
+        }
+    });
+    join_all(calls).await;
+}
+
+/// Patches the template's labels, annotations and taints onto existing Nodes in place (see
+/// `template.rs`): they shape nothing about the machine, so a change of them replaces no Node.
+async fn sync_template(ns: &NodeSet, api: &Api<Node>, children: &[ChildNode], nodes: &[Arc<Node>]) {
+    let wanted = Wanted::of(ns);
+    // The cache keeps neither taints nor others' annotations: read the Nodes the template
+    // has not reached yet whole, once per template change.
+    let outdated: Vec<String> = children
+        .iter()
+        .zip(nodes)
+        .filter(|(c, n)| c.ownership == Ownership::Ours && !c.deleting && wanted.outdated(n))
+        .map(|(c, _)| c.name.clone())
+        .take(DRIFT_WRITES_PER_PASS)
+        .collect();
+    let wanted = &wanted;
+    let calls = outdated.into_iter().map(|name| async move {
+        let node = match api.get(&name).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(node = %name, error = %e, "cannot read the Node");
+                return;
+            }
+        };
+        let Some(patch) = wanted.patch(&node) else {
+            return;
+        };
+        let result = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        match result {
+            Ok(_) => tracing::debug!(node = %name, "template applied in place"),
+            // A conflict (the taints moved meanwhile) is retried by the next pass.
+            Err(e) => tracing::debug!(node = %name, error = %e, "cannot apply the template"),
         }
     });
     join_all(calls).await;

@@ -5,7 +5,8 @@
 //!   protected by a PodDisruptionBudget that allows one eviction at a time keeps its pods;
 //!   it prints the time to roll and the peak number of Nodes;
 //! - a rollout whose new machines never register stops, and stays stopped across a restart
-//!   of the controllers.
+//!   of the controllers;
+//! - a change of the template's labels and taints reaches every Node in place, replacing none.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -435,5 +436,141 @@ async fn a_rollout_whose_machines_never_register_stops() {
         "no Node created since"
     );
     assert_eq!(h.cloud.machine_count(), 4);
+    h.shutdown().await.expect("shutdown");
+}
+
+fn taint_keys(n: &Node) -> BTreeSet<(String, Option<String>)> {
+    n.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| (t.key, t.value))
+        .collect()
+}
+
+/// The template's labels and taints are patched onto every Node in place: changed, added and
+/// removed, without replacing a Node, and what others set on the Nodes stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_labels_and_taints_are_patched_in_place() {
+    let h = harness().await;
+    let client = h.client.clone();
+    h.create_node_class("sim", class_spec("v1", true))
+        .await
+        .expect("class");
+    let mut ns = nodeset("inplace", 3, json!({}));
+    ns.spec.template.metadata.labels = Some(
+        [("pool", "inplace"), ("tier", "gold"), ("old", "x")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    ns.spec.template.spec.taints = serde_json::from_value(
+        json!([{"key": "dedicated", "value": "ml", "effect": "NoSchedule"}]),
+    )
+    .expect("taints");
+    Api::<NodeSet>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("NodeSet");
+    let before: BTreeSet<String> = eventually(60, "3 Ready Nodes", || async {
+        let ns = nodes(&client, "inplace").await;
+        (ns.len() == 3 && ns.iter().all(ready)).then(|| ns.iter().map(|n| n.name_any()).collect())
+    })
+    .await;
+    // Someone else's label and taint on one Node.
+    let first = before.iter().next().expect("a Node").clone();
+    Api::<Node>::all(client.clone())
+        .patch(
+            &first,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"metadata": {"labels": {"user": "u"}},
+                "spec": {"taints": [{"key": "dedicated", "value": "ml", "effect": "NoSchedule"},
+                                    {"key": "theirs", "effect": "NoSchedule"}]}})),
+        )
+        .await
+        .expect("patch Node");
+    for _ in 0..10 {
+        let n = Api::<Node>::all(client.clone())
+            .get(&first)
+            .await
+            .expect("get");
+        eprintln!("DEBUG {:?}", n.spec.and_then(|s| s.taints));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let creates = h.api.stats().count("nodes", "create");
+
+    // Change a label and a taint, add a label, remove a label.
+    Api::<NodeSet>::all(client.clone())
+        .patch(
+            "inplace",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {
+                "metadata": {"labels": {"tier": "silver", "old": null, "new": "y"}},
+                "spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]}}}})),
+        )
+        .await
+        .expect("patch NodeSet");
+    let now = eventually(30, "the template on every Node", || async {
+        let ns = nodes(&client, "inplace").await;
+        let done = ns.len() == 3
+            && ns.iter().all(|n| {
+                let l = n.labels();
+                l.get("tier").map(String::as_str) == Some("silver")
+                    && l.get("new").map(String::as_str) == Some("y")
+                    && !l.contains_key("old")
+                    && taint_keys(n).contains(&("dedicated".into(), Some("gpu".into())))
+                    && !taint_keys(n).contains(&("dedicated".into(), Some("ml".into())))
+            });
+        done.then_some(ns)
+    })
+    .await;
+    let names: BTreeSet<String> = now.iter().map(|n| n.name_any()).collect();
+    assert_eq!(names, before, "no Node replaced");
+    let theirs = now.iter().find(|n| n.name_any() == first).expect("first");
+    assert_eq!(theirs.labels().get("user").map(String::as_str), Some("u"));
+    assert!(
+        taint_keys(theirs).contains(&("theirs".into(), None)),
+        "{:?}",
+        theirs.spec
+    );
+
+    // Removing every template taint removes it from the Nodes too.
+    Api::<NodeSet>::all(client.clone())
+        .patch(
+            "inplace",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"spec": {"taints": null}}}})),
+        )
+        .await
+        .expect("patch NodeSet");
+    eventually(30, "the template taint gone", || async {
+        let ns = nodes(&client, "inplace").await;
+        ns.iter()
+            .all(|n| !taint_keys(n).iter().any(|(k, _)| k == "dedicated"))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ns = nodes(&client, "inplace").await;
+    assert!(ns.iter().all(ready));
+    assert!(ns.iter().all(|n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_none_or(|cs| {
+                !cs.iter()
+                    .any(|c| c.type_ == DRIFTED_CONDITION && c.status == "True")
+            })
+    }));
+    assert_eq!(
+        h.api.stats().count("nodes", "create"),
+        creates,
+        "no Node created"
+    );
+    let theirs = ns.iter().find(|n| n.name_any() == first).expect("first");
+    assert!(taint_keys(theirs).contains(&("theirs".into(), None)));
+    let st = status_of(&client, "inplace").await.status.expect("status");
+    assert_eq!(st.updated_replicas, Some(3));
     h.shutdown().await.expect("shutdown");
 }

@@ -296,7 +296,7 @@ impl Simulation {
         else {
             return Ok(false);
         };
-        let target = BuildHash::of(class, &spec, &ns.spec.template);
+        let target = BuildHash::of(class, &spec);
         let uid = ns.metadata.uid.as_deref();
         Ok(nodes
             .iter()
