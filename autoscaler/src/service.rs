@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
+use kube_node_crds::names::NODE_CLASS_ANNOTATION;
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet};
 use nodeset_controller::conflict::{RetryError, retry_on_conflict};
 use nodeset_controller::observe::nodeset_owner;
@@ -159,7 +160,8 @@ fn node_group(ns: &NodeSet) -> NodeGroup {
     NodeGroup {
         debug: format!(
             "NodeSet {name}: replicas={} min={min} max={max} nodeClass={}",
-            ns.spec.replicas, ns.spec.template.spec.node_class_name
+            ns.spec.replicas,
+            ns.spec.template.spec.node_classes().join(",")
         ),
         id: name,
         min_size: min,
@@ -606,7 +608,8 @@ impl CloudProvider for NodeSetCloudProvider {
         request: Request<NodeGroupTemplateNodeInfoRequest>,
     ) -> Result<Response<NodeGroupTemplateNodeInfoResponse>, Status> {
         let ns = self.group(&request.into_inner().id).await?;
-        let class_name = &ns.spec.template.spec.node_class_name;
+        // With several classes, the one new Nodes would get now (scale-ups land there).
+        let class_name = ns.class_for_new_nodes();
         let classes: Api<NodeClass> = Api::all(self.client.clone());
         let class = classes
             .get_opt(class_name)
@@ -617,9 +620,13 @@ impl CloudProvider for NodeSetCloudProvider {
             })?;
         let uid = ns.metadata.uid.clone();
         let nodes = self.group_nodes(&ns).await?;
-        let own = nodes
-            .iter()
-            .filter(|n| nodeset_owner(n).is_some_and(|(_, u)| Some(u) == uid.as_deref()));
+        let own = nodes.iter().filter(|n| {
+            nodeset_owner(n).is_some_and(|(_, u)| Some(u) == uid.as_deref())
+                && n.annotations()
+                    .get(NODE_CLASS_ANNOTATION)
+                    .map(String::as_str)
+                    == Some(class_name)
+        });
         let node = template::template_node_from(&ns, &class, template::registered_example(own));
         // Field 2 is `v1.Node#Marshal()`: the bare message, no `k8s\0` envelope; CA 1.34+
         // decodes it with `v1.Node#Unmarshal`. Field 1 serves CA <= 1.33.

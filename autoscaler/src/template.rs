@@ -363,6 +363,7 @@ mod tests {
                     },
                     spec: NodeTemplateSpec {
                         node_class_name: "gpu".into(),
+                        node_class_names: vec![],
                         taints: vec![NodeTaint {
                             key: "gpu".into(),
                             value: Some("yes".into()),
@@ -379,6 +380,7 @@ mod tests {
                 replacement_backoff: None,
                 strategy: None,
                 progress_deadline_seconds: None,
+                class_fallback_cooldown_seconds: None,
             },
         )
     }

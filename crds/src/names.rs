@@ -111,6 +111,10 @@ pub const BACKOFF_CONDITION: &str = "Backoff";
 pub const BACKOFF_EVENT_REASON: &str = "ReplacementBackoff";
 /// NodeSet condition: some Nodes were built from an older generation of the NodeClass.
 pub const OUTDATED_CONDITION: &str = "NodeClassOutdated";
+/// NodeSet condition (with several `nodeClassNames`): True while new Nodes get a fallback
+/// class because a preferred one ran out of capacity or quota. Also the reason of the events
+/// of a Node moved to the next class.
+pub const CLASS_FALLBACK_CONDITION: &str = "NodeClassFallback";
 /// Node condition (written by the nodeset-controller): the Node was built from a NodeClass spec
 /// or NodeSet template that has changed since; its reason names what changed.
 pub const DRIFTED_CONDITION: &str = "Drifted";

@@ -506,6 +506,16 @@ pub(crate) fn dns1123_label(_: &mut schemars::SchemaGenerator) -> schemars::Sche
     s
 }
 
+pub(crate) fn node_class_names(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::Schema::try_from(json!({
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 8,
+        "items": {"type": "string", "minLength": 1, "maxLength": 253, "pattern": DNS1123_SUBDOMAIN_PATTERN},
+    }))
+    .unwrap_or_default()
+}
+
 pub(crate) fn node_names(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::Schema::try_from(json!({
         "type": "array",

@@ -758,11 +758,35 @@ async fn record_machine(
     if let Some((token, _)) = ctx.cached_token(&pass.uid) {
         annotations.insert(BOOTSTRAP_TOKEN_ANNOTATION.to_string(), token.secret_name());
     }
+    // The class the machine was made on (its tag), which the Node may no longer name: a
+    // NodeSet moves a Node whose class ran out of capacity to its next class.
+    let made_on = instance
+        .tags
+        .get(tags::NODE_CLASS)
+        .cloned()
+        .unwrap_or_else(|| class.name_any());
     let mut b = NodePatch::new(&pass.node);
+    // Only while the Node still names that class.
+    b.test_annotation(NODE_CLASS_ANNOTATION, &made_on);
     b.provider_id(&instance.provider_id);
     b.annotations(&annotations);
     b.meta(want);
-    apply_ops(pass, ctx, b.into_ops()).await?;
+    if let Err(e) = apply_ops(pass, ctx, b.into_ops()).await {
+        let moved = node_api(ctx)
+            .get_opt(&pass.name)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|n| n.annotations().get(NODE_CLASS_ANNOTATION) != Some(&made_on));
+        if moved && let Some(old) = ctx.node_class(&made_on) {
+            // The machine would be nobody's: the Node is made on its new class instead.
+            tracing::info!(provider_id = %instance.provider_id, class = %made_on, "the Node moved to another NodeClass during the create; deleting the machine");
+            ctx.forget_launch(&pass.uid);
+            let provider = ctx.provider_for(&old, false).await?;
+            provider.delete(&instance.provider_id).await?;
+        }
+        return Err(e);
+    }
     ctx.metrics.set_phase(&pass.uid, pass.phase);
     Ok(())
 }
@@ -1130,6 +1154,14 @@ impl<'a> NodePatch<'a> {
                 .push(serde_json::json!({"op": "add", "path": "/spec", "value": {}}));
             self.spec = true;
         }
+    }
+
+    fn test_annotation(&mut self, key: &str, value: &str) {
+        self.ops.push(serde_json::json!({
+            "op": "test",
+            "path": format!("/metadata/annotations/{}", escape(key)),
+            "value": value,
+        }));
     }
 
     fn provider_id(&mut self, pid: &str) {

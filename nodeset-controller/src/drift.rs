@@ -11,8 +11,8 @@
 //!
 //! Drift is then a pure comparison of that annotation with the hashes of the current specs:
 //! it survives restarts, and a NodeClass deleted and re-created with the same spec is not
-//! drift (generations start over, hashes do not). A Node on another class than the template
-//! names has drifted too. What kube-node patches onto existing Nodes in place — the NodeClass's
+//! drift (generations start over, hashes do not). A Node on another class than new Nodes get
+//! has drifted too, unless the NodeSet prefers its class (see `fallback.rs`). What kube-node patches onto existing Nodes in place — the NodeClass's
 //! `labels` and `taints`, and the NodeSet template's labels, annotations and taints (see
 //! `template.rs`) — and what only tunes kube-node itself (timeouts, credentials) is not
 //! hashed: a change of them is applied to the Nodes, it does not replace them. Annotations

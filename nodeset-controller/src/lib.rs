@@ -26,6 +26,7 @@ pub mod conflict;
 pub mod drift;
 pub mod error;
 pub mod expectations;
+pub mod fallback;
 pub mod metrics;
 pub mod observe;
 pub mod plan;
@@ -282,7 +283,13 @@ fn nodesets_of_class(nodesets: &Store<NodeSet>, class: &NodeClass) -> Vec<Object
     nodesets
         .state()
         .iter()
-        .filter(|ns| ns.spec.template.spec.node_class_name == name)
+        .filter(|ns| {
+            ns.spec
+                .template
+                .spec
+                .node_classes()
+                .contains(&name.as_str())
+        })
         .map(|ns| ObjectRef::from_obj(ns.as_ref()))
         .collect()
 }

@@ -151,8 +151,14 @@ pub fn child(nodeset: &NodeSet, node: &Node) -> ChildNode {
         name: node.name_any(),
         ownership,
         matches_selector: nodeset.spec.selector.matches(node.labels()),
-        class_matches: annotations.get(NODE_CLASS_ANNOTATION)
-            == Some(&nodeset.spec.template.spec.node_class_name),
+        class_matches: annotations.get(NODE_CLASS_ANNOTATION).is_some_and(|c| {
+            nodeset
+                .spec
+                .template
+                .spec
+                .node_classes()
+                .contains(&c.as_str())
+        }),
         deleting: node.metadata.deletion_timestamp.is_some(),
         delete_marked: annotations
             .get(DELETE_NODE_ANNOTATION)

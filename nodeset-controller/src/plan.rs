@@ -61,10 +61,10 @@
 //! would hold that deletion back. Deletes and adoption go on; creates start when the class
 //! (re)appears, since a NodeClass event requeues the NodeSets naming it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use jiff::{SignedDuration, Timestamp};
-use kube_node_crds::v1alpha1::DeletePolicy;
+use kube_node_crds::v1alpha1::{ClassCooldown, DeletePolicy};
 
 use crate::backoff::{self, BackoffPolicy, BackoffState};
 use crate::drift::{self, BuildHash, Drift};
@@ -230,6 +230,15 @@ pub struct Desired {
     pub progress_deadline: SignedDuration,
     /// The rollout state as last written (`status.rollout`).
     pub rollout: RolloutState,
+    /// The template's NodeClasses in order of preference (empty: only `target`'s).
+    pub classes: Vec<String>,
+    /// What a Node of each listed NodeClass that exists is built from now: a Node on a class
+    /// preferred to `target`'s (which is cooling down) is judged against its own class.
+    pub targets: BTreeMap<String, BuildHash>,
+    /// The class new Nodes get now (`target`'s, also when the class does not exist).
+    pub target_class: String,
+    /// The classes cooling down after running out of capacity or quota.
+    pub class_cooldowns: Vec<ClassCooldown>,
 }
 
 /// The counts a NodeSet's status reports.
@@ -438,7 +447,18 @@ pub fn resolve_max_unhealthy(
 
 /// How a Node drifted from what the NodeSet builds now, if it did.
 pub fn drift_of(desired: &Desired, c: &ChildNode) -> Option<Drift> {
-    drift::drift(desired.target.as_ref()?, c.built.as_ref()?)
+    let target = desired.target.as_ref()?;
+    let built = c.built.as_ref()?;
+    let rank = |class: &str| desired.classes.iter().position(|x| x == class);
+    if built.class != target.class
+        && let (Some(b), Some(t)) = (rank(&built.class), rank(&target.class))
+        && b < t
+    {
+        // On a class preferred to the one new Nodes get now (that one ran out of capacity):
+        // no reason to replace it, unless its own class changed.
+        return drift::drift(desired.targets.get(&built.class)?, built);
+    }
+    drift::drift(target, built)
 }
 
 fn is_drifted(desired: &Desired, c: &ChildNode) -> bool {
@@ -1517,6 +1537,46 @@ mod tests {
             built: Some(hash(image)),
             ..node(name, created)
         }
+    }
+
+    #[test]
+    fn fallback_classes_drift_back_but_preferred_ones_never_drift_forward() {
+        let on = |class: &str, image: &str| BuildHash {
+            class: class.into(),
+            ..hash(image)
+        };
+        let mut d = Desired {
+            classes: vec!["spot".into(), "ondemand".into()],
+            targets: [("spot", "v1"), ("ondemand", "v1")]
+                .into_iter()
+                .map(|(c, i)| (c.to_string(), on(c, i)))
+                .collect(),
+            ..rolling(2, 1, 0)
+        };
+        let spot = ChildNode {
+            built: Some(on("spot", "v1")),
+            ..node("a", 1)
+        };
+        let ondemand = ChildNode {
+            built: Some(on("ondemand", "v1")),
+            ..node("b", 2)
+        };
+        // Spot cooling down: new Nodes get ondemand; a running spot Node stays.
+        d.target = Some(on("ondemand", "v1"));
+        assert_eq!(drift_of(&d, &spot), None);
+        assert_eq!(drift_of(&d, &ondemand), None);
+        // ... unless its own class changed.
+        d.targets.insert("spot".into(), on("spot", "v2"));
+        assert_eq!(
+            drift_of(&d, &spot).map(|x| x.reason),
+            Some("ProviderChanged".into())
+        );
+        // Spot back: the ondemand Node drifts back to it.
+        d.target = Some(on("spot", "v2"));
+        assert_eq!(
+            drift_of(&d, &ondemand).map(|x| x.reason),
+            Some("NodeClassChanged".into())
+        );
     }
 
     #[test]

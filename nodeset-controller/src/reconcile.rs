@@ -18,11 +18,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use kube_node_crds::names::{
     AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT, AVAILABLE_CONDITION,
     BACKOFF_CONDITION, BACKOFF_EVENT_REASON, BOOTSTRAP_TOKEN_ANNOTATION, BUILD_HASH_ANNOTATION,
-    CIRCUIT_BREAKER_CONDITION, DRIFTED_CONDITION, FIELD_MANAGER, LAUNCHING_MESSAGE,
-    MACHINE_FINALIZER, MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION,
-    NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, NODESET_LABEL, OUTDATED_CONDITION,
-    PROGRESSING_CONDITION, READY_CONDITION, REPLACED_EVENT_REASON, REPLICA_FAILURE_CONDITION,
-    UNREGISTERED_TAINT,
+    CIRCUIT_BREAKER_CONDITION, CLASS_FALLBACK_CONDITION, DRIFTED_CONDITION, FIELD_MANAGER,
+    LAUNCHING_MESSAGE, MACHINE_FINALIZER, MACHINE_READY_CONDITION, MachinePhase,
+    NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, NODESET_LABEL,
+    OUTDATED_CONDITION, PROGRESSING_CONDITION, READY_CONDITION, REPLACED_EVENT_REASON,
+    REPLICA_FAILURE_CONDITION, UNREGISTERED_TAINT,
 };
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet, NodeSetStatus, RolloutStatus, StrategyType};
 use rand::Rng;
@@ -31,6 +31,7 @@ use serde_json::json;
 use crate::backoff::{BackoffPolicy, BackoffState};
 use crate::drift::BuildHash;
 use crate::expectations::Expectations;
+use crate::fallback;
 use crate::observe::{child, phase_counts, related};
 use crate::plan::{
     ChildNode, Desired, Failure, Ownership, Plan, Progress, RolloutState, Stall, UpdateStrategy,
@@ -120,14 +121,11 @@ pub(crate) fn backoff(n: u32) -> Duration {
 
 /// The labels of a created Node: the template's, plus the NodeSet and NodeClass labels when
 /// they do not stop the selector from matching.
-pub(crate) fn node_labels(ns: &NodeSet) -> Result<BTreeMap<String, String>, Error> {
+pub(crate) fn node_labels(ns: &NodeSet, class: &str) -> Result<BTreeMap<String, String>, Error> {
     let mut labels = ns.spec.template.metadata.labels.clone().unwrap_or_default();
     let extras = [
         (NODESET_LABEL, ns.name_any()),
-        (
-            NODE_CLASS_LABEL,
-            ns.spec.template.spec.node_class_name.clone(),
-        ),
+        (NODE_CLASS_LABEL, class.to_string()),
     ];
     for (k, v) in extras {
         // A label value has at most 63 characters; object names may be longer.
@@ -161,6 +159,7 @@ fn node_name(nodeset: &str) -> String {
 /// The Node a NodeSet creates.
 pub(crate) fn build_node(
     ns: &NodeSet,
+    class: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
     class_generation: Option<i64>,
@@ -171,7 +170,6 @@ pub(crate) fn build_node(
         .uid
         .clone()
         .ok_or(Error::MissingField("metadata.uid"))?;
-    let class = &ns.spec.template.spec.node_class_name;
     let mut annotations = ns
         .spec
         .template
@@ -179,7 +177,7 @@ pub(crate) fn build_node(
         .annotations
         .clone()
         .unwrap_or_default();
-    annotations.insert(NODE_CLASS_ANNOTATION.to_string(), class.clone());
+    annotations.insert(NODE_CLASS_ANNOTATION.to_string(), class.to_string());
     // What the template applied, so a later template change is patched in place.
     annotations.extend(Wanted::of(ns).record());
     if let Some(g) = class_generation {
@@ -351,8 +349,6 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     }
     let now = Timestamp::now();
 
-    // Look up and validate.
-    let class_name = &ns.spec.template.spec.node_class_name;
     // "No such NodeClass" must come from a listed cache, not an empty one.
     match tokio::time::timeout(CACHE_WAIT, ctx.classes.wait_until_ready()).await {
         Ok(Ok(())) => {}
@@ -360,7 +356,40 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
             return Err(Error::Watch("the NodeClass cache is not ready".into()));
         }
     }
+    // The backoff as last written: ours (the cache may lag) or the object's.
+    let previous = lock(&ctx.written)
+        .get(&uid)
+        .cloned()
+        .or_else(|| ns.status.clone())
+        .unwrap_or_default();
+
+    // Which class new Nodes get: the first not cooling down after running out of capacity.
+    let (children, cached) = cached_children(ns, &ctx.nodes);
+    let classes = ns.spec.template.spec.node_classes();
+    let mut cooldowns = fallback::live(&previous.class_cooldowns, &classes, now);
+    let node_classes: Vec<Option<&str>> = cached
+        .iter()
+        .map(|n| {
+            n.annotations()
+                .get(NODE_CLASS_ANNOTATION)
+                .map(String::as_str)
+        })
+        .collect();
+    let pairs: Vec<(&ChildNode, Option<&str>)> = children.iter().zip(node_classes).collect();
+    let moves = fallback::plan(
+        &classes,
+        &mut cooldowns,
+        &pairs,
+        SignedDuration::from_secs(i64::from(ns.spec.class_fallback_cooldown())),
+        now,
+    );
+    let class_name = fallback::target_class(&classes, &cooldowns).to_string();
+    let class_name = &class_name;
     let class = ctx.classes.get(&ObjectRef::new(class_name));
+    let listed: BTreeMap<String, Arc<NodeClass>> = classes
+        .iter()
+        .filter_map(|c| Some((c.to_string(), ctx.classes.get(&ObjectRef::new(c))?)))
+        .collect();
     let class_generation = class.as_ref().and_then(|c| c.metadata.generation);
     let class_state = ClassState::of(class.as_deref());
     let replicas = usize::try_from(ns.spec.replicas).map_err(|_| {
@@ -368,15 +397,9 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
     })?;
     let max_unhealthy = resolve_max_unhealthy(ns.spec.max_unhealthy.as_ref(), replicas)
         .map_err(Error::InvalidSpec)?;
-    let labels = node_labels(ns)?;
+    let labels = node_labels(ns, class_name)?;
     let min_ready =
         SignedDuration::from_secs(i64::from(ns.spec.min_ready_seconds.unwrap_or(0).max(0)));
-    // The backoff as last written: ours (the cache may lag) or the object's.
-    let previous = lock(&ctx.written)
-        .get(&uid)
-        .cloned()
-        .or_else(|| ns.status.clone())
-        .unwrap_or_default();
     let desired = Desired {
         replicas,
         remove_nodes: ns.spec.remove_nodes.clone(),
@@ -393,14 +416,23 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         history: BackoffState::from_status(previous.backoff.as_ref()),
         template_hash: template_hash(ns),
         target: class.as_ref().map(|c| BuildHash::of(class_name, &c.spec)),
+        targets: listed
+            .iter()
+            .map(|(n, c)| (n.clone(), BuildHash::of(n, &c.spec)))
+            .collect(),
+        classes: classes.iter().map(|c| c.to_string()).collect(),
+        target_class: class_name.clone(),
+        class_cooldowns: cooldowns,
         strategy: strategy(ns, replicas)?,
         progress_deadline: SignedDuration::try_from(ns.spec.progress_deadline())
             .unwrap_or(SignedDuration::MAX),
         rollout: rollout_state(previous.rollout.as_ref()),
     };
 
+    // A Node its class had no capacity for moves to the next class.
+    move_nodes(ns, ctx, &moves, &cached, &listed).await;
+
     // Observe and plan, from the cache first.
-    let (children, cached) = cached_children(ns, &ctx.nodes);
     let mut the_plan = plan(&desired, &children, now);
     let satisfied = ctx.expectations.satisfied(&name);
     if satisfied {
@@ -640,6 +672,12 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         let left = Duration::try_from(left).unwrap_or_default() + Duration::from_millis(100);
         requeue = requeue.min(left);
     }
+    if let Some(until) = desired.class_cooldowns.iter().map(|c| c.until.0).min() {
+        // The preferred class is tried again when its cool-down ends, not at the next resync.
+        let left = Duration::try_from(until.duration_since(Timestamp::now())).unwrap_or_default()
+            + Duration::from_millis(100);
+        requeue = requeue.min(left);
+    }
     if let Some(left) = the_plan.next_available_in {
         let left = Duration::try_from(left).unwrap_or_default() + Duration::from_millis(100);
         requeue = requeue.min(left);
@@ -829,7 +867,12 @@ async fn create_nodes(
     build: Option<&BuildHash>,
 ) -> Result<(), Error> {
     let name = ns.name_any();
-    let template = build_node(ns, &name, labels, class_generation, build)?;
+    // The class new Nodes get now (the build is of it; without one nothing is created).
+    let class = build.map_or_else(
+        || ns.spec.template.spec.preferred_class(),
+        |b| b.class.as_str(),
+    );
+    let template = build_node(ns, class, &name, labels, class_generation, build)?;
     let cap = ctx.config.max_create_batch.max(1);
     let mut remaining = count;
     let mut batch = 1usize;
@@ -1137,6 +1180,103 @@ async fn mark_drift(
     join_all(calls).await;
 }
 
+/// Moves each Node of `moves` to its next NodeClass: its `MachineReady` message first (so a
+/// later pass does not move it again from the same failure), then its class annotation, label
+/// and build hash, each write conditional on the Node not having changed since it was seen
+/// failed (a Node whose create is being retried meanwhile is left alone). The node-controller
+/// then creates its machine on the new class.
+async fn move_nodes(
+    ns: &NodeSet,
+    ctx: &Context,
+    moves: &[fallback::Move],
+    cached: &[Arc<Node>],
+    listed: &BTreeMap<String, Arc<NodeClass>>,
+) {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let cooldown = ns.spec.class_fallback_cooldown();
+    for m in moves.iter().take(DRIFT_WRITES_PER_PASS) {
+        let (Some(node), Some(to)) = (
+            cached.iter().find(|n| n.name_any() == m.node),
+            listed.get(&m.to),
+        ) else {
+            continue;
+        };
+        let Some(mut cond) = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == MACHINE_READY_CONDITION))
+            .cloned()
+        else {
+            continue;
+        };
+        let why = format!(
+            "NodeClass {} answered {}; its machine is retried on NodeClass {}",
+            m.from, m.reason, m.to
+        );
+        cond.message = Some(format!("{}: {why}", fallback::MOVED_REASON));
+        cond.last_heartbeat_time = Some(Time(Timestamp::now()));
+        let patch = json!({
+            "metadata": {"resourceVersion": node.resource_version()},
+            "status": {"conditions": [cond]},
+        });
+        let moved = match api
+            .patch_status(&m.node, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(node = %m.node, error = %e, "cannot move the Node to its next class");
+                continue;
+            }
+        };
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(NODE_CLASS_ANNOTATION.into(), json!(m.to));
+        annotations.insert(
+            BUILD_HASH_ANNOTATION.into(),
+            json!(BuildHash::of(&m.to, &to.spec).annotation()),
+        );
+        annotations.insert(
+            NODE_CLASS_GENERATION_ANNOTATION.into(),
+            json!(to.metadata.generation.map(|g| g.to_string())),
+        );
+        let mut metadata = json!({
+            "resourceVersion": moved.resource_version(),
+            "annotations": annotations,
+        });
+        if moved.labels().get(NODE_CLASS_LABEL) == Some(&m.from) {
+            metadata["labels"] = json!({ NODE_CLASS_LABEL: m.to });
+        }
+        match api
+            .patch(
+                &m.node,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "metadata": metadata })),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(node = %m.node, from = %m.from, to = %m.to, reason = %m.reason, "moved the Node to its next class");
+                publish(
+                    ctx,
+                    ns,
+                    EventType::Warning,
+                    CLASS_FALLBACK_CONDITION,
+                    "Fallback",
+                    format!(
+                        "Node {}: {why} ({}); {} is skipped for new Nodes for {cooldown}s",
+                        m.node, m.message, m.from
+                    ),
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::debug!(node = %m.node, error = %e, "cannot move the Node to its next class");
+            }
+        }
+    }
+}
+
 /// Patches the template's labels, annotations and taints onto existing Nodes in place (see
 /// `template.rs`): they shape nothing about the machine, so a change of them replaces no Node.
 async fn sync_template(ns: &NodeSet, api: &Api<Node>, children: &[ChildNode], nodes: &[Arc<Node>]) {
@@ -1280,7 +1420,7 @@ pub(crate) fn build_status(
         generation,
         now,
     );
-    let class = &ns.spec.template.spec.node_class_name;
+    let class = &desired.target_class;
     let failure = if let Some(why) = class_state.hold_reason(class, desired.replicas > c.replicas) {
         Some(why)
     } else if let Some(f) = create_failure {
@@ -1502,16 +1642,79 @@ pub(crate) fn build_status(
         selector: Some(ns.spec.selector.to_selector_string()),
         backoff: p.backoff.to_status(),
         free_machines: None,
-        conditions: vec![
-            ready,
-            replica_failure,
-            breaker,
-            backoff,
-            outdated,
-            progressing,
-            available,
-        ],
+        node_class_name: Some(desired.target_class.clone()),
+        class_cooldowns: desired.class_cooldowns.clone(),
+        conditions: [
+            Some(ready),
+            Some(replica_failure),
+            Some(breaker),
+            Some(backoff),
+            Some(outdated),
+            Some(progressing),
+            Some(available),
+            class_fallback(prev, desired, generation, now),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     }
+}
+
+/// The `NodeClassFallback` condition, for a NodeSet with several classes.
+fn class_fallback(
+    prev: &[Condition],
+    desired: &Desired,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Option<Condition> {
+    let first = desired
+        .classes
+        .first()
+        .filter(|_| desired.classes.len() > 1)?;
+    let cooling: Vec<String> = desired
+        .class_cooldowns
+        .iter()
+        .map(|c| {
+            format!(
+                "{} answered {} (skipped until {})",
+                c.node_class_name, c.reason, c.until.0
+            )
+        })
+        .collect();
+    let target = &desired.target_class;
+    Some(if target == first {
+        condition(
+            prev,
+            CLASS_FALLBACK_CONDITION,
+            false,
+            "PreferredNodeClass",
+            if cooling.is_empty() {
+                format!("new Nodes get NodeClass {target}, the first listed")
+            } else {
+                format!(
+                    "new Nodes get NodeClass {target}, the first listed; {}",
+                    cooling.join("; ")
+                )
+            },
+            generation,
+            now,
+        )
+    } else {
+        let reason = desired
+            .class_cooldowns
+            .iter()
+            .find(|c| &c.node_class_name == first)
+            .map_or_else(|| "NodeClassCoolingDown".to_string(), |c| c.reason.clone());
+        condition(
+            prev,
+            CLASS_FALLBACK_CONDITION,
+            true,
+            &reason,
+            format!("new Nodes get NodeClass {target}: {}", cooling.join("; ")),
+            generation,
+            now,
+        )
+    })
 }
 
 /// A spec the controller cannot act on: says so in ReplicaFailure (the other conditions and
@@ -1588,6 +1791,8 @@ fn only_counts_changed(previous: &NodeSetStatus, status: &NodeSetStatus) -> bool
         && previous.selector == status.selector
         && previous.backoff == status.backoff
         && previous.rollout == status.rollout
+        && previous.node_class_name == status.node_class_name
+        && previous.class_cooldowns == status.class_cooldowns
         && states(previous) == states(status)
 }
 
@@ -1656,7 +1861,7 @@ mod tests {
     #[test]
     fn created_node_shape() {
         let ns = nodeset(json!({"matchLabels": {"pool": "w"}}));
-        let labels = node_labels(&ns).expect("labels");
+        let labels = node_labels(&ns, "sim").expect("labels");
         assert_eq!(
             labels.get(NODESET_LABEL).map(String::as_str),
             Some("workers")
@@ -1665,7 +1870,7 @@ mod tests {
             labels.get(NODE_CLASS_LABEL).map(String::as_str),
             Some("sim")
         );
-        let node = build_node(&ns, "workers-abcde", &labels, Some(7), None).expect("node");
+        let node = build_node(&ns, "sim", "workers-abcde", &labels, Some(7), None).expect("node");
         let a = node.annotations();
         assert_eq!(
             a.get(NODE_CLASS_ANNOTATION).map(String::as_str),
@@ -1701,14 +1906,20 @@ mod tests {
             "matchLabels": {"pool": "w"},
             "matchExpressions": [{"key": NODESET_LABEL, "operator": "DoesNotExist"}],
         }));
-        let labels = node_labels(&ns).expect("labels");
+        let labels = node_labels(&ns, "sim").expect("labels");
         assert!(!labels.contains_key(NODESET_LABEL));
         assert!(labels.contains_key(NODE_CLASS_LABEL));
         // A selector the template cannot match is refused.
         let bad = nodeset(json!({"matchLabels": {"pool": "other"}}));
-        assert!(matches!(node_labels(&bad), Err(Error::InvalidSpec(_))));
+        assert!(matches!(
+            node_labels(&bad, "sim"),
+            Err(Error::InvalidSpec(_))
+        ));
         let empty = nodeset(json!({}));
-        assert!(matches!(node_labels(&empty), Err(Error::InvalidSpec(_))));
+        assert!(matches!(
+            node_labels(&empty, "sim"),
+            Err(Error::InvalidSpec(_))
+        ));
     }
 
     #[test]

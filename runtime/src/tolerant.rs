@@ -173,6 +173,7 @@ pub fn nodeset_decoder() -> Decoder<kube_node_crds::NodeSet> {
                     metadata: Default::default(),
                     spec: NodeTemplateSpec {
                         node_class_name: String::new(),
+                        node_class_names: Vec::new(),
                         taints: Vec::new(),
                     },
                 },
@@ -184,6 +185,7 @@ pub fn nodeset_decoder() -> Decoder<kube_node_crds::NodeSet> {
                 min_ready_seconds: None,
                 replacement_backoff: None,
                 strategy: None,
+                class_fallback_cooldown_seconds: None,
                 progress_deadline_seconds: None,
             },
             status: None,

@@ -574,3 +574,128 @@ async fn template_labels_and_taints_are_patched_in_place() {
     assert_eq!(st.updated_replicas, Some(3));
     h.shutdown().await.expect("shutdown");
 }
+
+fn class_of(n: &Node) -> Option<String> {
+    n.annotations()
+        .get(kube_node_crds::names::NODE_CLASS_ANNOTATION)
+        .cloned()
+}
+
+/// Ordered NodeClass fallback: the first class has no capacity, so each Node's machine is
+/// made on the second (the Node keeps its name, its class follows) and the first is skipped
+/// for a cool-down; once it is over and capacity is back, the Nodes drift back to the first
+/// class within the rollout limits. No machine is left behind on either class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_fall_back_to_the_next_class_and_drift_back() {
+    let h = harness().await;
+    let client = h.client.clone();
+    let mut spot = class_spec("v1", true);
+    spot["provider"]["simulated"]["faults"] = json!({"insufficientCapacityPercent": 100});
+    h.create_node_class("spot", spot).await.expect("spot");
+    h.create_node_class("ondemand", class_spec("v1", true))
+        .await
+        .expect("ondemand");
+    let ns: NodeSet = serde_json::from_value(json!({
+        "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeSet",
+        "metadata": {"name": "fb"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"pool": "fb"}},
+            "template": {"metadata": {"labels": {"pool": "fb"}},
+                         "spec": {"nodeClassNames": ["spot", "ondemand"]}},
+            "classFallbackCooldownSeconds": 6,
+            "replacementBackoff": {"base": "1s", "max": "2s"},
+        },
+    }))
+    .expect("NodeSet fixture");
+    Api::<NodeSet>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("NodeSet");
+
+    // Every Node lands on the second class, keeping its name.
+    let fell_back: BTreeSet<String> = eventually(60, "3 Ready Nodes on ondemand", || async {
+        let ns = nodes(&client, "fb").await;
+        let done = ns.len() == 3
+            && ns.iter().all(|n| {
+                ready(n)
+                    && class_of(n).as_deref() == Some("ondemand")
+                    && n.labels()
+                        .get("kube-node.io/node-class")
+                        .map(String::as_str)
+                        == Some("ondemand")
+            });
+        done.then(|| ns.iter().map(|n| n.name_any()).collect())
+    })
+    .await;
+    assert_eq!(
+        h.api.stats().count("nodes", "create"),
+        3,
+        "the Nodes moved to the next class; none was replaced"
+    );
+    let st = status_of(&client, "fb").await.status.expect("status");
+    assert_eq!(st.node_class_name.as_deref(), Some("ondemand"));
+    assert!(
+        st.class_cooldowns
+            .iter()
+            .any(|c| c.node_class_name == "spot" && c.reason == "InsufficientCapacity"),
+        "{:?}",
+        st.class_cooldowns
+    );
+    let cond = find_condition(
+        &st.conditions,
+        kube_node_crds::names::CLASS_FALLBACK_CONDITION,
+    )
+    .expect("NodeClassFallback condition");
+    assert_eq!(
+        (cond.status.as_str(), cond.reason.as_str()),
+        ("True", "InsufficientCapacity")
+    );
+    let events = Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("NodeClassFallback")),
+        "a NodeClassFallback event per moved Node"
+    );
+    assert_eq!(h.cloud.machine_count(), 3, "no machine left on spot");
+
+    // Capacity is back: after the cool-down the Nodes drift back to the first class, one
+    // surge Node at a time.
+    Api::<NodeClass>::all(client.clone())
+        .patch(
+            "spot",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"provider": {"simulated": {"faults": null}}}})),
+        )
+        .await
+        .expect("patch spot");
+    let back: BTreeSet<String> = eventually(90, "3 Ready Nodes back on spot", || async {
+        let ns = nodes(&client, "fb").await;
+        let done = ns.len() == 3
+            && ns
+                .iter()
+                .all(|n| ready(n) && class_of(n).as_deref() == Some("spot"));
+        done.then(|| ns.iter().map(|n| n.name_any()).collect())
+    })
+    .await;
+    assert!(back.is_disjoint(&fell_back), "each Node was replaced");
+    let st = status_of(&client, "fb").await.status.expect("status");
+    assert_eq!(st.node_class_name.as_deref(), Some("spot"));
+    assert_eq!(st.updated_replicas, Some(3));
+    let cond = find_condition(
+        &st.conditions,
+        kube_node_crds::names::CLASS_FALLBACK_CONDITION,
+    )
+    .expect("NodeClassFallback condition");
+    assert_eq!(cond.status, "False");
+    eventually(30, "the ondemand machines gone", || async {
+        (h.cloud.machine_count() == 3).then_some(())
+    })
+    .await;
+    h.shutdown().await.expect("shutdown");
+}

@@ -98,6 +98,7 @@ pub fn nodeset(
                 },
                 spec: NodeTemplateSpec {
                     node_class_name: class.into(),
+                    node_class_names: vec![],
                     taints: vec![],
                 },
             },
@@ -110,6 +111,7 @@ pub fn nodeset(
             replacement_backoff: None,
             strategy: None,
             progress_deadline_seconds: None,
+            class_fallback_cooldown_seconds: None,
         },
     )
 }

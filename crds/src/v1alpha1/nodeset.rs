@@ -37,7 +37,8 @@ use crate::validation::{
     printcolumn(
         name = "Class",
         type_ = "string",
-        json_path = ".spec.template.spec.nodeClassName"
+        json_path = ".status.nodeClassName",
+        description = "The NodeClass new Nodes get now"
     ),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Current", type_ = "integer", json_path = ".status.replicas"),
@@ -76,6 +77,8 @@ use crate::validation::{
 #[x_kube(validation = Rule::new("!has(self.selector.matchLabels) || self.selector.matchLabels.all(k, has(self.template.metadata.labels) && k in self.template.metadata.labels && self.template.metadata.labels[k] == self.selector.matchLabels[k])").message("spec.template.metadata.labels must match spec.selector.matchLabels").field_path(".template.metadata.labels"))]
 #[x_kube(validation = Rule::new("!has(self.selector.matchExpressions) || self.selector.matchExpressions.all(e, e.operator == 'In' ? (has(self.template.metadata.labels) && e.key in self.template.metadata.labels && self.template.metadata.labels[e.key] in e.values) : e.operator == 'NotIn' ? (!has(self.template.metadata.labels) || !(e.key in self.template.metadata.labels) || !(self.template.metadata.labels[e.key] in e.values)) : e.operator == 'Exists' ? (has(self.template.metadata.labels) && e.key in self.template.metadata.labels) : (!has(self.template.metadata.labels) || !(e.key in self.template.metadata.labels)))").message("spec.template.metadata.labels must match spec.selector.matchExpressions").field_path(".template.metadata.labels"))]
 #[x_kube(validation = Rule::new("(has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0) || (has(self.selector.matchExpressions) && size(self.selector.matchExpressions) > 0)").message("spec.selector must not be empty").field_path(".selector"))]
+#[x_kube(validation = Rule::new("has(self.template.spec.nodeClassName) != has(self.template.spec.nodeClassNames)").message("exactly one of spec.template.spec.nodeClassName and spec.template.spec.nodeClassNames must be set").field_path(".template.spec.nodeClassNames"))]
+#[x_kube(validation = Rule::new("!has(self.template.spec.nodeClassNames) || self.template.spec.nodeClassNames.all(c, self.template.spec.nodeClassNames.exists_one(d, d == c))").message("spec.template.spec.nodeClassNames must not name a NodeClass twice").field_path(".template.spec.nodeClassNames"))]
 #[x_kube(validation = Rule::new("!has(self.strategy) || !has(self.strategy.rollingUpdate) || !has(self.strategy.type) || self.strategy.type == 'RollingUpdate'").message("spec.strategy.rollingUpdate may only be set when spec.strategy.type is RollingUpdate").field_path(".strategy.rollingUpdate"))]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSetSpec {
@@ -146,6 +149,31 @@ pub struct NodeSetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub progress_deadline_seconds: Option<i32>,
+
+    /// With several `template.spec.nodeClassNames`: how long a NodeClass whose provider
+    /// answered `InsufficientCapacity` or `QuotaExceeded` is skipped for new Nodes before it
+    /// is tried again. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub class_fallback_cooldown_seconds: Option<i32>,
+}
+
+/// Default `spec.classFallbackCooldownSeconds`.
+pub const DEFAULT_CLASS_FALLBACK_COOLDOWN_SECONDS: i32 = 300;
+
+/// A NodeClass a NodeSet skips for new Nodes for a while.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassCooldown {
+    /// The NodeClass.
+    pub node_class_name: String,
+    /// Until when it is skipped.
+    pub until: Time,
+    /// What its provider answered: `InsufficientCapacity` or `QuotaExceeded`.
+    pub reason: String,
+    /// The provider's message, with the Node it was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// How a NodeSet replaces drifted Nodes.
@@ -348,13 +376,39 @@ pub struct NodeTemplateMetadata {
 #[serde(rename_all = "camelCase")]
 pub struct NodeTemplateSpec {
     /// The NodeClass that makes each Node's machine (a DNS-1123 subdomain, as every
-    /// NodeClass name is).
+    /// NodeClass name is). Exactly one of this and `nodeClassNames`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(schema_with = "crate::validation::dns1123_subdomain")]
     pub node_class_name: String,
+    /// NodeClasses in order of preference (at most 8, each once): new Nodes get the first
+    /// one not cooling down; a Node whose machine the provider cannot create for lack of
+    /// capacity or quota is retried on the next one, and the class is skipped for
+    /// `spec.classFallbackCooldownSeconds`. Exactly one of this and `nodeClassName`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::validation::node_class_names")]
+    pub node_class_names: Vec<String>,
     /// Taints put on each Node, in addition to the NodeClass's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub taints: Vec<NodeTaint>,
+}
+
+impl NodeTemplateSpec {
+    /// The NodeClasses in order of preference: `nodeClassNames`, else `nodeClassName`.
+    pub fn node_classes(&self) -> Vec<&str> {
+        if self.node_class_names.is_empty() {
+            vec![self.node_class_name.as_str()]
+        } else {
+            self.node_class_names.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The most preferred NodeClass.
+    pub fn preferred_class(&self) -> &str {
+        self.node_class_names
+            .first()
+            .map_or(self.node_class_name.as_str(), String::as_str)
+    }
 }
 
 /// Which Nodes go first when a NodeSet scales down (after the unhealthy ones).
@@ -395,6 +449,13 @@ pub struct NodeSetStatus {
     /// The rolling replacement of drifted Nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// The NodeClass new Nodes get now: the first of the template's that is not cooling down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_class_name: Option<String>,
+    /// NodeClasses skipped for new Nodes after their provider ran out of capacity or quota,
+    /// and until when (kept here so a restart keeps them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_cooldowns: Vec<ClassCooldown>,
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -489,6 +550,13 @@ impl NodeSetSpec {
         std::time::Duration::from_secs(u64::from(s.unsigned_abs()))
     }
 
+    /// `spec.classFallbackCooldownSeconds`, defaulted, in seconds.
+    pub fn class_fallback_cooldown(&self) -> i32 {
+        self.class_fallback_cooldown_seconds
+            .unwrap_or(DEFAULT_CLASS_FALLBACK_COOLDOWN_SECONDS)
+            .max(1)
+    }
+
     /// Whether cluster-autoscaler may drive this NodeSet.
     pub fn autoscaling_enabled(&self) -> bool {
         self.min_size.is_some() && self.max_size.is_some()
@@ -496,6 +564,17 @@ impl NodeSetSpec {
 }
 
 impl NodeSet {
+    /// The NodeClass new Nodes get now: the one the status names (the first of
+    /// `nodeClassNames` not cooling down after running out of capacity), else the first.
+    pub fn class_for_new_nodes(&self) -> &str {
+        let classes = self.spec.template.spec.node_classes();
+        self.status
+            .as_ref()
+            .and_then(|s| s.node_class_name.as_deref())
+            .filter(|c| classes.contains(c))
+            .unwrap_or_else(|| self.spec.template.spec.preferred_class())
+    }
+
     /// Decodes a NodeSet from its JSON and checks its spec (see
     /// [`NodeClass::decode_and_validate`](super::NodeClass::decode_and_validate)).
     pub fn decode_and_validate(value: serde_json::Value) -> Result<Self, InvalidSpec> {
@@ -553,6 +632,15 @@ impl NodeSetSpec {
                     Err("must not be less than spec.replacementBackoff.base".into()),
                 );
             }
+        }
+        if self
+            .class_fallback_cooldown_seconds
+            .is_some_and(|s| !(1..=86400).contains(&s))
+        {
+            errors.check(
+                "spec.classFallbackCooldownSeconds",
+                Err("must be between 1 and 86400".into()),
+            );
         }
         if self.progress_deadline_seconds.is_some_and(|s| s < 1) {
             errors.check(
@@ -639,10 +727,37 @@ impl NodeSetSpec {
                 check_qualified_name(k),
             );
         }
-        errors.check(
-            "spec.template.spec.nodeClassName",
-            check_dns1123_subdomain(&self.template.spec.node_class_name),
-        );
+        let tspec = &self.template.spec;
+        match (tspec.node_class_name.is_empty(), tspec.node_class_names.is_empty()) {
+            (false, true) => errors.check(
+                "spec.template.spec.nodeClassName",
+                check_dns1123_subdomain(&tspec.node_class_name),
+            ),
+            (true, false) => {
+                if tspec.node_class_names.len() > 8 {
+                    errors.check(
+                        "spec.template.spec.nodeClassNames",
+                        Err("must name at most 8 NodeClasses".into()),
+                    );
+                }
+                for (i, c) in tspec.node_class_names.iter().enumerate() {
+                    errors.check(
+                        format_args!("spec.template.spec.nodeClassNames[{i}]"),
+                        check_dns1123_subdomain(c),
+                    );
+                    if tspec.node_class_names[..i].contains(c) {
+                        errors.check(
+                            format_args!("spec.template.spec.nodeClassNames[{i}]"),
+                            Err(format!("names NodeClass {c:?} twice")),
+                        );
+                    }
+                }
+            }
+            _ => errors.check(
+                "spec.template.spec.nodeClassNames",
+                Err("exactly one of spec.template.spec.nodeClassName and spec.template.spec.nodeClassNames must be set".into()),
+            ),
+        }
         for (i, t) in self.template.spec.taints.iter().enumerate() {
             t.check(&format!("spec.template.spec.taints[{i}]"), &mut errors);
         }

@@ -288,7 +288,7 @@ impl Simulation {
     /// Whether every live Node of the NodeSet carries the build hash of its current template
     /// and NodeClass.
     async fn up_to_date(&self, ns: &NodeSet, nodes: &[&Node]) -> anyhow::Result<bool> {
-        let class = &ns.spec.template.spec.node_class_name;
+        let class = ns.class_for_new_nodes();
         let Some(spec) = Api::<NodeClass>::all(self.cluster.client.clone())
             .get_opt(class)
             .await?
