@@ -685,7 +685,18 @@ async fn create(
         tags: tags_map,
         user_data: Some(user_data),
     };
-    let instance = provider.create(&request).await?;
+    let instance = provider.create(&request).await.map_err(|e| match e {
+        // Which class ran out, in the message the Node records: a NodeSet moves the Node to
+        // its next class on these, and must not count a failure of the old class against the
+        // new one.
+        ProviderError::InsufficientCapacity(m) => {
+            ProviderError::InsufficientCapacity(format!("NodeClass {class_name}: {m}"))
+        }
+        ProviderError::QuotaExceeded(m) => {
+            ProviderError::QuotaExceeded(format!("NodeClass {class_name}: {m}"))
+        }
+        e => e,
+    })?;
     tracing::info!(provider_id = %instance.provider_id, "created machine");
     ctx.recount_pool(&class.name_any());
     ctx.metrics.set_phase(&pass.uid, pass.phase);

@@ -96,6 +96,11 @@ pub fn plan(
         {
             continue;
         }
+        // The node-controller names the class in the message: a failure of the class the
+        // Node was just moved from is not one of its new class.
+        if !failure.message.contains(&format!("NodeClass {class}:")) {
+            continue;
+        }
         let Some(i) = classes.iter().position(|x| *x == class) else {
             continue;
         };
@@ -139,7 +144,7 @@ mod tests {
     use super::*;
     use crate::plan::Failure;
 
-    fn failed(name: &str, reason: &str) -> ChildNode {
+    fn failed(name: &str, reason: &str, class: &str) -> ChildNode {
         ChildNode {
             name: name.into(),
             ownership: Ownership::Ours,
@@ -154,7 +159,7 @@ mod tests {
             class_generation: None,
             failure: Some(Failure {
                 reason: reason.into(),
-                message: format!("{name}: {reason}: none left"),
+                message: format!("{name}: {reason}: NodeClass {class}: none left"),
             }),
             failed_at: None,
             built: None,
@@ -168,11 +173,13 @@ mod tests {
         let cool = SignedDuration::from_mins(5);
         let mut cooldowns = Vec::new();
         assert_eq!(target_class(&classes, &cooldowns), "spot");
-        let a = failed("a", "InsufficientCapacity");
-        let b = failed("b", "Unauthorized");
-        let mut launched = failed("c", "QuotaExceeded");
+        let a = failed("a", "InsufficientCapacity", "spot");
+        let b = failed("b", "Unauthorized", "spot");
+        let mut launched = failed("c", "QuotaExceeded", "spot");
         launched.launched = Some(now);
-        let on_last = failed("d", "QuotaExceeded");
+        let on_last = failed("d", "QuotaExceeded", "reserved");
+        // A failure the Node carried over from the class it was moved from.
+        let stale = failed("s", "InsufficientCapacity", "spot");
         let moves = plan(
             &classes,
             &mut cooldowns,
@@ -181,6 +188,7 @@ mod tests {
                 (&b, Some("spot")),
                 (&launched, Some("spot")),
                 (&on_last, Some("reserved")),
+                (&stale, Some("ondemand")),
             ],
             cool,
             now,
@@ -201,8 +209,11 @@ mod tests {
             &classes,
             &mut cooldowns,
             &[
-                (&a, Some("ondemand")),
-                (&failed("e", "InsufficientCapacity"), Some("spot")),
+                (
+                    &failed("a", "InsufficientCapacity", "ondemand"),
+                    Some("ondemand"),
+                ),
+                (&failed("e", "InsufficientCapacity", "spot"), Some("spot")),
             ],
             cool,
             now,
@@ -214,10 +225,11 @@ mod tests {
         );
         // All cooling: the one ending first.
         let later = now + SignedDuration::from_mins(1);
+        let a2 = failed("a", "InsufficientCapacity", "ondemand");
         plan(
             &classes,
             &mut cooldowns,
-            &[(&a, Some("ondemand"))],
+            &[(&a2, Some("ondemand"))],
             cool,
             later,
         );
@@ -233,7 +245,7 @@ mod tests {
     #[test]
     fn one_class_never_falls_back() {
         let mut cooldowns = Vec::new();
-        let a = failed("a", "InsufficientCapacity");
+        let a = failed("a", "InsufficientCapacity", "only");
         let moves = plan(
             &["only"],
             &mut cooldowns,

@@ -1195,64 +1195,109 @@ async fn move_nodes(
     let api: Api<Node> = Api::all(ctx.client.clone());
     let cooldown = ns.spec.class_fallback_cooldown();
     for m in moves.iter().take(DRIFT_WRITES_PER_PASS) {
-        let (Some(node), Some(to)) = (
-            cached.iter().find(|n| n.name_any() == m.node),
-            listed.get(&m.to),
-        ) else {
+        let Some(to) = listed.get(&m.to) else {
             continue;
         };
-        let Some(mut cond) = node
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == MACHINE_READY_CONDITION))
-            .cloned()
-        else {
+        if !cached.iter().any(|n| n.name_any() == m.node) {
             continue;
-        };
+        }
         let why = format!(
             "NodeClass {} answered {}; its machine is retried on NodeClass {}",
             m.from, m.reason, m.to
         );
-        cond.message = Some(format!("{}: {why}", fallback::MOVED_REASON));
-        cond.last_heartbeat_time = Some(Time(Timestamp::now()));
-        let patch = json!({
-            "metadata": {"resourceVersion": node.resource_version()},
-            "status": {"conditions": [cond]},
-        });
-        let moved = match api
-            .patch_status(&m.node, &PatchParams::default(), &Patch::Strategic(&patch))
-            .await
+        // The node-controller retries the create meanwhile and writes the Node each time:
+        // read it fresh, and move it only while it still shows that failure (a few tries).
+        let mut moved = None;
+        for _ in 0..3 {
+            let node = match api.get_opt(&m.node).await {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(node = %m.node, error = %e, "cannot read the Node");
+                    break;
+                }
+            };
+            let Some(mut cond) = node
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == MACHINE_READY_CONDITION))
+                .cloned()
+            else {
+                break;
+            };
+            let still_failed = node.annotations().get(NODE_CLASS_ANNOTATION) == Some(&m.from)
+                && node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.provider_id.as_ref())
+                    .is_none()
+                && node.metadata.deletion_timestamp.is_none()
+                && cond.message.as_deref().is_some_and(|msg| {
+                    fallback::FALLBACK_REASONS
+                        .iter()
+                        .any(|r| msg.starts_with(&format!("{r}:")))
+                });
+            if !still_failed {
+                break;
+            }
+            cond.message = Some(format!("{}: {why}", fallback::MOVED_REASON));
+            cond.last_heartbeat_time = Some(Time(Timestamp::now()));
+            let patch = json!({
+                "metadata": {"resourceVersion": node.resource_version()},
+                "status": {"conditions": [cond]},
+            });
+            match api
+                .patch_status(&m.node, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+            {
+                Ok(n) => {
+                    moved = Some(n);
+                    break;
+                }
+                Err(kube::Error::Api(s)) if s.is_conflict() => {}
+                Err(e) => {
+                    tracing::debug!(node = %m.node, error = %e, "cannot move the Node to its next class");
+                    break;
+                }
+            }
+        }
+        let Some(moved) = moved else {
+            continue;
+        };
+        // A JSON patch whose tests hold only while the Node names the old class and has no
+        // machine: the condition writes of a retrying create do not make it conflict, a
+        // machine recorded meanwhile does.
+        let esc = |k: &str| k.replace('~', "~0").replace('/', "~1");
+        let annotation = |k: &str| format!("/metadata/annotations/{}", esc(k));
+        let mut ops = vec![
+            json!({"op": "test", "path": annotation(NODE_CLASS_ANNOTATION), "value": m.from}),
+            json!({"op": "test", "path": "/spec/providerID", "value": null}),
+            json!({"op": "replace", "path": annotation(NODE_CLASS_ANNOTATION), "value": m.to}),
+            json!({"op": "add", "path": annotation(BUILD_HASH_ANNOTATION),
+                   "value": BuildHash::of(&m.to, &to.spec).annotation()}),
+        ];
+        if let Some(g) = to.metadata.generation {
+            ops.push(
+                json!({"op": "add", "path": annotation(NODE_CLASS_GENERATION_ANNOTATION),
+                            "value": g.to_string()}),
+            );
+        }
+        if moved.labels().get(NODE_CLASS_LABEL) == Some(&m.from) {
+            ops.push(json!({"op": "replace",
+                            "path": format!("/metadata/labels/{}", esc(NODE_CLASS_LABEL)),
+                            "value": m.to}));
+        }
+        let patch = match serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(ops))
         {
-            Ok(n) => n,
+            Ok(p) => p,
             Err(e) => {
-                tracing::debug!(node = %m.node, error = %e, "cannot move the Node to its next class");
+                tracing::warn!(node = %m.node, error = %e, "cannot build the move patch");
                 continue;
             }
         };
-        let mut annotations = serde_json::Map::new();
-        annotations.insert(NODE_CLASS_ANNOTATION.into(), json!(m.to));
-        annotations.insert(
-            BUILD_HASH_ANNOTATION.into(),
-            json!(BuildHash::of(&m.to, &to.spec).annotation()),
-        );
-        annotations.insert(
-            NODE_CLASS_GENERATION_ANNOTATION.into(),
-            json!(to.metadata.generation.map(|g| g.to_string())),
-        );
-        let mut metadata = json!({
-            "resourceVersion": moved.resource_version(),
-            "annotations": annotations,
-        });
-        if moved.labels().get(NODE_CLASS_LABEL) == Some(&m.from) {
-            metadata["labels"] = json!({ NODE_CLASS_LABEL: m.to });
-        }
         match api
-            .patch(
-                &m.node,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "metadata": metadata })),
-            )
+            .patch(&m.node, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await
         {
             Ok(_) => {
