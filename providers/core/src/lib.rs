@@ -72,14 +72,32 @@ pub trait Provider: Send + Sync + 'static {
 
 /// Group-level operations of backends whose cloud owns the instances (a node pool, a managed
 /// instance group): the NodeSet's replicas become the group's size.
+///
+/// A provider is bound to one NodeClass, and a group-backed NodeClass names exactly one group
+/// (for GKE: project, location, cluster and node pool), so the methods take no group argument.
+/// Only one NodeSet may own a group; the nodeset-controller refuses a second one.
 #[async_trait]
 pub trait GroupProvider: Send + Sync {
-    /// The group's current target size.
-    async fn target_size(&self, group: &str) -> Result<u32>;
-    /// Sets the group's target size.
-    async fn set_target_size(&self, group: &str, size: u32) -> Result<()>;
-    /// Deletes exactly these instances and lowers the target size by as many.
-    async fn delete_instances(&self, group: &str, provider_ids: &[String]) -> Result<()>;
+    /// The group's name for messages and events (`projects/p/locations/l/clusters/c/nodePools/np`).
+    fn group_name(&self) -> String;
+
+    /// The group's current target size: the size last set, not the count of running machines.
+    async fn target_size(&self) -> Result<u32>;
+
+    /// Sets the group's target size. Idempotent: setting the current size changes nothing, and
+    /// a retried call (same size) never adds machines twice, even while an earlier resize is
+    /// still in progress.
+    async fn set_target_size(&self, size: u32) -> Result<()>;
+
+    /// Deletes exactly these machines (by provider ID) and lowers the target size by as many.
+    /// Machines that are already gone count as deleted; a provider ID that is not in the group
+    /// is [`ProviderError::InvalidConfig`] naming it, and nothing is deleted.
+    async fn delete_instances(&self, provider_ids: &[String]) -> Result<()>;
+
+    /// The group's machines as the cloud reports them, including ones still being created or
+    /// deleted. The nodeset-controller adopts a Node when its `spec.providerID` is one of
+    /// these, and compares their count with the target size.
+    async fn instances(&self) -> Result<Vec<Instance>>;
 }
 
 /// Builds a provider for a NodeClass. One factory per backend; the controllers keep the built
