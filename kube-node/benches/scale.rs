@@ -41,21 +41,33 @@ use tokio::time::Instant;
 
 const CLASS: &str = "bench";
 
-/// API writes by (resource, verb), counted on one client.
+/// API writes by (resource, verb), counted on one client, and when each successful Node create
+/// was answered (so "created" is measured on the same client, the same way, as the baseline).
 #[derive(Clone, Default)]
-struct WriteCounts(Arc<Mutex<BTreeMap<(String, String), u64>>>);
+struct WriteCounts {
+    counts: Arc<Mutex<BTreeMap<(String, String), u64>>>,
+    node_creates_done: Arc<Mutex<Vec<Instant>>>,
+}
 
 impl WriteCounts {
     fn snapshot(&self) -> BTreeMap<(String, String), u64> {
-        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+        self.counts.lock().map(|m| m.clone()).unwrap_or_default()
     }
     fn reset(&self) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.counts.lock() {
             m.clear();
+        }
+        if let Ok(mut t) = self.node_creates_done.lock() {
+            t.clear();
         }
     }
     fn total(&self) -> u64 {
         self.snapshot().values().sum()
+    }
+    /// When the `n`th successful Node create since the last reset was answered.
+    fn nth_node_created(&self, n: usize) -> Option<Instant> {
+        let times = self.node_creates_done.lock().ok()?;
+        times.get(n.checked_sub(1)?).copied()
     }
 }
 
@@ -74,25 +86,42 @@ struct Counting<S> {
     counts: WriteCounts,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for Counting<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for Counting<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if let Some(key) = classify(req.method(), req.uri().path())
-            && let Ok(mut m) = self.counts.0.lock()
+        let key = classify(req.method(), req.uri().path());
+        let node_create = key
+            .as_ref()
+            .is_some_and(|(resource, verb)| resource == "nodes" && verb == "create");
+        if let Some(key) = key
+            && let Ok(mut m) = self.counts.counts.lock()
         {
             *m.entry(key).or_default() += 1;
         }
-        self.inner.call(req)
+        let fut = self.inner.call(req);
+        let done = node_create.then(|| self.counts.node_creates_done.clone());
+        Box::pin(async move {
+            let response = fut.await?;
+            if let Some(done) = done
+                && response.status().is_success()
+                && let Ok(mut times) = done.lock()
+            {
+                times.push(Instant::now());
+            }
+            Ok(response)
+        })
     }
 }
 
@@ -125,18 +154,23 @@ fn classify(method: &http::Method, path: &str) -> Option<(String, String)> {
     Some((resource, verb.to_string()))
 }
 
+/// A field of `/proc/<pid>/status` in MiB (kB fields) or as a count.
+fn status_field(pid: &str, name: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(
+            f64::NAN,
+            |v| if name == "Threads:" { v } else { v / 1024.0 },
+        )
+}
+
 /// `VmHWM` and `VmRSS` of a process, in MiB.
 fn memory(pid: &str) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    (status_field(pid, "VmHWM:"), status_field(pid, "VmRSS:"))
 }
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -390,7 +424,10 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         }
         tokio::time::sleep(poll).await;
     };
-    let created = created.unwrap_or(ready);
+    let polled_created = created.unwrap_or(ready);
+    let created = nodeset_writes
+        .nth_node_created(usize::try_from(nodes)?)
+        .map_or(polled_created, |at| at.duration_since(start));
     // Ready is the kubelet's word; a Node takes pods once the node-controller has taken the
     // unregistered taint off and written MachineReady=Ready.
     let usable = until(limit, Duration::from_millis(50), || async {
@@ -451,6 +488,10 @@ async fn scale_phase(nodes: i32, qps: f64, burst: u32) -> anyhow::Result<()> {
         "all {nodes} Nodes created after         {:>7.2} s  ({:.2} x baseline; target <= 1.0)",
         created.as_secs_f64(),
         created.as_secs_f64() / baseline.as_secs_f64()
+    );
+    println!(
+        "  (the {nodes}th Node create answered on the nodeset-controller's client, as the baseline's last create; a 100 ms list poll saw them all after {:.2} s)",
+        polled_created.as_secs_f64()
     );
     println!(
         "status.readyReplicas == {nodes} after    {:>7.2} s  ({:.2} x baseline; target <= 4.0; {ready_nodes} Nodes kubelet-Ready)",
@@ -604,6 +645,12 @@ async fn memory_phase(sets_n: usize, per_set: i32, qps: f64, burst: u32) -> anyh
     );
     println!(
         "kube-node run (both controllers and the simulated provider's {total} machines): VmHWM {child_hwm:.1} MiB, VmRSS {child_rss:.1} MiB"
+    );
+    println!(
+        "  of VmRSS: RssAnon {:.1} MiB (heap, stacks), RssFile {:.1} MiB (the binary's pages); {} threads",
+        status_field(&pid, "RssAnon:"),
+        status_field(&pid, "RssFile:"),
+        status_field(&pid, "Threads:")
     );
     println!(
         "  (a child process, so neither the API server nor the kubelets this process plays are counted)"
