@@ -85,8 +85,10 @@ pub(crate) struct Machine {
     pub deleted_at: Option<Instant>,
     pub register: bool,
     pub internal_ip: String,
-    pub node_capacity: BTreeMap<String, Quantity>,
-    pub node_allocatable: BTreeMap<String, Quantity>,
+    /// The class's maps, shared by its machines: with thousands of machines, a copy each was
+    /// a large part of the simulated cloud's memory.
+    pub node_capacity: Arc<BTreeMap<String, Quantity>>,
+    pub node_allocatable: Arc<BTreeMap<String, Quantity>>,
 }
 
 impl Machine {
@@ -268,8 +270,8 @@ pub(crate) struct KubeletTarget {
     pub provider_id: String,
     pub id: String,
     pub internal_ip: String,
-    pub capacity: BTreeMap<String, Quantity>,
-    pub allocatable: BTreeMap<String, Quantity>,
+    pub capacity: Arc<BTreeMap<String, Quantity>>,
+    pub allocatable: Arc<BTreeMap<String, Quantity>>,
 }
 
 /// The shared state of every simulated machine of every NodeClass: the simulated "cloud

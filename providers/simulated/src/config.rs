@@ -1,6 +1,7 @@
 //! The simulated backend's configuration, resolved from a NodeClass and checked once.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -42,10 +43,10 @@ pub struct SimConfig {
     pub register: bool,
     /// The seed of the class's random choices.
     pub seed: u64,
-    /// What the kubelet reports as `status.capacity`.
-    pub node_capacity: BTreeMap<String, Quantity>,
-    /// What the kubelet reports as `status.allocatable`.
-    pub node_allocatable: BTreeMap<String, Quantity>,
+    /// What the kubelet reports as `status.capacity`; every machine of the class shares it.
+    pub node_capacity: Arc<BTreeMap<String, Quantity>>,
+    /// What the kubelet reports as `status.allocatable`; shared the same way.
+    pub node_allocatable: Arc<BTreeMap<String, Quantity>>,
 }
 
 impl SimConfig {
@@ -82,8 +83,8 @@ impl SimConfig {
             register: spec.register.unwrap_or(true),
             // A class without a seed still replays: its seed is derived from its name.
             seed: spec.seed.unwrap_or_else(|| fnv1a(class.name.as_bytes())),
-            node_capacity: class.spec.capacity.clone(),
-            node_allocatable: class.spec.allocatable_or_capacity().clone(),
+            node_capacity: Arc::new(class.spec.capacity.clone()),
+            node_allocatable: Arc::new(class.spec.allocatable_or_capacity().clone()),
         })
     }
 }

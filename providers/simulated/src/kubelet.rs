@@ -769,8 +769,8 @@ pub(crate) fn node_status_patch(t: &KubeletTarget, now: &str, ready_since: &str)
             {"type": "InternalIP", "address": t.internal_ip},
             {"type": "Hostname", "address": t.node_name},
         ],
-        "capacity": t.capacity,
-        "allocatable": t.allocatable,
+        "capacity": *t.capacity,
+        "allocatable": *t.allocatable,
         "conditions": conditions,
         "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
         "nodeInfo": {
@@ -852,16 +852,20 @@ mod tests {
             provider_id: "simulated:///sim-a/sim-000000000001".into(),
             id: "sim-000000000001".into(),
             internal_ip: "10.1.2.3".into(),
-            capacity: [(
-                "cpu".to_string(),
-                k8s_openapi::apimachinery::pkg::api::resource::Quantity("4".into()),
-            )]
-            .into(),
-            allocatable: [(
-                "cpu".to_string(),
-                k8s_openapi::apimachinery::pkg::api::resource::Quantity("3800m".into()),
-            )]
-            .into(),
+            capacity: std::sync::Arc::new(
+                [(
+                    "cpu".to_string(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity("4".into()),
+                )]
+                .into(),
+            ),
+            allocatable: std::sync::Arc::new(
+                [(
+                    "cpu".to_string(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity("3800m".into()),
+                )]
+                .into(),
+            ),
         }
     }
 
