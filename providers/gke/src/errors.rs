@@ -51,28 +51,30 @@ fn has_reason(f: &Failure, wanted: &[&str]) -> bool {
 
 /// Maps a failed call of `api` to the contract's error kinds.
 ///
-/// Pure, so the whole table is unit-tested. Order matters: a quota error is a 403 or 429 in
-/// Compute's legacy format, so quota is looked at before permission and rate limits.
+/// Pure, so the whole table is unit-tested. Order matters: a resource quota error is a 403
+/// (reason `QUOTA_EXCEEDED`), so quota is looked at before permission; a request rate limit
+/// is a 429 whose message speaks of a "quota metric", so its reason is looked at first.
 pub fn classify(api: Api, f: &Failure) -> ProviderError {
     let status = f.status.as_deref().unwrap_or("");
     let lower = f.message.to_ascii_lowercase();
     let text = format!("{}: {}", api.method, cut(&f.message));
-    if has_reason(f, &["QUOTA_EXCEEDED", "quotaExceeded"])
-        || (lower.contains("quota") && !has_reason(f, &["rateLimitExceeded"]))
+    // API request rate limits are worded as "Quota exceeded for quota metric 'Read
+    // requests'" but are rate limits: look at the reason before the words.
+    let rate_limited = has_reason(
+        f,
+        &[
+            "RATE_LIMIT_EXCEEDED",
+            "rateLimitExceeded",
+            "userRateLimitExceeded",
+        ],
+    );
+    if !rate_limited
+        && (has_reason(f, &["QUOTA_EXCEEDED", "quotaExceeded"])
+            || (lower.contains("quota") && f.http != Some(429)))
     {
         return ProviderError::QuotaExceeded(text);
     }
-    if f.http == Some(429)
-        || status == "RESOURCE_EXHAUSTED"
-        || has_reason(
-            f,
-            &[
-                "RATE_LIMIT_EXCEEDED",
-                "rateLimitExceeded",
-                "userRateLimitExceeded",
-            ],
-        )
-    {
+    if rate_limited || f.http == Some(429) || status == "RESOURCE_EXHAUSTED" {
         return ProviderError::Throttled {
             message: text,
             retry_after: f.retry_after,

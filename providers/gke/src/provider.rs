@@ -31,6 +31,9 @@ pub const PROVIDER_TYPE: &str = "gke";
 /// Managed instances asked for per `listManagedInstances` page (the API's maximum is 500).
 const PAGE_SIZE: u32 = 500;
 
+/// How many earlier failed operations one mutating call steps over (see `mutate`).
+const MAX_REPLAYED_FAILURES: usize = 4;
+
 /// The Google Cloud clients of one provider, built on first use.
 struct Clients {
     container: ClusterManager,
@@ -428,29 +431,56 @@ impl GkeProvider {
         }
     }
 
+    /// Sends one mutating call with a request id derived from `intent`, then waits for its
+    /// operation. Compute Engine answers a repeated id with the first call's operation: a
+    /// retried call is never applied twice. When that operation had failed, the answer is
+    /// the old failure (already DONE, with an error); the call is then sent again with the
+    /// failed operation's name added to the intent, so a retry after a failure is a new
+    /// request, and still the same one each time it is retried.
+    async fn mutate<F, Fut>(&self, api: Api, zone: &str, intent: &[String], send: F) -> Result<()>
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = google_cloud_gax::Result<Operation>>,
+    {
+        use google_cloud_compute_v1::model::operation::Status;
+        let mut parts: Vec<String> = intent.to_vec();
+        for _ in 0..MAX_REPLAYED_FAILURES {
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            let op = self.call(api, send(plan::request_id(&refs))).await?;
+            let failed_before = matches!(op.status, Some(Status::Done))
+                && op.error.as_ref().is_some_and(|e| !e.errors.is_empty());
+            match op.name.clone() {
+                Some(name) if failed_before => parts.push(name),
+                _ => return self.wait(api, zone, op).await,
+            }
+        }
+        Err(ProviderError::Transient(format!(
+            "{}: the last {MAX_REPLAYED_FAILURES} attempts failed; see the earlier errors",
+            api.method
+        )))
+    }
+
     async fn resize(&self, state: &GroupState, size: u32) -> Result<()> {
         let mig = &state.group.mig;
-        let id = plan::request_id(&[
-            "resize",
-            &mig.path(),
-            &state.fingerprint,
-            &state.target.to_string(),
-            &size.to_string(),
-        ]);
+        let intent = [
+            "resize".to_string(),
+            mig.path(),
+            state.fingerprint.clone(),
+            state.target.to_string(),
+            size.to_string(),
+        ];
         let c = self.clients().await?;
-        let op = self
-            .call(
-                calls::RESIZE_MIG,
-                c.igm
-                    .resize()
-                    .set_project(&mig.project)
-                    .set_zone(&mig.zone)
-                    .set_instance_group_manager(&mig.name)
-                    .set_size(i32::try_from(size).unwrap_or(i32::MAX))
-                    .set_request_id(id)
-                    .send(),
-            )
-            .await?;
+        self.mutate(calls::RESIZE_MIG, &mig.zone, &intent, |id| {
+            c.igm
+                .resize()
+                .set_project(&mig.project)
+                .set_zone(&mig.zone)
+                .set_instance_group_manager(&mig.name)
+                .set_size(i32::try_from(size).unwrap_or(i32::MAX))
+                .set_request_id(id)
+                .send()
+        })
+        .await?;
         tracing::info!(
             provider = PROVIDER_TYPE,
             group = %mig.path(),
@@ -459,7 +489,7 @@ impl GkeProvider {
             to = size,
             "resized instance group"
         );
-        self.wait(calls::RESIZE_MIG, &mig.zone, op).await
+        Ok(())
     }
 
     /// Which group of the pool a machine belongs to, by zone and name prefix.
@@ -516,10 +546,8 @@ impl GkeProvider {
             return Ok(outcome);
         }
         // Victims are sorted (a BTreeSet's order): the same machines give the same id.
-        let mut id_parts = vec!["deleteInstances".to_string(), mig.path()];
-        id_parts.extend(victims.iter().cloned());
-        let id_refs: Vec<&str> = id_parts.iter().map(String::as_str).collect();
-        let id = plan::request_id(&id_refs);
+        let mut intent = vec!["deleteInstances".to_string(), mig.path()];
+        intent.extend(victims.iter().cloned());
         let urls: Vec<String> = victims
             .iter()
             .map(|n| {
@@ -532,23 +560,21 @@ impl GkeProvider {
             })
             .collect();
         let c = self.clients().await?;
-        let op = self
-            .call(
-                calls::DELETE_INSTANCES,
-                c.igm
-                    .delete_instances()
-                    .set_project(&mig.project)
-                    .set_zone(&mig.zone)
-                    .set_instance_group_manager(&mig.name)
-                    .set_request_id(id)
-                    .set_body(
-                        InstanceGroupManagersDeleteInstancesRequest::new()
-                            .set_instances(urls)
-                            .set_skip_instances_on_validation_error(true),
-                    )
-                    .send(),
-            )
-            .await?;
+        self.mutate(calls::DELETE_INSTANCES, &mig.zone, &intent, |id| {
+            c.igm
+                .delete_instances()
+                .set_project(&mig.project)
+                .set_zone(&mig.zone)
+                .set_instance_group_manager(&mig.name)
+                .set_request_id(id)
+                .set_body(
+                    InstanceGroupManagersDeleteInstancesRequest::new()
+                        .set_instances(urls.clone())
+                        .set_skip_instances_on_validation_error(true),
+                )
+                .send()
+        })
+        .await?;
         tracing::info!(
             provider = PROVIDER_TYPE,
             group = %mig.path(),
@@ -556,7 +582,6 @@ impl GkeProvider {
             machines = victims.len(),
             "deleted machines of instance group"
         );
-        self.wait(calls::DELETE_INSTANCES, &mig.zone, op).await?;
         Ok(outcome)
     }
 }
