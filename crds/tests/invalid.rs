@@ -187,6 +187,7 @@ fn the_examples_pass_the_schema_and_the_decoder() {
     for file in [
         "nodeclass-simulated.yaml",
         "nodeclass-exec.yaml",
+        "nodeclass-gke.yaml",
         "nodeset.yaml",
     ] {
         let text =
@@ -194,7 +195,9 @@ fn the_examples_pass_the_schema_and_the_decoder() {
                 .expect("example");
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let object: Value = serde::Deserialize::deserialize(doc).expect("yaml");
-            if object.is_null() {
+            // The credentials Secrets next to a NodeClass are core objects.
+            if object.is_null() || !matches!(object["kind"].as_str(), Some("NodeClass" | "NodeSet"))
+            {
                 continue;
             }
             assert_eq!(schema_errors(&object), Vec::<String>::new(), "{file}");
