@@ -121,9 +121,16 @@ pub struct State {
     pub delete_delay: Duration,
     pub page_cap: usize,
     seq: u64,
+    /// A manual clock: when set, time moves only by [`Fake::advance`].
+    manual_now: Option<Instant>,
 }
 
 impl State {
+    /// The fake's time: the manual clock when there is one, else the wall clock.
+    pub fn now(&self) -> Instant {
+        self.manual_now.unwrap_or_else(Instant::now)
+    }
+
     fn next(&mut self) -> u64 {
         self.seq += 1;
         self.seq
@@ -312,6 +319,7 @@ impl Fake {
             delete_delay: Duration::from_millis(200),
             page_cap: 2,
             seq: 0,
+            manual_now: None,
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -336,6 +344,27 @@ impl Fake {
             }
         });
         Self { addr, state, task }
+    }
+
+    /// Switches to a manual clock: operations are DONE at once, machines boot and go away
+    /// one [`Fake::advance`] after they were created or deleted, and nothing changes between
+    /// two advances.
+    pub fn manual_clock(&self) {
+        self.with(|s| {
+            s.manual_now = Some(Instant::now());
+            s.op_delay = Duration::ZERO;
+            s.boot_delay = Duration::from_secs(1);
+            s.delete_delay = Duration::from_secs(1);
+        });
+    }
+
+    /// Moves the manual clock on by one second.
+    pub fn advance(&self) {
+        self.with(|s| {
+            if let Some(t) = s.manual_now.as_mut() {
+                *t += Duration::from_secs(1);
+            }
+        });
     }
 
     pub fn url(&self) -> String {
@@ -397,7 +426,8 @@ impl Fake {
     /// The machines of the pool as the fake sees them now: (zone, name, deleting).
     pub fn machines(&self) -> Vec<(String, String, bool)> {
         self.with(|s| {
-            s.settle(Instant::now());
+            let now = s.now();
+            s.settle(now);
             s.groups
                 .iter()
                 .flat_map(|g| {
@@ -531,11 +561,11 @@ async fn handle(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let now = Instant::now();
     let mut s = match state.lock() {
         Ok(s) => s,
         Err(_) => return respond(500, json!({}), None),
     };
+    let now = s.now();
     let method = match segs.as_slice() {
         [
             "v1",
