@@ -313,6 +313,7 @@ mod tests {
                     aws: None,
                     exec: None,
                     baremetal: None,
+                    gke: None,
                 },
                 credentials_secret_ref: None,
                 labels: [("team".to_string(), "ml".to_string())].into(),

@@ -570,6 +570,8 @@ impl GkeProvider {
                 .set_body(
                     InstanceGroupManagersDeleteInstancesRequest::new()
                         .set_instances(urls.clone())
+                        // A machine that left the group or started deleting since the list
+                        // above is skipped, never deleted (and counted) a second time.
                         .set_skip_instances_on_validation_error(true),
                 )
                 .send()
@@ -709,7 +711,8 @@ impl Provider for GkeProvider {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Instance>> {
         // The pool is bound to this NodeClass: its machines carry this cluster's and class's
-        // tags, and no other cluster's or class's.
+        // tags, and no other cluster's or class's. They carry no node-UID tag (GKE made them
+        // for no Node), so the orphan collector never takes one for an orphan.
         if filter.cluster != self.config.cluster_name
             || filter
                 .node_class
