@@ -61,6 +61,12 @@ pub fn template_labels(nodeset: &NodeSet, class: &NodeClass) -> BTreeMap<String,
                 }
             }
         }
+        ProviderType::Gke => {
+            // GKE's kubelets register with this label; the machine type is the pool's.
+            if let Some(gke) = &provider.gke {
+                put("cloud.google.com/gke-nodepool", &gke.node_pool);
+            }
+        }
         ProviderType::Exec | ProviderType::Baremetal => {}
     }
     labels.extend(class.spec.labels.clone());
@@ -307,6 +313,7 @@ mod tests {
                     aws: None,
                     exec: None,
                     baremetal: None,
+                    gke: None,
                 },
                 credentials_secret_ref: None,
                 labels: [("team".to_string(), "ml".to_string())].into(),

@@ -44,6 +44,16 @@ pub const ENV_NAME_PATTERN: &str = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$";
 /// An API server endpoint: `host:port` or `https://host:port`.
 pub const ENDPOINT_PATTERN: &str = r"^(https://)?[^\s/]+:[0-9]{1,5}$";
 
+/// A Google Cloud project ID: 6 to 30 lowercase letters, digits and `-`, starting with a letter
+/// and not ending with `-`, optionally after a `domain:` prefix (`example.com:my-project`).
+pub const GCP_PROJECT_PATTERN: &str =
+    r"^([a-z0-9][-a-z0-9.]{0,61}[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$";
+/// A Google Cloud region (`europe-west1`) or zone (`europe-west1-b`).
+pub const GCP_LOCATION_PATTERN: &str = r"^[a-z]+-[a-z]+[0-9]+(-[a-z])?$";
+/// A GKE cluster or node pool name: at most 40 lowercase letters, digits and `-`, starting
+/// with a letter and ending with a letter or digit.
+pub const GKE_NAME_PATTERN: &str = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$";
+
 /// The longest duration string accepted (bounds the sum of its parts).
 pub const DURATION_MAX_LENGTH: usize = 64;
 
@@ -338,6 +348,66 @@ pub fn check_url(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a Google Cloud project ID (as [`GCP_PROJECT_PATTERN`]).
+pub fn check_gcp_project(s: &str) -> Result<(), String> {
+    let id = match s.rsplit_once(':') {
+        Some((domain, id)) => {
+            let ok = (2..=63).contains(&domain.len())
+                && domain
+                    .chars()
+                    .all(|c| lower_alnum(c) || c == '-' || c == '.')
+                && domain.starts_with(lower_alnum)
+                && domain.ends_with(lower_alnum);
+            if !ok {
+                return Err(project_error());
+            }
+            id
+        }
+        None => s,
+    };
+    let ok = (6..=30).contains(&id.len())
+        && id.chars().all(|c| lower_alnum(c) || c == '-')
+        && id.starts_with(|c: char| c.is_ascii_lowercase())
+        && id.ends_with(lower_alnum);
+    ok.then_some(()).ok_or_else(project_error)
+}
+
+fn project_error() -> String {
+    "must be a Google Cloud project ID: 6 to 30 lowercase letters, digits and '-', starting with a letter and not ending with '-' (e.g. my-project)".to_string()
+}
+
+/// Checks a Google Cloud region or zone (as [`GCP_LOCATION_PATTERN`]).
+pub fn check_gcp_location(s: &str) -> Result<(), String> {
+    let err = || {
+        "must be a Google Cloud region or zone such as europe-west1 or europe-west1-b".to_string()
+    };
+    let parts: Vec<&str> = s.split('-').collect();
+    let lower = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase());
+    let region_part = |p: &str| {
+        let digits = p.trim_start_matches(|c: char| c.is_ascii_lowercase());
+        let letters = p.len() - digits.len();
+        letters > 0 && !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
+    };
+    let ok = match parts.as_slice() {
+        [a, b] => lower(a) && region_part(b),
+        [a, b, z] => lower(a) && region_part(b) && z.len() == 1 && lower(z),
+        _ => false,
+    };
+    ok.then_some(()).ok_or_else(err)
+}
+
+/// Checks a GKE cluster or node pool name (as [`GKE_NAME_PATTERN`]).
+pub fn check_gke_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 40
+        && s.chars().all(|c| lower_alnum(c) || c == '-')
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.ends_with(lower_alnum);
+    ok.then_some(()).ok_or_else(|| {
+        "must be a GKE name: at most 40 lowercase letters, digits and '-', starting with a letter and ending with a letter or digit".to_string()
+    })
+}
+
 /// Checks an environment variable name.
 pub fn check_env_name(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
@@ -527,6 +597,24 @@ pub(crate) fn node_names(_: &mut schemars::SchemaGenerator) -> schemars::Schema 
 
 pub(crate) fn url(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     string_schema(URL_PATTERN, 2048, true)
+}
+
+pub(crate) fn gcp_project(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut s = string_schema(GCP_PROJECT_PATTERN, 94, false);
+    s.insert("minLength".into(), json!(6));
+    s
+}
+
+pub(crate) fn gcp_location(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut s = string_schema(GCP_LOCATION_PATTERN, 63, false);
+    s.insert("minLength".into(), json!(1));
+    s
+}
+
+pub(crate) fn gke_name(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut s = string_schema(GKE_NAME_PATTERN, 40, false);
+    s.insert("minLength".into(), json!(1));
+    s
 }
 
 pub(crate) fn env_name(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

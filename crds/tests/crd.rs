@@ -225,6 +225,16 @@ fn a_provider_block_that_does_not_match_the_type_is_rejected() {
         "{errors:?}"
     );
 
+    let missing_gke = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
+        "spec": {"provider": {"type": "gke"}}});
+    let errors = cel_errors(&schema, &missing_gke);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("spec.provider.gke is required")),
+        "{errors:?}"
+    );
+
     let missing = json!({"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass", "metadata": {"name": "c"},
         "spec": {"provider": {"type": "aws"}}});
     let errors = cel_errors(&schema, &missing);
@@ -270,7 +280,10 @@ fn structural_constraints_name_their_fields() {
     assert_eq!(tspec["properties"]["nodeClassNames"]["maxItems"], json!(8));
     let nc = schema_of(&NodeClass::crd());
     let ty = &nc["properties"]["spec"]["properties"]["provider"]["properties"]["type"];
-    assert_eq!(ty["enum"], json!(["simulated", "aws", "exec", "baremetal"]));
+    assert_eq!(
+        ty["enum"],
+        json!(["simulated", "aws", "exec", "baremetal", "gke"])
+    );
     // Inline hosts are bounded so the per-host CEL rules stay within the API server's cost
     // budget; larger inventories go into a ConfigMap (inventoryRef).
     let bm = &nc["properties"]["spec"]["properties"]["provider"]["properties"]["baremetal"];

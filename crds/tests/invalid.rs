@@ -187,6 +187,7 @@ fn the_examples_pass_the_schema_and_the_decoder() {
     for file in [
         "nodeclass-simulated.yaml",
         "nodeclass-exec.yaml",
+        "nodeclass-gke.yaml",
         "nodeset.yaml",
     ] {
         let text =
@@ -194,7 +195,9 @@ fn the_examples_pass_the_schema_and_the_decoder() {
                 .expect("example");
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let object: Value = serde::Deserialize::deserialize(doc).expect("yaml");
-            if object.is_null() {
+            // The credentials Secrets next to a NodeClass are core objects.
+            if object.is_null() || !matches!(object["kind"].as_str(), Some("NodeClass" | "NodeSet"))
+            {
                 continue;
             }
             assert_eq!(schema_errors(&object), Vec::<String>::new(), "{file}");
@@ -209,7 +212,7 @@ fn schema_patterns_and_rust_checks_agree() {
     use kube_node_crds::validation::*;
     type Check = fn(&str) -> Result<(), String>;
     // (pattern, minLength, maxLength, check), as the schema pieces pair them.
-    let pairs: [(&str, usize, usize, Check); 9] = [
+    let pairs: [(&str, usize, usize, Check); 12] = [
         (DURATION_PATTERN, 0, 64, check_duration),
         (POSITIVE_DURATION_PATTERN, 0, 64, check_positive_duration),
         (QUANTITY_PATTERN, 0, usize::MAX, check_quantity),
@@ -219,6 +222,9 @@ fn schema_patterns_and_rust_checks_agree() {
         (URL_PATTERN, 0, 2048, check_url),
         (ENV_NAME_PATTERN, 1, 256, check_env_name),
         (ENDPOINT_PATTERN, 1, 512, check_endpoint),
+        (GCP_PROJECT_PATTERN, 6, 94, check_gcp_project),
+        (GCP_LOCATION_PATTERN, 1, 63, check_gcp_location),
+        (GKE_NAME_PATTERN, 1, 40, check_gke_name),
     ];
     let long_label = "a".repeat(64);
     let long_duration = format!("{}s", "0".repeat(70));
@@ -278,9 +284,32 @@ fn schema_patterns_and_rust_checks_agree() {
         "a=b",
         "x.y-z",
         "a..b",
+        "my-project",
+        "my-project-",
+        "1project",
+        "proj",
+        "example.com:my-project",
+        "example.com:My-project",
+        ":my-project",
+        "a-very-long-project-id-beyond-thirty",
+        "europe-west1",
+        "europe-west1-b",
+        "us-central1-ab",
+        "europe-west",
+        "europe-1",
+        "Europe-west1",
+        "northamerica-northeast2-a",
+        "pool-1",
+        "pool_1",
+        "p",
+        "1pool",
     ];
+    let name40 = "a".repeat(40);
+    let name41 = "a".repeat(41);
     samples.push(&long_label);
     samples.push(&long_duration);
+    samples.push(&name40);
+    samples.push(&name41);
     for (pattern, min, max, check) in pairs {
         let re = regex::Regex::new(pattern).expect("pattern");
         for s in &samples {

@@ -60,6 +60,8 @@ pub fn provider_registry(cloud: &SimulatedCloud, metrics: ProviderMetrics) -> Pr
     registry.register(Arc::new(
         kube_node_provider_baremetal::BaremetalFactory::new(),
     ));
+    #[cfg(feature = "gke")]
+    registry.register(Arc::new(kube_node_provider_gke::GkeFactory::new()));
     registry
 }
 
@@ -463,5 +465,43 @@ mod shared_watch_tests {
         node_controller::trim_node(&mut shared);
         nodeset_controller::observe::trim_node(&mut shared);
         assert_eq!(shared, alone);
+    }
+}
+
+#[cfg(all(test, feature = "gke"))]
+mod registry_tests {
+    use super::*;
+
+    /// A NodeClass of type gke builds the GKE backend, and the metrics wrapper keeps its
+    /// group operations visible (the nodeset-controller finds them through `as_group`).
+    #[test]
+    fn a_gke_node_class_builds_a_group_sized_provider() {
+        let registry = provider_registry(&SimulatedCloud::new(), ProviderMetrics::default());
+        assert!(registry.types().any(|t| t == "gke"));
+        let spec: kube_node_crds::NodeClassSpec = serde_json::from_value(serde_json::json!({
+            "provider": {"type": "gke", "gke": {
+                "project": "my-project", "location": "europe-west1",
+                "cluster": "prod", "nodePool": "pool-1"}},
+        }))
+        .expect("spec");
+        let class = kube_node_provider::ResolvedClass {
+            name: "gke-pool".into(),
+            generation: 1,
+            spec,
+            credentials: None,
+            cluster_name: "test".into(),
+            inventory: None,
+            claims: None,
+        };
+        let provider = registry
+            .build(&class)
+            .expect("built without calling Google Cloud");
+        assert_eq!(provider.name(), "gke");
+        assert!(provider.capabilities().group_sized);
+        let group = provider.as_group().expect("group operations");
+        assert_eq!(
+            group.group_name(),
+            "projects/my-project/locations/europe-west1/clusters/prod/nodePools/pool-1"
+        );
     }
 }

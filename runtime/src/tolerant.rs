@@ -145,6 +145,7 @@ pub fn nodeclass_decoder() -> Decoder<kube_node_crds::NodeClass> {
                     aws: None,
                     exec: None,
                     baremetal: None,
+                    gke: None,
                 },
                 credentials_secret_ref: None,
                 labels: Default::default(),

@@ -294,3 +294,164 @@ fn the_baremetal_example_builds_a_provider_with_its_secret_and_inventory() {
             .unwrap_or_else(|e| panic!("the baremetal backend reads the example: {e}"));
     }
 }
+
+#[test]
+fn the_gke_example_builds_a_group_provider_with_its_secret() {
+    let docs: Vec<serde_yaml::Value> = examples()
+        .into_iter()
+        .filter(|(f, _)| f.ends_with("nodeclass-gke.yaml"))
+        .map(|(_, d)| d)
+        .collect();
+    assert!(!docs.is_empty(), "examples/nodeclass-gke.yaml exists");
+    let of_kind = |k: &str| {
+        docs.iter()
+            .find(|d| d.get("kind").and_then(|x| x.as_str()) == Some(k))
+            .cloned()
+            .unwrap_or_else(|| panic!("a {k}"))
+    };
+    let (secret, class_doc, set_doc) =
+        (of_kind("Secret"), of_kind("NodeClass"), of_kind("NodeSet"));
+    let nc: NodeClass = serde_yaml::from_value(class_doc.clone()).expect("NodeClass");
+    nc.spec.validate().expect("the example validates");
+    let round_trip = serde_yaml::to_value(&nc).expect("serialize");
+    assert_eq!(
+        round_trip.get("spec").and_then(|s| s.get("provider")),
+        class_doc.get("spec").and_then(|s| s.get("provider")),
+        "every provider field is known to the type"
+    );
+    let set: NodeSet = serde_yaml::from_value(set_doc).expect("NodeSet");
+    assert_eq!(
+        Some(set.spec.template.spec.node_class_name.as_str()),
+        nc.metadata.name.as_deref(),
+        "the NodeSet uses the class"
+    );
+    let secret_ref = nc
+        .spec
+        .credentials_secret_ref
+        .as_ref()
+        .expect("credentialsSecretRef");
+    assert_eq!(secret_ref.namespace, "kube-node-system");
+    assert_eq!(
+        secret["metadata"]["name"].as_str(),
+        Some(secret_ref.name.as_str())
+    );
+    let key = secret["stringData"][kube_node_provider_gke::SERVICE_ACCOUNT_KEY]
+        .as_str()
+        .expect("the Secret has the key the backend reads");
+    let resolved = kube_node_provider::ResolvedClass {
+        name: nc.metadata.name.clone().unwrap_or_default(),
+        generation: 1,
+        spec: nc.spec.clone(),
+        credentials: Some(kube_node_provider::Credentials(
+            [(
+                kube_node_provider_gke::SERVICE_ACCOUNT_KEY.to_string(),
+                key.as_bytes().to_vec(),
+            )]
+            .into(),
+        )),
+        cluster_name: "example".into(),
+        inventory: None,
+        claims: None,
+    };
+    use kube_node_provider::ProviderFactory;
+    let provider = kube_node_provider_gke::GkeFactory::new()
+        .build(&resolved)
+        .unwrap_or_else(|e| panic!("the gke backend reads the example: {e}"));
+    assert!(provider.capabilities().group_sized);
+    assert!(provider.as_group().is_some());
+}
+
+/// The README's "GKE node pools" section.
+fn readme_gke_section() -> String {
+    let readme = repo_file("README.md");
+    let start = readme
+        .find("\n## GKE node pools\n")
+        .expect("README has a section \"## GKE node pools\"");
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
+    rest[..end].to_string()
+}
+
+#[test]
+fn the_readme_gke_section_lists_exactly_the_calls_of_the_backend_and_their_permissions() {
+    let section = readme_gke_section();
+    // The table: one row per API method, `| `method` | `permission` |`.
+    let mut rows = std::collections::BTreeSet::new();
+    for line in section.lines() {
+        let cells: Vec<&str> = line
+            .trim()
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().trim_matches('`'))
+            .collect();
+        if let [method, permission] = cells.as_slice()
+            && (method.starts_with("compute.") || method.starts_with("container."))
+        {
+            rows.insert((method.to_string(), permission.to_string()));
+        }
+    }
+    let called: std::collections::BTreeSet<(String, String)> = kube_node_provider_gke::calls::ALL
+        .iter()
+        .map(|a| (a.method.to_string(), a.permission.to_string()))
+        .collect();
+    assert_eq!(
+        rows, called,
+        "the README's table is the backend's call table"
+    );
+    // The custom role grants exactly the permissions of those calls.
+    let granted: Vec<&str> = section
+        .split("--permissions=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("a gcloud --permissions= list")
+        .split(',')
+        .collect();
+    assert_eq!(granted, kube_node_provider_gke::calls::permissions());
+    // Every API method the backend's source calls is in its call table: each call site
+    // names its entry (`calls::NAME`), and the table has no entry that is never used.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../providers/gke/src/provider.rs");
+    let text = std::fs::read_to_string(&src).expect("provider.rs");
+    for (name, api) in [
+        (
+            "GET_NODE_POOL",
+            kube_node_provider_gke::calls::GET_NODE_POOL,
+        ),
+        ("GET_MIG", kube_node_provider_gke::calls::GET_MIG),
+        (
+            "LIST_MANAGED_INSTANCES",
+            kube_node_provider_gke::calls::LIST_MANAGED_INSTANCES,
+        ),
+        ("RESIZE_MIG", kube_node_provider_gke::calls::RESIZE_MIG),
+        (
+            "DELETE_INSTANCES",
+            kube_node_provider_gke::calls::DELETE_INSTANCES,
+        ),
+        (
+            "GET_ZONE_OPERATION",
+            kube_node_provider_gke::calls::GET_ZONE_OPERATION,
+        ),
+    ] {
+        assert!(text.contains(&format!("calls::{name}")), "{name} is called");
+        assert!(kube_node_provider_gke::calls::ALL.contains(&api));
+    }
+    let client_calls = [
+        "get_node_pool()",
+        ".get()",
+        "list_managed_instances()",
+        "resize()",
+        "delete_instances()",
+    ];
+    for c in client_calls {
+        assert!(text.contains(c), "{c}");
+    }
+    for word in [
+        "examples/nodeclass-gke.yaml",
+        "service-account.json",
+        "credentialsSecretRef",
+        "nodePool",
+        "Application Default Credentials",
+        "setSize",
+    ] {
+        assert!(section.contains(word), "the GKE section mentions {word}");
+    }
+}

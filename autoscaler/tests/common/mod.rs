@@ -45,6 +45,7 @@ pub fn nodeclass(name: &str) -> NodeClass {
                 aws: None,
                 exec: None,
                 baremetal: None,
+                gke: None,
             },
             credentials_secret_ref: None,
             labels: [("team".to_string(), "ml".to_string())].into(),

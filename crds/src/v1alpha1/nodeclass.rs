@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::{NodeTaint, SecretReference};
 use crate::validation::{
     Errors, InvalidSpec, check_dns1123_label, check_dns1123_subdomain, check_endpoint,
-    check_env_name, check_label_value, check_qualified_name, check_quantity, check_url,
+    check_env_name, check_gcp_location, check_gcp_project, check_gke_name, check_label_value,
+    check_qualified_name, check_quantity, check_url,
 };
 
 /// How to make a machine for a Node: the provider and its configuration, the credentials, what
@@ -97,9 +98,12 @@ pub struct NodeClassSpec {
 #[x_kube(validation = Rule::new("self.type != 'exec' || has(self.exec)").message("spec.provider.exec is required when spec.provider.type is exec").field_path(".exec"))]
 #[x_kube(validation = Rule::new("!has(self.baremetal) || self.type == 'baremetal'").message("spec.provider.baremetal may be set only when spec.provider.type is baremetal").field_path(".baremetal"))]
 #[x_kube(validation = Rule::new("self.type != 'baremetal' || has(self.baremetal)").message("spec.provider.baremetal is required when spec.provider.type is baremetal").field_path(".baremetal"))]
+#[x_kube(validation = Rule::new("!has(self.gke) || self.type == 'gke'").message("spec.provider.gke may be set only when spec.provider.type is gke").field_path(".gke"))]
+#[x_kube(validation = Rule::new("self.type != 'gke' || has(self.gke)").message("spec.provider.gke is required when spec.provider.type is gke").field_path(".gke"))]
 pub struct ProviderSpec {
-    /// The backend: `simulated` (in-process machines, no cloud), `aws` (EC2 instances) or
-    /// `exec` (a program of yours that speaks the exec provider protocol).
+    /// The backend: `simulated` (in-process machines, no cloud), `aws` (EC2 instances), `exec`
+    /// (a program of yours that speaks the exec provider protocol), `baremetal` (servers with
+    /// Redfish BMCs) or `gke` (the machines of a GKE node pool, sized by kube-node).
     #[serde(rename = "type")]
     pub type_: ProviderType,
 
@@ -118,6 +122,10 @@ pub struct ProviderSpec {
     /// Configuration of the `baremetal` backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baremetal: Option<BaremetalProviderSpec>,
+
+    /// Configuration of the `gke` backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gke: Option<GkeProviderSpec>,
 }
 
 /// The backends kube-node knows.
@@ -133,6 +141,10 @@ pub enum ProviderType {
     Exec,
     /// Servers you own: powered on and off through their BMCs (Redfish), joined over SSH.
     Baremetal,
+    /// The machines of a Google Kubernetes Engine node pool: GKE makes them and names their
+    /// Nodes, kube-node sets the pool's size and names the machines to remove. Group-backed:
+    /// scale a NodeSet, never create a Node of this class by hand.
+    Gke,
 }
 
 impl ProviderType {
@@ -143,6 +155,7 @@ impl ProviderType {
             Self::Aws => "aws",
             Self::Exec => "exec",
             Self::Baremetal => "baremetal",
+            Self::Gke => "gke",
         }
     }
 }
@@ -230,6 +243,41 @@ pub enum AwsCapacityType {
     /// Spot instances.
     #[serde(rename = "spot")]
     Spot,
+}
+
+/// Configuration of the GKE backend: one existing node pool, whose size kube-node owns.
+///
+/// The pool's machines are made by GKE (its managed instance groups, one per zone) and
+/// register Nodes under names GKE chooses; a NodeSet over this class sets the pool's size and
+/// names the machines to remove. The credentials Secret, when named, holds a service-account
+/// JSON key under `service-account.json`; without a Secret kube-node uses Application Default
+/// Credentials (workload identity on GKE).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GkeProviderSpec {
+    /// The Google Cloud project ID of the cluster, e.g. `my-project`.
+    #[schemars(schema_with = "crate::validation::gcp_project")]
+    pub project: String,
+    /// The cluster's location: a region (`europe-west1`) for a regional cluster, a zone
+    /// (`europe-west1-b`) for a zonal one.
+    #[schemars(schema_with = "crate::validation::gcp_location")]
+    pub location: String,
+    /// The GKE cluster's name.
+    #[schemars(schema_with = "crate::validation::gke_name")]
+    pub cluster: String,
+    /// The node pool's name. Its GKE autoscaling must be off: kube-node owns its size.
+    #[schemars(schema_with = "crate::validation::gke_name")]
+    pub node_pool: String,
+    /// A Kubernetes Engine API endpoint override (a private endpoint, or a test server): an
+    /// absolute `http://` or `https://` URL. Default `https://container.googleapis.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::validation::url")]
+    pub container_endpoint: Option<String>,
+    /// A Compute Engine API endpoint override (as `containerEndpoint`). Default
+    /// `https://compute.googleapis.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::validation::url")]
+    pub compute_endpoint: Option<String>,
 }
 
 /// Configuration of the bare-metal backend: a pool of servers with Redfish BMCs and an OS
@@ -660,6 +708,7 @@ impl ProviderSpec {
             (ProviderType::Aws, self.aws.is_some()),
             (ProviderType::Exec, self.exec.is_some()),
             (ProviderType::Baremetal, self.baremetal.is_some()),
+            (ProviderType::Gke, self.gke.is_some()),
         ];
         for (ty, set) in blocks {
             let field = format!("spec.provider.{}", ty.as_str());
@@ -690,6 +739,27 @@ impl ProviderSpec {
                 "spec.provider.baremetal",
                 Err("is required when spec.provider.type is baremetal".into()),
             );
+        }
+        if self.type_ == ProviderType::Gke && self.gke.is_none() {
+            errors.check(
+                "spec.provider.gke",
+                Err("is required when spec.provider.type is gke".into()),
+            );
+        }
+        if let Some(g) = &self.gke {
+            errors.check("spec.provider.gke.project", check_gcp_project(&g.project));
+            errors.check(
+                "spec.provider.gke.location",
+                check_gcp_location(&g.location),
+            );
+            errors.check("spec.provider.gke.cluster", check_gke_name(&g.cluster));
+            errors.check("spec.provider.gke.nodePool", check_gke_name(&g.node_pool));
+            if let Some(u) = &g.container_endpoint {
+                errors.check("spec.provider.gke.containerEndpoint", check_url(u));
+            }
+            if let Some(u) = &g.compute_endpoint {
+                errors.check("spec.provider.gke.computeEndpoint", check_url(u));
+            }
         }
         if let Some(b) = &self.baremetal {
             if b.hosts.is_empty() == b.inventory_ref.is_none() {

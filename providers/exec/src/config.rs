@@ -245,6 +245,7 @@ mod tests {
                     aws: None,
                     exec: Some(spec),
                     baremetal: None,
+                    gke: None,
                 },
                 credentials_secret_ref: creds.map(|_| SecretReference {
                     name: "lab-creds".into(),

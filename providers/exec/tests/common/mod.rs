@@ -115,6 +115,7 @@ pub fn class(spec: ExecProviderSpec, creds: Option<&[(&str, &str)]>) -> Resolved
                 aws: None,
                 exec: Some(spec),
                 baremetal: None,
+                gke: None,
             },
             credentials_secret_ref: creds.map(|_| SecretReference {
                 namespace: "kube-node".into(),
