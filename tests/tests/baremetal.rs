@@ -1187,6 +1187,14 @@ async fn kill_9_during_kubeadm_join_then_a_restart_never_joins_twice() {
     assert_eq!(lab.joins_of("resume-node").len(), 1, "joined once");
     let leases = claim_leases(&client).await;
     assert_eq!(leases.len(), 1, "one claim");
+    assert_eq!(
+        leases[0]
+            .annotations()
+            .get("claim.kube-node.io/phase")
+            .map(String::as_str),
+        Some("joining"),
+        "the claim says a join was started, so no process starts another"
+    );
     eventually("exactly one host on", Duration::from_secs(30), || async {
         match powered_on(lab, FIRST..FIRST + N) {
             1 => Ok(()),
