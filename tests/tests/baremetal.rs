@@ -803,8 +803,8 @@ async fn a_host_whose_ssh_host_key_changed_is_never_joined() {
 // --- the real binary, killed at the worst moments --------------------------------------------
 
 /// A TCP proxy in front of the Redfish emulator: a slow BMC. It holds every chunk the client
-/// sends for `delay` before passing it on, and counts the `ComputerSystem.Reset` requests it
-/// passed on (power changes that reached the BMC) and all requests.
+/// sends for `delay` before passing it on, and counts the `ComputerSystem.Reset` requests
+/// sent to it (power changes asked for) and all requests.
 struct SlowBmc {
     endpoint: String,
     resets: Arc<std::sync::atomic::AtomicUsize>,
@@ -843,10 +843,6 @@ impl SlowBmc {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
-                            tokio::time::sleep(delay).await;
-                            if sw.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
                             let head = String::from_utf8_lossy(&buf[..n.min(256)]);
                             let line = head.lines().next().unwrap_or_default();
                             if line.ends_with("HTTP/1.1") {
@@ -856,6 +852,10 @@ impl SlowBmc {
                                 {
                                     r.fetch_add(1, Ordering::SeqCst);
                                 }
+                            }
+                            tokio::time::sleep(delay).await;
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
                             }
                         }
                         let _ = sw.shutdown().await;
@@ -1073,9 +1073,9 @@ async fn kill_9_of_kube_node_between_claim_and_power_on_then_a_restart_joins_one
     const FIRST: usize = 31;
     const N: usize = 3;
     rack_off(lab, FIRST..FIRST + N).await;
-    // A slow BMC (every request held 1.5 s): the window between the claim and the power-on
+    // A slow BMC (every request held 2.5 s): the window between the claim and the power-on
     // is then wide enough to kill the process in, every time, without a knob in kube-node.
-    let bmc = SlowBmc::start(&lab.redfish_endpoint, Duration::from_millis(1500)).await;
+    let bmc = SlowBmc::start(&lab.redfish_endpoint, Duration::from_millis(2500)).await;
     let api = Apiserver::start().await;
     let client = api.cluster.client.clone();
     Api::<Secret>::namespaced(client.clone(), NAMESPACE)
@@ -1105,7 +1105,7 @@ async fn kill_9_of_kube_node_between_claim_and_power_on_then_a_restart_joins_one
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     kill_9(&mut first);
-    assert_eq!(bmc.resets(), 0, "killed before a power-on reached the BMC");
+    assert_eq!(bmc.resets(), 0, "killed before a power-on was even sent");
     assert_eq!(claim_leases(&client).await.len(), 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(powered_on(lab, FIRST..FIRST + N), 0, "nothing was powered");
@@ -1125,7 +1125,9 @@ async fn kill_9_of_kube_node_between_claim_and_power_on_then_a_restart_joins_one
     assert_eq!(
         lab.joins_of("kill9-node").len(),
         1,
-        "exactly one kubeadm join"
+        "exactly one kubeadm join; the killed process:\n{}\nthe restarted one:\n{}",
+        api.log(1),
+        api.log(2)
     );
     eventually("exactly one host on", Duration::from_secs(30), || async {
         match powered_on(lab, FIRST..FIRST + N) {
