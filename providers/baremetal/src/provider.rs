@@ -457,6 +457,29 @@ impl Inner {
         )))
     }
 
+    /// Moves this Node's claim from `booting` to `joining`; false when it is not `booting`
+    /// (someone else joins it, or joined it) or no longer this Node's.
+    async fn mark_joining(&self, key: &str, uid: &str) -> Result<bool> {
+        for _ in 0..5 {
+            let Some(mut r) = self.claims.get(key).await? else {
+                return Ok(false);
+            };
+            if r.node_uid != uid
+                || r.data.get(data::PHASE).map(String::as_str) != Some(phase::BOOTING)
+            {
+                return Ok(false);
+            }
+            r.data.insert(data::PHASE.into(), phase::JOINING.into());
+            match self.claims.replace(&r).await? {
+                Written::Done(_) => return Ok(true),
+                Written::Conflict => continue,
+            }
+        }
+        Err(ProviderError::Transient(format!(
+            "claim {key}: kept changing while being marked joining"
+        )))
+    }
+
     /// Gives a host back: deletes its claim, or keeps it without a Node when it failed.
     async fn release(&self, r: &ClaimRecord) -> Result<()> {
         if let Some(j) = self.joins.lock().ok().and_then(|mut j| j.remove(&r.key)) {
@@ -566,7 +589,12 @@ impl Inner {
             let outcome = this.join(i, &key, &uid, &user_data, deadline_unix).await;
             let h = &this.cfg.hosts[i];
             let (phase, reason) = match &outcome {
-                Ok(()) => (phase::JOINED, None),
+                Ok(true) => (phase::JOINED, None),
+                Ok(false) => {
+                    // Another task (another provider instance, another replica) joins it.
+                    tracing::debug!(host = %h.name, "the join is someone else's");
+                    return;
+                }
                 Err(e) => (phase::FAILED, Some(e.clone())),
             };
             match &reason {
@@ -575,6 +603,10 @@ impl Inner {
             }
             let _ = this
                 .update(&key, &uid, |rec| {
+                    if rec.data.get(data::PHASE).map(String::as_str) == Some(phase::JOINED) {
+                        // Joined by another task meanwhile: its outcome stands.
+                        return;
+                    }
                     rec.data.insert(data::PHASE.into(), phase.into());
                     if let Some(r) = &reason {
                         rec.data.insert(data::REASON.into(), r.clone());
@@ -613,7 +645,7 @@ impl Inner {
         uid: &str,
         user_data: &Sensitive,
         deadline_unix: i64,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<bool, String> {
         let h = &self.cfg.hosts[i];
         let plan = join_plan(user_data, self.cfg.join_config_path.as_deref())?;
         let session = loop {
@@ -633,17 +665,17 @@ impl Inner {
                 Err(e) => return Err(format!("SshFailed: {e}")),
             }
         };
-        // Recorded before it starts: a successor never runs a join a second time.
+        // Recorded before it starts, compare-and-swap from `booting`: exactly one task of one
+        // process runs a join, and a successor never runs it a second time.
         loop {
-            let recorded = self
-                .update(key, uid, |r| {
-                    r.data.insert(data::PHASE.into(), phase::JOINING.into());
-                })
-                .await;
-            match recorded {
-                Ok(Some(_)) => break,
+            match self.mark_joining(key, uid).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    session.close().await;
+                    return Ok(false);
+                }
                 Err(_) if deadline_unix > now_unix() => tokio::time::sleep(self.poll).await,
-                Ok(None) | Err(_) => {
+                Err(_) => {
                     session.close().await;
                     return Err("ClaimLost: the claim could not be marked joining".into());
                 }
@@ -661,7 +693,9 @@ impl Inner {
             )
             .await;
         session.close().await;
-        result.map_err(|e| format!("JoinFailed: {e}"))
+        result
+            .map(|()| true)
+            .map_err(|e| format!("JoinFailed: {e}"))
     }
 
     /// Tears a host down before power-off: `kubeadm reset -f` and the wipe command, best
