@@ -38,6 +38,10 @@ pub const APPLIED_LABELS_ANNOTATION: &str = "kube-node.io/applied-labels";
 /// Annotation listing the taints kube-node applied to the Node from its NodeClass, as
 /// comma-separated `key:Effect`, for the same reason as [`APPLIED_LABELS_ANNOTATION`].
 pub const APPLIED_TAINTS_ANNOTATION: &str = "kube-node.io/applied-taints";
+/// Annotation listing the label keys kube-node applied to the Node from its machine (the
+/// provider's `Instance::labels`, e.g. a bare-metal host's inventory labels), comma-separated,
+/// so that a label removed from the inventory comes off the Node too.
+pub const APPLIED_MACHINE_LABELS_ANNOTATION: &str = "kube-node.io/applied-machine-labels";
 
 /// Annotation listing the label keys a NodeSet applied to the Node from its template
 /// (comma-separated), so that a label removed from the template comes off its Nodes in place

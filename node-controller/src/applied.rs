@@ -4,15 +4,19 @@
 //!
 //! The record is two annotations: the label keys and the `key:Effect` taints applied from
 //! `spec.labels` and `spec.taints`. A Node without them (made before kube-node kept the record)
-//! loses nothing; it gets the record on its next pass. Pure: the Node patch is built in
-//! `node.rs`.
+//! loses nothing; it gets the record on its next pass. Labels of the machine itself (a
+//! bare-metal host's inventory labels, `Instance::labels`) have a record of their own
+//! ([`MachineLabels`]), kept only while the machine is known. Pure: the Node patch is built
+//! in `node.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube_node_crds::NodeClass;
-use kube_node_crds::names::{APPLIED_LABELS_ANNOTATION, APPLIED_TAINTS_ANNOTATION};
+use kube_node_crds::names::{
+    APPLIED_LABELS_ANNOTATION, APPLIED_MACHINE_LABELS_ANNOTATION, APPLIED_TAINTS_ANNOTATION,
+};
 
 /// Label keys and taints (key, effect) from a NodeClass.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -92,6 +96,47 @@ impl ClassMeta {
     }
 }
 
+/// The labels a machine gives its Node (`Instance::labels`), against the Node's record of the
+/// ones applied before.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MachineLabels {
+    /// Keys applied before and no longer on the machine.
+    pub(crate) dropped: BTreeSet<String>,
+    /// The record to write (`None`: the Node has none and needs none).
+    pub(crate) record: Option<(String, String)>,
+}
+
+impl MachineLabels {
+    /// What applying `labels` (the machine's, as the provider reports them now) to `node`
+    /// removes and records. A Node that never had machine labels and gets none gets no record.
+    pub(crate) fn of(node: &Node, labels: &BTreeMap<String, String>) -> Self {
+        let before: Option<BTreeSet<String>> = node
+            .annotations()
+            .get(APPLIED_MACHINE_LABELS_ANNOTATION)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            });
+        let dropped = before
+            .iter()
+            .flatten()
+            .filter(|k| !labels.contains_key(*k))
+            .cloned()
+            .collect();
+        let record = (before.is_some() || !labels.is_empty()).then(|| {
+            let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
+            (
+                APPLIED_MACHINE_LABELS_ANNOTATION.to_string(),
+                keys.join(","),
+            )
+        });
+        Self { dropped, record }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +189,43 @@ mod tests {
             ClassMeta::recorded(&node_with(empty)),
             Some(ClassMeta::default())
         );
+    }
+
+    #[test]
+    fn machine_labels_are_recorded_and_the_ones_gone_dropped() {
+        let labels = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        // A cloud machine (no labels) on a Node without a record: nothing to write.
+        assert_eq!(
+            MachineLabels::of(&Node::default(), &BTreeMap::new()),
+            MachineLabels::default()
+        );
+        let first = MachineLabels::of(
+            &Node::default(),
+            &labels(&[("rack", "a"), ("topology.kubernetes.io/zone", "z1")]),
+        );
+        assert!(first.dropped.is_empty());
+        let (k, v) = first.record.clone().expect("a record");
+        assert_eq!(k, APPLIED_MACHINE_LABELS_ANNOTATION);
+        assert_eq!(v, "rack,topology.kubernetes.io/zone");
+        // The inventory lost `rack` and gained `row`: `rack` goes, the record follows.
+        let node = node_with(BTreeMap::from([(k, v)]));
+        let next = MachineLabels::of(
+            &node,
+            &labels(&[("row", "3"), ("topology.kubernetes.io/zone", "z1")]),
+        );
+        assert_eq!(next.dropped, BTreeSet::from(["rack".to_string()]));
+        assert_eq!(
+            next.record.map(|r| r.1).as_deref(),
+            Some("row,topology.kubernetes.io/zone")
+        );
+        // Every label gone: all dropped, and an empty record stays (nothing is applied).
+        let none = MachineLabels::of(&node, &BTreeMap::new());
+        assert_eq!(none.dropped.len(), 2);
+        assert_eq!(none.record.map(|r| r.1).as_deref(), Some(""));
     }
 
     #[test]

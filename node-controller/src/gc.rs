@@ -105,6 +105,10 @@ async fn collect_class(
             Inventory {
                 listed_at,
                 provider_ids: ids,
+                labels: machines
+                    .iter()
+                    .map(|m| (m.provider_id.clone(), m.labels.clone()))
+                    .collect(),
             },
         );
     }

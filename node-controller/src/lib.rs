@@ -98,6 +98,9 @@ struct CachedProvider {
 pub(crate) struct Inventory {
     pub(crate) listed_at: jiff::Timestamp,
     pub(crate) provider_ids: HashSet<String>,
+    /// Each listed machine's own labels (`Instance::labels`), by provider ID: a Ready Node,
+    /// whose machine a pass does not look up, gets them from here.
+    pub(crate) labels: HashMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 /// State shared by the controllers and the orphan collector.
@@ -430,6 +433,21 @@ impl Context {
         let c = cache.get(name)?;
         (c.generation == generation && secret_version.is_none_or(|v| *v == c.secret_version))
             .then(|| c.provider.clone())
+    }
+
+    /// The labels of machine `provider_id` of class `class` in its last listing.
+    pub(crate) fn listed_labels(
+        &self,
+        class: &str,
+        provider_id: &str,
+    ) -> Option<std::collections::BTreeMap<String, String>> {
+        self.inventory
+            .lock()
+            .ok()?
+            .get(class)?
+            .labels
+            .get(provider_id)
+            .cloned()
     }
 
     /// The cached validation result of the current provider of `name`.

@@ -23,7 +23,7 @@ use kube_node_crds::v1alpha1::find_condition;
 use kube_node_provider::{CreateRequest, Instance, ListFilter, Provider, ProviderError};
 use tracing::Instrument;
 
-use crate::applied::ClassMeta;
+use crate::applied::{ClassMeta, MachineLabels};
 use crate::bootstrap::{self, BootstrapToken, JoinParams};
 use crate::plan::{self, Action, MachineObs, Observed};
 use crate::{Context, Error, error_delay};
@@ -377,12 +377,20 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
     if deleting.is_none() {
         // A NodeSet's template taints are the nodeset-controller's to set, at creation (as a
         // ReplicaSet's pod template is applied only at creation).
-        let w = wanted_meta(
+        let mut w = wanted_meta(
             pass,
             Some(&class),
             instance.as_ref(),
             observed.kubelet_ready,
         );
+        if instance.is_none()
+            && let Some(labels) = pid
+                .as_deref()
+                .and_then(|p| ctx.listed_labels(&class.name_any(), p))
+        {
+            // A Ready Node's machine is not looked up: its labels come from the last listing.
+            w.machine_labels(&pass.node, &labels);
+        }
         // The API server refused these very labels and taints: writing them again (and
         // creating again) would only be refused again. Wait for the input to change.
         let key = w.key();
@@ -709,6 +717,7 @@ async fn create(
     }
     let mut want = want.clone();
     want.labels.extend(instance_labels(&instance));
+    want.machine_labels(&pass.node, &instance.labels);
     record_machine(pass, ctx, class, &instance, &want).await?;
     Ok(Requeue::requeue(Duration::from_millis(500)))
 }
@@ -1019,6 +1028,23 @@ impl MetaWant {
         self.remove_unregistered.hash(&mut h);
         h.finish()
     }
+
+    /// Adds the machine's own labels (`Instance::labels`, e.g. a bare-metal host's inventory
+    /// labels): they win over the NodeClass's (they are the more specific), never over the
+    /// node-class label. Those applied before and gone from the machine come off; the record
+    /// goes in the same write.
+    fn machine_labels(&mut self, node: &Node, labels: &BTreeMap<String, String>) {
+        for (k, v) in labels {
+            if k != NODE_CLASS_LABEL {
+                self.labels.insert(k.clone(), v.clone());
+            }
+        }
+        let m = MachineLabels::of(node, labels);
+        self.dropped.labels.extend(m.dropped);
+        if let Some((k, v)) = m.record {
+            self.record.get_or_insert_with(BTreeMap::new).insert(k, v);
+        }
+    }
 }
 
 /// The labels and taints a Node should carry (it may carry more).
@@ -1049,7 +1075,7 @@ fn instance_labels(i: &Instance) -> BTreeMap<String, String> {
     labels
 }
 
-/// The NodeClass's labels and taints, the instance's type and zone, and the unregistered taint
+/// The NodeClass's labels and taints, the instance's type, zone and labels, and the unregistered taint
 /// (present until the kubelet reports Ready; a Node that was Ready never gets it back).
 fn wanted_meta(
     pass: &Pass,
@@ -1099,13 +1125,17 @@ fn wanted_meta(
         }
         None => (ClassMeta::default(), None),
     };
-    MetaWant {
+    let mut want = MetaWant {
         labels,
         add_taints,
         remove_unregistered: kubelet_ready,
         dropped,
         record,
+    };
+    if let Some(i) = instance {
+        want.machine_labels(&pass.node, &i.labels);
     }
+    want
 }
 
 /// The JSON patch operations that give `node` what `want` asks (none when it has it).
@@ -1412,3 +1442,7 @@ async fn drain(ctx: &Context, pods: &[Pod]) -> Result<(usize, usize), Error> {
     }
     Ok((evicted, blocked))
 }
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

@@ -10,7 +10,10 @@
 # "host key changed" test), a client key in authorized_keys for the current user, and a bin/
 # directory first on the sessions' PATH holding a `kubeadm` that is a test script: it records
 # its arguments and, for `join --config F`, the JoinConfiguration F, under kubeadm/ of the run
-# directory. Every session runs under one lock (ForceCommand), so the hosts of a test, which
+# directory. A test holds one Node's join with a file `delay/<node name>` of the sshd directory
+# (beside kubeadm/) holding seconds: that Node's `kubeadm join` sleeps so long after recording
+# its JoinConfiguration (`<record>.config`) and before it is logged as done (`<record>.log`;
+# `<record>.args` while it runs). Every session runs under one lock (ForceCommand), so the hosts of a test, which
 # are all this one machine, never interleave their join files. `start` prints
 # `export KUBE_NODE_SSHD_ADDR=127.0.0.1:PORT`, `KUBE_NODE_SSHD_USER`, `KUBE_NODE_SSHD_HOST_KEY`
 # (the public key line), `KUBE_NODE_SSHD_OTHER_HOST_KEY`, `KUBE_NODE_SSHD_CLIENT_KEY` (path
@@ -43,7 +46,7 @@ start() {
   dir="$(emulator_run_dir "$run")"
   pidfile="$dir/sshd.pid" log="$dir/sshd.log"
   emulator_stop "$pidfile" "$NAME"
-  rm -rf "$dir/sshd" && mkdir -p "$dir/sshd/bin" "$dir/sshd/kubeadm"
+  rm -rf "$dir/sshd" && mkdir -p "$dir/sshd/bin" "$dir/sshd/kubeadm" "$dir/sshd/delay"
   chmod 700 "$dir/sshd"
   # sshd's privilege-separation directory; it refuses to start without it.
   mkdir -p /run/sshd 2>/dev/null || true
@@ -63,6 +66,13 @@ for a in "\$@"; do
   if [ "\$prev" = "--config" ] && [ -f "\$a" ]; then cp "\$a" "\$rec.config"; fi
   prev="\$a"
 done
+# A join a test holds: delay/<node name> says how many seconds.
+if [ -f "\$rec.config" ]; then
+  for d in "$dir/sshd/delay"/*; do
+    [ -f "\$d" ] || continue
+    if grep -q "name: \$(basename "\$d")\$" "\$rec.config"; then sleep "\$(cat "\$d")"; fi
+  done
+fi
 mv "\$rec.args" "\$rec.log"
 exit 0
 KUBEADM

@@ -7,7 +7,11 @@
 //! The kubelet is played by the test: a Node becomes Ready once `kubeadm join` was invoked on
 //! its host with its own JoinConfiguration, as a kubelet that joined would make it.
 //!
-//! Every test takes its own slice of the emulator's 48 systems.
+//! Every test takes its own slice of the emulator's 48 systems. The kill tests run the real
+//! `kube-node` binary against the embedded API served on loopback and `kill -9` it.
+#[allow(dead_code)]
+#[path = "e2e/support.rs"]
+mod support;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,7 +24,9 @@ use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use kube_node_crds::NodeClassSpec;
 use kube_node_crds::NodeSet;
-use kube_node_crds::names::{REPLICA_FAILURE_CONDITION, tags};
+use kube_node_crds::names::{
+    MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION, REPLICA_FAILURE_CONDITION, tags,
+};
 use kube_node_crds::v1alpha1::{BaremetalHost, BaremetalProviderSpec, ProviderSpec, ProviderType};
 use kube_node_provider::{
     ClaimRecord, ClaimStore, CreateRequest, Provider, ProviderError, ResolvedClass, Result,
@@ -72,12 +78,15 @@ fn credentials_secret(lab: &Lab) -> Secret {
     }
 }
 
-fn class_spec(lab: &Lab, hosts: &[BaremetalHost]) -> serde_json::Value {
+fn class_spec(lab: &Lab, name: &str, hosts: &[BaremetalHost]) -> serde_json::Value {
     json!({
         "provider": {"type": "baremetal", "baremetal": {
             "hosts": hosts,
             "sshUser": lab.ssh_user,
             "shutdownTimeout": "30s",
+            // The "hosts" are this machine: their JoinConfiguration goes into the run's
+            // directory, never /etc/kubernetes.
+            "joinConfigPath": lab.join_config_path(name),
         }},
         "credentialsSecretRef": {"namespace": NAMESPACE, "name": SECRET},
         "timeouts": {"registration": "3m"},
@@ -214,9 +223,12 @@ async fn nodeset_scales_0_5_2_0_on_five_hosts_and_a_sixth_replica_finds_no_host(
         .create(&PostParams::default(), &credentials_secret(lab))
         .await
         .expect("credentials Secret");
-    let hosts = lab.hosts("rack", FIRST, N);
+    let mut hosts = lab.hosts("rack", FIRST, N);
+    for h in &mut hosts {
+        h.labels.insert("example.com/rack".into(), "a".into());
+    }
     cluster
-        .create_node_class("rack-a", class_spec(lab, &hosts))
+        .create_node_class("rack-a", class_spec(lab, "rack-a", &hosts))
         .await
         .expect("NodeClass");
     cluster
@@ -273,7 +285,32 @@ async fn nodeset_scales_0_5_2_0_on_five_hosts_and_a_sixth_replica_finds_no_host(
             calls[0].args
         );
         assert!(provider_id(n).is_some_and(|p| p.starts_with("baremetal:///rack-a/rack-")));
+        assert!(
+            calls[0].args.contains(&lab.join_config_path("rack-a")),
+            "the JoinConfiguration went to joinConfigPath: {}",
+            calls[0].args
+        );
     }
+    // The inventory's labels are the Nodes' labels.
+    eventually("the hosts' labels on their Nodes", STEP_TIMEOUT, || async {
+        let nodes = live_nodes(&client, "rack-a").await;
+        let labelled = nodes
+            .iter()
+            .filter(|n| {
+                n.labels().get("example.com/rack").map(String::as_str) == Some("a")
+                    && n.labels()
+                        .get("topology.kubernetes.io/zone")
+                        .map(String::as_str)
+                        == Some("rack-a")
+            })
+            .count();
+        if labelled == 5 {
+            Ok(())
+        } else {
+            Err(format!("{labelled} of {} Nodes labelled", nodes.len()))
+        }
+    })
+    .await;
     let leases = claim_leases(&client).await;
     let pids: Vec<_> = nodes.iter().filter_map(provider_id).collect();
     assert_eq!(
@@ -491,6 +528,8 @@ fn resolved(
                 baremetal: Some(BaremetalProviderSpec {
                     hosts,
                     ssh_user: Some(lab.ssh_user.clone()),
+                    // As kube-node renders it, then moved off the test machine's /etc.
+                    join_config_path: Some(lab.join_config_path(name)),
                     shutdown_timeout: Some(Duration::from_secs(20).into()),
                     ..Default::default()
                 }),
@@ -512,8 +551,8 @@ fn request(class: &str, uid: &str, name: &str) -> CreateRequest {
         "apiVersion: kubeadm.k8s.io/v1beta3\nkind: JoinConfiguration\nnodeRegistration:\n  name: {name}\n"
     );
     let ud = json!({
-        "write_files": [{"path": "/tmp/kube-node-test/join.yaml", "permissions": "0600", "content": join}],
-        "runcmd": [["kubeadm", "join", "--config", "/tmp/kube-node-test/join.yaml"]],
+        "write_files": [{"path": "/etc/kubernetes/kubeadm-join.yaml", "permissions": "0600", "content": join}],
+        "runcmd": [["kubeadm", "join", "--config", "/etc/kubernetes/kubeadm-join.yaml"]],
     });
     r.user_data = Some(Sensitive(format!(
         "#cloud-config\n{}",
@@ -759,4 +798,549 @@ async fn a_host_whose_ssh_host_key_changed_is_never_joined() {
         "{next:?}"
     );
     assert_eq!(lab.power_state(FIRST).as_deref(), Some("Off"));
+}
+
+// --- the real binary, killed at the worst moments --------------------------------------------
+
+/// A TCP proxy in front of the Redfish emulator: a slow BMC. It holds every chunk the client
+/// sends for `delay` before passing it on, and counts the `ComputerSystem.Reset` requests
+/// sent to it (power changes asked for) and all requests.
+struct SlowBmc {
+    endpoint: String,
+    resets: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowBmc {
+    async fn start(upstream: &str, delay: Duration) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let resets = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (r, q) = (resets.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (r, q) = (r.clone(), q.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let head = String::from_utf8_lossy(&buf[..n.min(256)]);
+                            let line = head.lines().next().unwrap_or_default();
+                            if line.ends_with("HTTP/1.1") {
+                                q.fetch_add(1, Ordering::SeqCst);
+                                if line.starts_with("POST ")
+                                    && line.contains("ComputerSystem.Reset")
+                                {
+                                    r.fetch_add(1, Ordering::SeqCst);
+                                }
+                            }
+                            tokio::time::sleep(delay).await;
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let down = async {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Self {
+            endpoint,
+            resets,
+            requests,
+            task,
+        }
+    }
+
+    fn resets(&self) -> usize {
+        self.resets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SlowBmc {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The embedded API server (CRDs, cluster CA) served on a loopback port, and `kube-node run`
+/// processes against it.
+struct Apiserver {
+    cluster: kube_node::harness::Harness,
+    server: Option<kube_node_embedded_api::Server>,
+    dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Apiserver {
+    async fn start() -> Self {
+        let cluster = kube_node::harness::Harness::builder()
+            .api_only()
+            .start()
+            .await
+            .expect("API server");
+        let server = cluster
+            .api
+            .serve("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("serve");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
+        Self {
+            cluster,
+            server: Some(server),
+            dir,
+            kubeconfig,
+        }
+    }
+
+    /// `kube-node run` (one replica, no leader election) as cluster `cluster`; its output goes
+    /// to `kube-node-<n>.log` in the scratch directory.
+    fn run(&self, cluster: &str, n: usize) -> std::process::Child {
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("kube-node-{n}.log"))).expect("log");
+        let mut cmd = std::process::Command::new(kube_node_bin());
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().to_string();
+            if k.starts_with("KUBE_NODE_") || k.starts_with("POD_") || k == "KUBECONFIG" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .args(["run", "--leader-elect=false", "--cluster-name", cluster])
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(["--api-server-endpoint", "127.0.0.1:6443"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("kube-node run starts")
+    }
+
+    /// The log of run `n`, for failure messages.
+    fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("kube-node-{n}.log")))
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn create_node(&self, name: &str, class: &str) {
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": {NODE_CLASS_ANNOTATION: class}},
+        }))
+        .expect("Node");
+        Api::<Node>::all(self.cluster.client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("create Node");
+    }
+}
+
+impl Drop for Apiserver {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+/// The `kube-node` binary that the build of this test built beside it (`tests/run.sh` builds
+/// `--bins` with the tests): a `cargo build -p kube-node` from here would resolve other
+/// features and rebuild half the workspace. Built by cargo (`e2e/support.rs`) when it is
+/// missing or older than this test by more than the length of a build.
+fn kube_node_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let beside = exe
+        .ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n == "deps"))
+        .and_then(std::path::Path::parent)
+        .map(|p| p.join("kube-node"));
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let Some(bin) = beside
+        && let (Some(b), Some(t)) = (modified(&bin), modified(&exe))
+        && b + Duration::from_secs(1800) >= t
+    {
+        return bin;
+    }
+    support::kube_node_bin()
+}
+
+/// SIGKILL, as `kill -9` (std's `Child::kill` sends it on Unix), and reaps the process.
+fn kill_9(child: &mut std::process::Child) {
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
+}
+
+fn machine_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == MACHINE_READY_CONDITION && c.status == "True")
+        })
+}
+
+async fn wait_node_ready(api: &Apiserver, name: &str, run: usize) {
+    let nodes = Api::<Node>::all(api.cluster.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        if nodes
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|n| machine_ready(&n))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Node {name} not Ready in 150 s; kube-node's log:\n{}",
+            api.log(run)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes the Node and waits until its host is released: no claim, host off.
+async fn delete_and_release(api: &Apiserver, name: &str, lab: &Lab, hosts: std::ops::Range<usize>) {
+    let client = api.cluster.client.clone();
+    Api::<Node>::all(client.clone())
+        .delete(name, &Default::default())
+        .await
+        .expect("delete Node");
+    eventually("the host released", STEP_TIMEOUT, || async {
+        let gone = Api::<Node>::all(client.clone())
+            .get_opt(name)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_none();
+        let claims = claim_leases(&client).await.len();
+        let on = powered_on(lab, hosts.clone());
+        if gone && claims == 0 && on == 0 {
+            Ok(())
+        } else {
+            Err(format!("Node gone {gone}, {claims} claims, {on} on"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_kube_node_between_claim_and_power_on_then_a_restart_joins_one_host() {
+    let lab = Lab::shared();
+    const FIRST: usize = 31;
+    const N: usize = 3;
+    rack_off(lab, FIRST..FIRST + N).await;
+    // A slow BMC (every request held 2.5 s): the window between the claim and the power-on
+    // is then wide enough to kill the process in, every time, without a knob in kube-node.
+    let bmc = SlowBmc::start(&lab.redfish_endpoint, Duration::from_millis(2500)).await;
+    let api = Apiserver::start().await;
+    let client = api.cluster.client.clone();
+    Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .create(&PostParams::default(), &credentials_secret(lab))
+        .await
+        .expect("credentials Secret");
+    let mut hosts = lab.hosts("kill9", FIRST, N);
+    for (h, i) in hosts.iter_mut().zip(FIRST..) {
+        h.redfish_url = format!("{}/redfish/v1/Systems/{}", bmc.endpoint, lab.systems[i]);
+    }
+    api.cluster
+        .create_node_class("kill9", class_spec(lab, "kill9", &hosts))
+        .await
+        .expect("NodeClass");
+    let kubelet = tokio::spawn(kubelet(client.clone(), lab));
+
+    let mut first = api.run("bm-kill", 1);
+    api.create_node("kill9-node", "kill9").await;
+    // The moment the claim exists: kill -9.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while claim_leases(&client).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no claim within 120 s; kube-node's log:\n{}",
+            api.log(1)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kill_9(&mut first);
+    assert_eq!(bmc.resets(), 0, "killed before a power-on was even sent");
+    assert_eq!(claim_leases(&client).await.len(), 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(powered_on(lab, FIRST..FIRST + N), 0, "nothing was powered");
+
+    // The restarted process finishes the claimed host's launch: no second claim.
+    let mut second = api.run("bm-kill", 2);
+    wait_node_ready(&api, "kill9-node", 2).await;
+    let leases = claim_leases(&client).await;
+    assert_eq!(leases.len(), 1, "exactly one claim");
+    assert_eq!(
+        leases[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref()),
+        Some("kill9-node")
+    );
+    assert_eq!(
+        lab.joins_of("kill9-node").len(),
+        1,
+        "exactly one kubeadm join; the killed process:\n{}\nthe restarted one:\n{}",
+        api.log(1),
+        api.log(2)
+    );
+    eventually("exactly one host on", Duration::from_secs(30), || async {
+        match powered_on(lab, FIRST..FIRST + N) {
+            1 => Ok(()),
+            on => Err(format!("{on} on")),
+        }
+    })
+    .await;
+    assert_eq!(bmc.resets(), 1, "one power-on in all");
+    println!(
+        "baremetal: kill -9 between claim and power-on, restart, joined: {} Redfish requests to the class's BMCs in all (validation of 3 hosts by both processes included)",
+        bmc.requests()
+    );
+    delete_and_release(&api, "kill9-node", lab, FIRST..FIRST + N).await;
+    kill_9(&mut second);
+    kubelet.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_kubeadm_join_then_a_restart_never_joins_twice() {
+    let lab = Lab::shared();
+    const FIRST: usize = 34;
+    const N: usize = 2;
+    rack_off(lab, FIRST..FIRST + N).await;
+    let api = Apiserver::start().await;
+    let client = api.cluster.client.clone();
+    Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .create(&PostParams::default(), &credentials_secret(lab))
+        .await
+        .expect("credentials Secret");
+    let hosts = lab.hosts("resume", FIRST, N);
+    api.cluster
+        .create_node_class("resume", class_spec(lab, "resume", &hosts))
+        .await
+        .expect("NodeClass");
+    // The host's kubeadm join takes 12 s.
+    lab.hold_join("resume-node", 12).expect("hold the join");
+    let kubelet = tokio::spawn(kubelet(client.clone(), lab));
+
+    let mut first = api.run("bm-resume", 1);
+    api.create_node("resume-node", "resume").await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !lab.join_running("resume-node") {
+        assert!(
+            Instant::now() < deadline,
+            "no kubeadm join within 120 s; kube-node's log:\n{}",
+            api.log(1)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill_9(&mut first);
+    assert!(lab.joins_of("resume-node").is_empty(), "killed mid-join");
+
+    // The join on the host runs on without its SSH session; the restarted process does not
+    // run it again (on a real host a second `kubeadm join` fails its preflight checks).
+    let mut second = api.run("bm-resume", 2);
+    wait_node_ready(&api, "resume-node", 2).await;
+    assert!(!lab.join_running("resume-node"), "no second join runs");
+    assert_eq!(lab.joins_of("resume-node").len(), 1, "joined once");
+    let leases = claim_leases(&client).await;
+    assert_eq!(leases.len(), 1, "one claim");
+    assert_eq!(
+        leases[0]
+            .annotations()
+            .get("claim.kube-node.io/phase")
+            .map(String::as_str),
+        Some("joining"),
+        "the claim says a join was started, so no process starts another"
+    );
+    eventually("exactly one host on", Duration::from_secs(30), || async {
+        match powered_on(lab, FIRST..FIRST + N) {
+            1 => Ok(()),
+            on => Err(format!("{on} on")),
+        }
+    })
+    .await;
+    // The claim released as usual, though this process never saw the join end.
+    delete_and_release(&api, "resume-node", lab, FIRST..FIRST + N).await;
+    assert_eq!(lab.joins_of("resume-node").len(), 1, "still joined once");
+    kill_9(&mut second);
+    kubelet.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orphan_collector_releases_a_claim_without_node_after_its_min_age_and_the_breaker_holds()
+ {
+    let lab = Lab::shared();
+    const HERD: usize = 38;
+    const LONE: usize = 41;
+    rack_off(lab, HERD..LONE + 1).await;
+    for i in HERD..=LONE {
+        assert!(lab.reset(i, "On"), "power on host {i}");
+    }
+    eventually("the hosts on", Duration::from_secs(30), || async {
+        match powered_on(lab, HERD..LONE + 1) {
+            4 => Ok(()),
+            on => Err(format!("{on} on")),
+        }
+    })
+    .await;
+    let min_age = Duration::from_secs(20);
+    let mut cluster = kube_node::harness::Harness::builder()
+        .with_provider(Arc::new(BaremetalFactory::new()))
+        .without_kubelet()
+        .node_config(node_controller::Config {
+            cluster_name: "bm-orphans".into(),
+            api_server_endpoint: Some("127.0.0.1:6443".into()),
+            orphan_min_age: min_age,
+            orphan_gc_interval: Duration::from_secs(1),
+            orphan_max_fraction: 0.2,
+            ..Default::default()
+        })
+        .controllers_stopped()
+        .start()
+        .await
+        .expect("cluster");
+    let client = cluster.client.clone();
+    Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .create(&PostParams::default(), &credentials_secret(lab))
+        .await
+        .expect("credentials Secret");
+    let herd = lab.hosts("herd", HERD, 3);
+    let lone = lab.hosts("lone", LONE, 1);
+    for (name, hosts) in [("herd", &herd), ("lone", &lone)] {
+        cluster
+            .create_node_class(name, class_spec(lab, name, hosts))
+            .await
+            .expect("NodeClass");
+    }
+    // Claims whose Nodes are gone (a kube-node that died between claim and Node, a Node
+    // deleted while kube-node was down): three old ones of `herd`, a young one of `lone`.
+    let store = LeaseClaimStore::new(client.clone(), NAMESPACE);
+    let now = jiff::Timestamp::now().as_second();
+    for (class, hosts, claimed_at) in [("herd", &herd, now - 3600), ("lone", &lone, now)] {
+        for (n, h) in hosts.iter().enumerate() {
+            let rec = ClaimRecord {
+                key: kube_node_provider_baremetal::config::claim_key(&h.redfish_url),
+                version: None,
+                cluster: "bm-orphans".into(),
+                node_class: class.into(),
+                node_name: format!("{}-node", h.name),
+                node_uid: format!("00000000-0000-4000-8000-{class}{n:08}"),
+                claimed_at_unix: claimed_at,
+                data: std::collections::BTreeMap::from([
+                    ("host".to_string(), h.name.clone()),
+                    ("phase".to_string(), "joined".to_string()),
+                ]),
+            };
+            assert!(matches!(store.create(&rec).await, Ok(Written::Done(_))));
+        }
+    }
+    let started = Instant::now();
+    cluster.start_controllers();
+    let lone_key = format!(
+        "kube-node-host-{}",
+        kube_node_provider_baremetal::config::claim_key(&lone[0].redfish_url)
+    );
+    let leases = Api::<Lease>::namespaced(client.clone(), NAMESPACE);
+
+    // Young: kept through the waves before its min age.
+    while started.elapsed() < min_age - Duration::from_secs(8) {
+        assert!(
+            leases.get_opt(&lone_key).await.expect("get").is_some(),
+            "the young claim was kept"
+        );
+        assert_eq!(lab.power_state(LONE).as_deref(), Some("On"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Three of three of `herd` would go at once: the breaker holds, and says so.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+    eventually("the breaker's event", STEP_TIMEOUT, || async {
+        let list = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        list.items
+            .iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("OrphanCollectionPaused")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("herd")
+            })
+            .map(|_| ())
+            .ok_or_else(|| "no OrphanCollectionPaused event yet".to_string())
+    })
+    .await;
+    // Old enough: the lone claim's host is powered off and the claim released.
+    eventually("the orphan released", STEP_TIMEOUT, || async {
+        let held = leases.get_opt(&lone_key).await.map_err(|e| e.to_string())?;
+        let power = lab.power_state(LONE);
+        if held.is_none() && power.as_deref() == Some("Off") {
+            Ok(())
+        } else {
+            Err(format!("claim held {}, power {power:?}", held.is_some()))
+        }
+    })
+    .await;
+    // (Claim times are whole seconds.)
+    assert!(
+        started.elapsed() + Duration::from_secs(1) >= min_age,
+        "released only after its min age"
+    );
+    let herd_claims = claim_leases(&client)
+        .await
+        .into_iter()
+        .filter(|l| {
+            l.annotations()
+                .get("kube-node.io/node-class")
+                .map(String::as_str)
+                == Some("herd")
+        })
+        .count();
+    assert_eq!(herd_claims, 3, "the breaker kept every herd claim");
+    assert_eq!(powered_on(lab, HERD..HERD + 3), 3, "and every herd host on");
+    cluster.shutdown().await.expect("shutdown");
+    rack_off(lab, HERD..LONE + 1).await;
 }

@@ -934,15 +934,61 @@ fn allowed(grants: &[Grant], c: &Call) -> bool {
 /// under OwnerReferencesPermissionEnforcement.
 const ADMISSION_ONLY: [(&str, &str, &str); 1] = [("kube-node.io", "nodesets/finalizers", "update")];
 
-/// Grants used only by the bare-metal backend (its claim Leases and inventory ConfigMap),
-/// which this scenario does not run: it needs the Redfish and SSH emulators. The claim Lease
-/// writes are exercised in tests/tests/baremetal.rs. TODO: run a baremetal class here too, so
-/// these are checked like every other grant.
-const BAREMETAL_ONLY: [(&str, &str, &str); 3] = [
-    ("coordination.k8s.io", "leases", "list"),
-    ("coordination.k8s.io", "leases", "delete"),
-    ("", "configmaps", "get"),
-];
+/// A throwaway SSH key pair made with `ssh-keygen -t ed25519` for the bare-metal class
+/// below; it opens nothing.
+const THROWAWAY_SSH_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\nQyNTUxOQAAACBlDvQAmP5o90ZBT9i6FHAsI02aXBsa79zl6HzkLMnbDgAAAIhoH/l8aB/5\nfAAAAAtzc2gtZWQyNTUxOQAAACBlDvQAmP5o90ZBT9i6FHAsI02aXBsa79zl6HzkLMnbDg\nAAAEAU/A5HmV1LeFTLdcCWkA7PTMhBrjrhSHSMmdbo4rj0A2UO9ACY/mj3RkFP2LoUcCwj\nTZpcGxrv3OXofOQsydsOAAAABHRlc3QB\n-----END OPENSSH PRIVATE KEY-----\n";
+const THROWAWAY_HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+
+/// A bare-metal NodeClass whose inventory is a ConfigMap (which the node-controller reads) and
+/// whose one host's BMC is a loopback port nobody answers on: the class builds, its
+/// validation reads the claim Leases (and finds the BMC down), and the orphan collector lists
+/// them, as with a real rack.
+async fn baremetal_class(cluster: &Cluster) {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let hosts = format!(
+        "- name: rack-01\n  redfishUrl: http://127.0.0.1:{closed}/redfish/v1/Systems/1\n  sshAddress: 127.0.0.1:{closed}\n  sshHostKey: {THROWAWAY_HOST_KEY}\n"
+    );
+    create(
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(cluster.admin.clone(), NAMESPACE),
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "rack-inventory", "namespace": NAMESPACE},
+            "data": {"hosts.yaml": hosts},
+        }),
+    )
+    .await;
+    create(
+        Api::<Secret>::namespaced(cluster.admin.clone(), NAMESPACE),
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "rack-credentials", "namespace": NAMESPACE},
+            "data": {
+                "bmc-username": base64(b"admin"),
+                "bmc-password": base64(format!("s3cr3t-BMC-{}", random_suffix()).as_bytes()),
+                "ssh-private-key": base64(THROWAWAY_SSH_KEY.as_bytes()),
+            },
+        }),
+    )
+    .await;
+    create(
+        cluster.all::<NodeClass>(),
+        json!({
+            "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeClass",
+            "metadata": {"name": "rack"},
+            "spec": {
+                "provider": {"type": "baremetal", "baremetal": {
+                    "inventoryRef": {"namespace": NAMESPACE, "name": "rack-inventory"},
+                }},
+                "credentialsSecretRef": {"namespace": NAMESPACE, "name": "rack-credentials"},
+            },
+        }),
+    )
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_allows_every_call_the_code_makes_and_grants_nothing_unused() {
@@ -974,6 +1020,7 @@ async fn rbac_allows_every_call_the_code_makes_and_grants_nothing_unused() {
     // Credentials (an exec class whose creates fail, so Warning events repeat), a NodeSet, the
     // autoscaler facade, a standalone Node with a pod to drain.
     leaky_exec_class(&cluster, dir.path(), "leaky").await;
+    baremetal_class(&cluster).await;
     create(cluster.all::<NodeClass>(), simulated_class("sim")).await;
     create(cluster.all::<NodeSet>(), nodeset("workers", "sim", 2)).await;
     create(cluster.all::<Node>(), node("leaky-1", "leaky")).await;
@@ -1114,6 +1161,34 @@ async fn rbac_allows_every_call_the_code_makes_and_grants_nothing_unused() {
         pods.get_opt("app").await.expect("get pod").is_none(),
         "the pod was evicted"
     );
+    // The bare-metal backend's claims, through the controllers' client: the store the
+    // node-controller hands the backend claims, re-reads, releases and lists hosts with these
+    // very calls.
+    let claims =
+        node_controller::claims::LeaseClaimStore::new(cluster.controller.clone(), NAMESPACE);
+    kube_node_provider::claims::check_store(&claims, "rbac")
+        .await
+        .expect("the claim store works with kube-node's grants");
+    eventually(
+        Duration::from_secs(60),
+        "the bare-metal class's inventory read and claims listed",
+        || {
+            let calls = calls.clone();
+            async move {
+                let calls = calls.lock().expect("calls");
+                let seen = |verb: &str, res: &str| {
+                    calls.iter().any(|c| {
+                        c.who == "controller"
+                            && c.verb == verb
+                            && c.resource == res
+                            && c.namespace.as_deref() == Some(NAMESPACE)
+                    })
+                };
+                (seen("get", "configmaps") && seen("list", "leases")).then_some(())
+            }
+        },
+    )
+    .await;
     campaign.abort();
     let _ = campaign.await;
     leader::release(lease_client, &cfg).await;
@@ -1171,9 +1246,7 @@ async fn rbac_allows_every_call_the_code_makes_and_grants_nothing_unused() {
                     for resource in rule.resources.iter().flatten() {
                         for verb in &rule.verbs {
                             let grant = (group.as_str(), resource.as_str(), verb.as_str());
-                            if ADMISSION_ONLY.contains(&grant)
-                                || (g.namespace.is_some() && BAREMETAL_ONLY.contains(&grant))
-                            {
+                            if ADMISSION_ONLY.contains(&grant) {
                                 continue;
                             }
                             let used = calls.iter().any(|c| {

@@ -317,6 +317,25 @@ pub struct BaremetalProviderSpec {
     )]
     #[schemars(schema_with = "crate::validation::positive_duration")]
     pub shutdown_timeout: Option<Duration>,
+    /// Where on the host the JoinConfiguration is written before `kubeadm join --config`
+    /// reads it: an absolute path. Default: the path kube-node renders,
+    /// `/etc/kubernetes/kubeadm-join.yaml`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 255), regex(pattern = r"^/[A-Za-z0-9._/-]+$"))]
+    pub join_config_path: Option<String>,
+}
+
+/// Checks a `joinConfigPath`: absolute, of plain characters only.
+pub fn check_join_config_path(p: &str) -> Result<(), String> {
+    let plain = p
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c));
+    if p.len() < 2 || p.len() > 255 || !p.starts_with('/') || !plain || p.ends_with('/') {
+        return Err(format!(
+            "{p:?} is not an absolute file path of letters, digits, '.', '_', '-' and '/'"
+        ));
+    }
+    Ok(())
 }
 
 /// One host of a bare-metal inventory.
@@ -792,6 +811,12 @@ impl ProviderSpec {
                 b.shutdown_timeout,
                 errors,
             );
+            if let Some(p) = &b.join_config_path {
+                errors.check(
+                    "spec.provider.baremetal.joinConfigPath",
+                    check_join_config_path(p),
+                );
+            }
         }
         if let Some(s) = &self.simulated {
             if let Some(t) = &s.instance_type {

@@ -72,6 +72,8 @@ pub struct Config {
     pub registration_timeout: Duration,
     /// Extra CA certificates (PEM) for the BMCs' HTTPS.
     pub redfish_ca: Option<Vec<u8>>,
+    /// Where the JoinConfiguration goes on the host, when not where kube-node renders it.
+    pub join_config_path: Option<String>,
 }
 
 /// The claim key of a Redfish URL: `bm-` and 16 hex digits of the SHA-256 of the URL with its
@@ -246,6 +248,7 @@ pub fn resolve(class: &ResolvedClass) -> Result<Config> {
         shutdown_timeout,
         registration_timeout: class.spec.registration_timeout(),
         redfish_ca: creds.get_bytes("redfish-ca.crt").map(<[u8]>::to_vec),
+        join_config_path: spec.join_config_path.clone(),
     })
 }
 

@@ -3,8 +3,17 @@
 //!
 //! A host's life, as the `phase` field of its claim:
 //! `claimed` (record won, nothing touched yet) → `booting` (boot override set, power on sent,
-//! or already on: the warm tier) → `joined` (`kubeadm join` exited 0) → `releasing` (delete:
-//! `kubeadm reset -f`, wipe, graceful shutdown sent) → claim deleted once the BMC says Off.
+//! or already on: the warm tier) → `joining` (SSH answered; the join script is about to run)
+//! → `joined` (`kubeadm join` exited 0) → `releasing` (delete: `kubeadm reset -f`, wipe,
+//! graceful shutdown sent) → claim deleted once the BMC says Off.
+//!
+//! After a restart (a `kill -9` at any point) the retried create picks the launch up where the
+//! claim says: `claimed` powers the host on, `booting` waits for SSH and joins. `joining` is
+//! never joined again: `kubeadm join` on a host that joined fails its preflight checks (the
+//! kubelet's config and port are taken), and the join payload with its bootstrap token lived
+//! only in the dead process. The host's join runs on without its SSH session (see
+//! [`join_script`]); the kubelet's registration decides, within the Node's registration
+//! timeout, and the claim stays `joining`.
 //! `failed` (did not come up in the registration timeout, host key changed, join failed) keeps
 //! the host out of the pool: on delete it is powered off and its claim stays, without a Node,
 //! until an operator deletes it.
@@ -43,6 +52,7 @@ mod data {
 mod phase {
     pub const CLAIMED: &str = "claimed";
     pub const BOOTING: &str = "booting";
+    pub const JOINING: &str = "joining";
     pub const JOINED: &str = "joined";
     pub const RELEASING: &str = "releasing";
     pub const FAILED: &str = "failed";
@@ -214,8 +224,13 @@ struct JoinPlan {
     commands: Vec<String>,
 }
 
-/// Parses the rendered user-data (`#cloud-config` with `write_files` and `runcmd`).
-fn join_plan(user_data: &Sensitive) -> std::result::Result<JoinPlan, String> {
+/// Parses the rendered user-data (`#cloud-config` with `write_files` and `runcmd`). With
+/// `join_config_path`, the written file that a command reads with `--config` (the
+/// JoinConfiguration) goes there instead, and the command's argument follows.
+fn join_plan(
+    user_data: &Sensitive,
+    join_config_path: Option<&str>,
+) -> std::result::Result<JoinPlan, String> {
     let doc: serde_yaml::Value =
         serde_yaml::from_str(&user_data.0).map_err(|_| "the user-data is not YAML".to_string())?;
     let mut files = Vec::new();
@@ -233,30 +248,62 @@ fn join_plan(user_data: &Sensitive) -> std::result::Result<JoinPlan, String> {
         }
         files.push((path.to_string(), content.to_string(), perms.to_string()));
     }
-    let mut commands = Vec::new();
+    enum Cmd {
+        Shell(String),
+        Argv(Vec<String>),
+    }
+    let mut cmds = Vec::new();
     for c in doc["runcmd"]
         .as_sequence()
         .map_or(&[][..], |s| s.as_slice())
     {
-        let cmd = match c {
-            serde_yaml::Value::String(s) => s.clone(),
-            serde_yaml::Value::Sequence(argv) => argv
+        cmds.push(match c {
+            serde_yaml::Value::String(s) => Cmd::Shell(s.clone()),
+            serde_yaml::Value::Sequence(argv) => Cmd::Argv(
+                argv.iter()
+                    .map(|a| a.as_str().unwrap_or_default().to_string())
+                    .collect(),
+            ),
+            _ => return Err("a runcmd entry is neither a string nor a list".into()),
+        });
+    }
+    if let Some(to) = join_config_path {
+        for c in &mut cmds {
+            let Cmd::Argv(argv) = c else { continue };
+            let Some(i) = argv.iter().position(|a| a == "--config") else {
+                continue;
+            };
+            let Some(from) = argv.get(i + 1).cloned() else {
+                continue;
+            };
+            if let Some(f) = files.iter_mut().find(|f| f.0 == from) {
+                f.0 = to.to_string();
+                argv[i + 1] = to.to_string();
+            }
+        }
+    }
+    let commands = cmds
+        .into_iter()
+        .map(|c| match c {
+            Cmd::Shell(s) => s,
+            Cmd::Argv(argv) => argv
                 .iter()
-                .map(|a| shell_quote(a.as_str().unwrap_or_default()))
+                .map(|a| shell_quote(a))
                 .collect::<Vec<_>>()
                 .join(" "),
-            _ => return Err("a runcmd entry is neither a string nor a list".into()),
-        };
-        commands.push(cmd);
-    }
+        })
+        .collect();
     Ok(JoinPlan { files, commands })
 }
 
 /// The shell script that writes the plan's files and runs its commands (`set -e`). The file
-/// contents go in quoted here-documents, so nothing in them is expanded.
+/// contents go in quoted here-documents, so nothing in them is expanded. Its output goes to
+/// `/dev/null` on the host (kube-node drops it anyway: it may echo the payload): a join whose
+/// SSH session dies with a killed kube-node then runs on to its end instead of dying of
+/// SIGPIPE half-way (no terminal, so no SIGHUP either), and is never run twice.
 fn join_script(plan: &JoinPlan) -> std::result::Result<String, String> {
     const EOF: &str = "KUBE_NODE_EOF_5f1c3a";
-    let mut s = String::from("set -e\numask 077\n");
+    let mut s = String::from("set -e\numask 077\nexec >/dev/null 2>&1\n");
     for (path, content, perms) in &plan.files {
         if content.lines().any(|l| l == EOF) {
             return Err("a write_files content holds the here-document delimiter".into());
@@ -352,6 +399,7 @@ impl Inner {
                 address: h.address.clone(),
             }],
             created_unix: Some(r.claimed_at_unix),
+            labels: h.labels.clone(),
         }
     }
 
@@ -406,6 +454,29 @@ impl Inner {
         }
         Err(ProviderError::Transient(format!(
             "claim {key}: kept changing while being updated"
+        )))
+    }
+
+    /// Moves this Node's claim from `booting` to `joining`; false when it is not `booting`
+    /// (someone else joins it, or joined it) or no longer this Node's.
+    async fn mark_joining(&self, key: &str, uid: &str) -> Result<bool> {
+        for _ in 0..5 {
+            let Some(mut r) = self.claims.get(key).await? else {
+                return Ok(false);
+            };
+            if r.node_uid != uid
+                || r.data.get(data::PHASE).map(String::as_str) != Some(phase::BOOTING)
+            {
+                return Ok(false);
+            }
+            r.data.insert(data::PHASE.into(), phase::JOINING.into());
+            match self.claims.replace(&r).await? {
+                Written::Done(_) => return Ok(true),
+                Written::Conflict => continue,
+            }
+        }
+        Err(ProviderError::Transient(format!(
+            "claim {key}: kept changing while being marked joining"
         )))
     }
 
@@ -515,10 +586,15 @@ impl Inner {
         let (key, uid) = (r.key.clone(), r.node_uid.clone());
         let deadline_unix = r.claimed_at_unix + this.cfg.registration_timeout.as_secs() as i64;
         let task = tokio::spawn(async move {
-            let outcome = this.join(i, &user_data, deadline_unix).await;
+            let outcome = this.join(i, &key, &uid, &user_data, deadline_unix).await;
             let h = &this.cfg.hosts[i];
             let (phase, reason) = match &outcome {
-                Ok(()) => (phase::JOINED, None),
+                Ok(true) => (phase::JOINED, None),
+                Ok(false) => {
+                    // Another task (another provider instance, another replica) joins it.
+                    tracing::debug!(host = %h.name, "the join is someone else's");
+                    return;
+                }
                 Err(e) => (phase::FAILED, Some(e.clone())),
             };
             match &reason {
@@ -527,6 +603,10 @@ impl Inner {
             }
             let _ = this
                 .update(&key, &uid, |rec| {
+                    if rec.data.get(data::PHASE).map(String::as_str) == Some(phase::JOINED) {
+                        // Joined by another task meanwhile: its outcome stands.
+                        return;
+                    }
                     rec.data.insert(data::PHASE.into(), phase.into());
                     if let Some(r) = &reason {
                         rec.data.insert(data::REASON.into(), r.clone());
@@ -561,11 +641,13 @@ impl Inner {
     async fn join(
         &self,
         i: usize,
+        key: &str,
+        uid: &str,
         user_data: &Sensitive,
         deadline_unix: i64,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<bool, String> {
         let h = &self.cfg.hosts[i];
-        let plan = join_plan(user_data)?;
+        let plan = join_plan(user_data, self.cfg.join_config_path.as_deref())?;
         let session = loop {
             let left = deadline_unix - now_unix();
             if left <= 0 {
@@ -583,6 +665,22 @@ impl Inner {
                 Err(e) => return Err(format!("SshFailed: {e}")),
             }
         };
+        // Recorded before it starts, compare-and-swap from `booting`: exactly one task of one
+        // process runs a join, and a successor never runs it a second time.
+        loop {
+            match self.mark_joining(key, uid).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    session.close().await;
+                    return Ok(false);
+                }
+                Err(_) if deadline_unix > now_unix() => tokio::time::sleep(self.poll).await,
+                Err(_) => {
+                    session.close().await;
+                    return Err("ClaimLost: the claim could not be marked joining".into());
+                }
+            }
+        }
         // One script, one channel: the files and the commands run as one unit on the host.
         let script = join_script(&plan)?;
         self.stats.joins.fetch_add(1, Ordering::Relaxed);
@@ -595,7 +693,9 @@ impl Inner {
             )
             .await;
         session.close().await;
-        result.map_err(|e| format!("JoinFailed: {e}"))
+        result
+            .map(|()| true)
+            .map_err(|e| format!("JoinFailed: {e}"))
     }
 
     /// Tears a host down before power-off: `kubeadm reset -f` and the wipe command, best
@@ -957,13 +1057,20 @@ mod tests {
         let ud = Sensitive(
             "#cloud-config\nwrite_files:\n- path: /etc/kubernetes/kube-node-join.yaml\n  owner: root:root\n  permissions: '0600'\n  content: |\n    kind: JoinConfiguration\nruncmd:\n- - kubeadm\n  - join\n  - --config\n  - /etc/kubernetes/kube-node-join.yaml\n".into(),
         );
-        let p = join_plan(&ud).expect("plan");
+        let p = join_plan(&ud, None).expect("plan");
         assert_eq!(p.files.len(), 1);
         assert_eq!(p.files[0].0, "/etc/kubernetes/kube-node-join.yaml");
         assert_eq!(p.files[0].1, "kind: JoinConfiguration\n");
         assert_eq!(
             p.commands,
             ["kubeadm join --config /etc/kubernetes/kube-node-join.yaml"]
+        );
+        // joinConfigPath: the file kubeadm reads moves, and so does its argument.
+        let p = join_plan(&ud, Some("/var/lib/kube-node/join.yaml")).expect("plan");
+        assert_eq!(p.files[0].0, "/var/lib/kube-node/join.yaml");
+        assert_eq!(
+            p.commands,
+            ["kubeadm join --config /var/lib/kube-node/join.yaml"]
         );
     }
 

@@ -184,6 +184,47 @@ impl Lab {
         ]))
     }
 
+    /// A `joinConfigPath` in this run's directory for `name` (so that no test writes the
+    /// JoinConfiguration to `/etc/kubernetes` of the machine running the tests).
+    pub fn join_config_path(&self, name: &str) -> String {
+        let dir = self
+            .kubeadm_log
+            .parent()
+            .map_or_else(|| self.kubeadm_log.clone(), Path::to_path_buf);
+        dir.join("join")
+            .join(format!("{name}.yaml"))
+            .display()
+            .to_string()
+    }
+
+    /// Holds `node`'s next `kubeadm join` for `secs` seconds after it recorded its
+    /// JoinConfiguration (see `tests/emulators/sshd.sh`).
+    pub fn hold_join(&self, node: &str, secs: u32) -> std::io::Result<()> {
+        let dir = self
+            .kubeadm_log
+            .parent()
+            .map_or_else(|| self.kubeadm_log.clone(), Path::to_path_buf)
+            .join("delay");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(node), format!("{secs}\n"))
+    }
+
+    /// Whether a `kubeadm join` of `node` is running now (recorded its JoinConfiguration, not
+    /// done yet).
+    pub fn join_running(&self, node: &str) -> bool {
+        let needle = format!("name: {node}\n");
+        std::fs::read_dir(&self.kubeadm_log)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "args"))
+                    .any(|p| {
+                        std::fs::read_to_string(p.with_extension("config"))
+                            .is_ok_and(|c| c.contains(&needle))
+                    })
+            })
+            .unwrap_or(false)
+    }
+
     /// Every `kubeadm` call recorded so far, oldest first.
     pub fn kubeadm_calls(&self) -> Vec<KubeadmCall> {
         read_calls(&self.kubeadm_log)

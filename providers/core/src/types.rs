@@ -154,6 +154,10 @@ pub struct Instance {
     pub addresses: Vec<InstanceAddress>,
     /// When it was created (Unix seconds), if the provider says.
     pub created_unix: Option<i64>,
+    /// Labels its owner gave the machine, which become labels of its Node (a bare-metal
+    /// host's inventory labels: rack, zone). Empty for a backend that has none; see
+    /// `providers/CONTRACT.md` section 8.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Instance {

@@ -121,6 +121,7 @@ impl Machine {
                 },
             ],
             created_unix: Some(self.created_unix),
+            labels: Default::default(),
         }
     }
 }
