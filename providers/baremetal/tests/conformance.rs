@@ -169,9 +169,11 @@ async fn one_host_lifecycle_costs_few_calls() {
     let stats = provider.stats();
     let mut req =
         Conformance::default_request("life", "00000000-0000-4000-8000-00000000life", "life-node");
-    req.user_data = Some(kube_node_provider::Sensitive(
-        "#cloud-config\nwrite_files:\n- path: /tmp/kube-node-test/life.yaml\n  permissions: '0600'\n  content: |\n    kind: JoinConfiguration\n    nodeRegistration:\n      name: life-node\nruncmd:\n- [kubeadm, join, --config, /tmp/kube-node-test/life.yaml]\n".into(),
-    ));
+    // Into this run's directory: the "host" is the machine running the test.
+    let path = lab.join_config_path("life");
+    req.user_data = Some(kube_node_provider::Sensitive(format!(
+        "#cloud-config\nwrite_files:\n- path: {path}\n  permissions: '0600'\n  content: |\n    kind: JoinConfiguration\n    nodeRegistration:\n      name: life-node\nruncmd:\n- [kubeadm, join, --config, {path}]\n"
+    )));
     let i = provider.create(&req).await.expect("create");
     let up_requests = stats.redfish_requests();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
