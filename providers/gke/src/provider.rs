@@ -360,6 +360,8 @@ impl GkeProvider {
             instance_type: machine_type.map(str::to_string),
             addresses: Vec::new(),
             created_unix: None,
+            // GKE puts the pool's labels on the Node itself; there are none of the machine's own.
+            labels: BTreeMap::new(),
         })
     }
 
