@@ -12,6 +12,11 @@
 //! The checks never panic; each returns a [`ConformanceFailure`] naming the check and what was
 //! expected. Every machine a check creates is deleted again, also when the check fails, so the
 //! suite can run against a real account.
+//!
+//! Group-sized backends (`providers/CONTRACT.md` section 7) also run [`group::run_all`] against
+//! their [`crate::GroupProvider`].
+
+pub mod group;
 
 use std::collections::BTreeMap;
 use std::fmt;
