@@ -58,6 +58,16 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "kube-node.io/template-hash";
 pub const NODESET_LABEL: &str = "kube-node.io/nodeset";
 /// Label on Nodes naming their NodeClass, so `kubectl get nodes -l` can select by class.
 pub const NODE_CLASS_LABEL: &str = "kube-node.io/node-class";
+/// Label the machines of a simulated group put on the Nodes they register (value: the group's
+/// name), as GKE's put `cloud.google.com/gke-nodepool`. Half of the adoption rule of
+/// group-backed NodeSets; the other half is a providerID among the group's machines.
+pub const GROUP_LABEL: &str = "kube-node.io/group";
+/// Condition on a NodeSet of a group-backed NodeClass: whether its group's machines match the
+/// group's size (False when they have disagreed for longer than the registration timeout, or
+/// when another NodeSet owns the group).
+pub const GROUP_CONDITION: &str = "GroupSynced";
+/// Event and condition reason on a Node that names a group-backed NodeClass directly.
+pub const GROUP_BACKED_REASON: &str = "GroupBacked";
 
 /// Finalizer that keeps a Node until its machine is confirmed gone.
 pub const MACHINE_FINALIZER: &str = "kube-node.io/machine";

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::{NodeTaint, SecretReference};
 use crate::validation::{
     Errors, InvalidSpec, check_dns1123_label, check_dns1123_subdomain, check_endpoint,
-    check_env_name, check_label_value, check_qualified_name, check_quantity, check_url,
+    check_env_name, check_group_name, check_label_value, check_qualified_name, check_quantity,
+    check_url,
 };
 
 /// How to make a machine for a Node: the provider and its configuration, the credentials, what
@@ -477,6 +478,22 @@ pub struct SimulatedProviderSpec {
     /// Seed of the random choices (faults, zones), so a run replays exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Makes the class a simulated **group** (like a GKE node pool): the cloud owns the
+    /// machines, names their Nodes `sim-<group>-<suffix>` and labels them
+    /// `kube-node.io/group: <name>`. Nodes of the class cannot be created one by one; a
+    /// NodeSet sets the group's size and names the machines to delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<SimulatedGroupSpec>,
+}
+
+/// A simulated group of machines whose size kube-node sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SimulatedGroupSpec {
+    /// The group's name: a DNS-1123 label of at most 40 characters (it is part of every Node
+    /// name and the value of the `kube-node.io/group` label).
+    #[schemars(schema_with = "crate::validation::group_name")]
+    pub name: String,
 }
 
 /// Faults the simulated backend injects. Percentages apply to each create call.
@@ -573,6 +590,16 @@ pub const DEFAULT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from
 /// Default bootstrap token lifetime.
 pub const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
+/// The group a group-backed NodeClass names (see [`NodeClassSpec::group`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRef {
+    /// The group's name, for messages.
+    pub name: String,
+    /// The label every Node the group's machines register carries: the first half of the
+    /// adoption rule (the second: its `spec.providerID` is one of the group's machines).
+    pub label: (String, String),
+}
+
 impl NodeClassSpec {
     /// The registration timeout, defaulted.
     pub fn registration_timeout(&self) -> std::time::Duration {
@@ -596,6 +623,18 @@ impl NodeClassSpec {
             .as_ref()
             .and_then(|b| b.token_ttl)
             .map_or(DEFAULT_TOKEN_TTL, Into::into)
+    }
+
+    /// The group this class is backed by, when the cloud owns its machines (a simulated
+    /// group, a GKE node pool): its name and the label (key, value) its Nodes carry. Nodes of
+    /// such a class are never created one by one; a NodeSet sets the group's size and adopts
+    /// the Nodes the group's machines register.
+    pub fn group(&self) -> Option<GroupRef> {
+        let g = self.provider.simulated.as_ref()?.group.as_ref()?;
+        Some(GroupRef {
+            name: g.name.clone(),
+            label: (crate::names::GROUP_LABEL.to_string(), g.name.clone()),
+        })
     }
 
     /// The allocatable resources: `allocatable` when given, else `capacity`.
@@ -734,6 +773,12 @@ impl ProviderSpec {
                 errors.check(
                     format_args!("spec.provider.simulated.zones[{i}]"),
                     check_label_value(z),
+                );
+            }
+            if let Some(g) = &s.group {
+                errors.check(
+                    "spec.provider.simulated.group.name",
+                    check_group_name(&g.name),
                 );
             }
             if let Some(f) = &s.faults {

@@ -46,6 +46,8 @@ pub struct SimConfig {
     pub node_capacity: BTreeMap<String, Quantity>,
     /// What the kubelet reports as `status.allocatable`.
     pub node_allocatable: BTreeMap<String, Quantity>,
+    /// The simulated group the class is backed by, if any.
+    pub group: Option<String>,
 }
 
 impl SimConfig {
@@ -84,6 +86,7 @@ impl SimConfig {
             seed: spec.seed.unwrap_or_else(|| fnv1a(class.name.as_bytes())),
             node_capacity: class.spec.capacity.clone(),
             node_allocatable: class.spec.allocatable_or_capacity().clone(),
+            group: spec.group.as_ref().map(|g| g.name.clone()),
         })
     }
 }
@@ -118,6 +121,11 @@ pub fn validate_spec(spec: &SimulatedProviderSpec) -> Result<()> {
                 format!("zone {zone:?} is listed twice"),
             );
         }
+    }
+    if let Some(g) = &spec.group
+        && let Err(why) = kube_node_crds::validation::check_group_name(&g.name)
+    {
+        return invalid("group.name", format!("{:?} {why}", g.name));
     }
     if spec.capacity == Some(0) && spec.quota.is_some() {
         return invalid(
