@@ -326,3 +326,83 @@ async fn a_second_nodeset_on_the_same_group_is_refused() {
         "the second NodeSet sized nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_autoscaler_grows_and_shrinks_a_group_backed_nodeset() {
+    use kube_node_autoscaler::proto::cloud_provider_server::CloudProvider;
+    use kube_node_autoscaler::proto::{
+        ExternalGrpcNode, NodeGroupDeleteNodesRequest, NodeGroupForNodeRequest,
+        NodeGroupIncreaseSizeRequest, NodeGroupTargetSizeRequest,
+    };
+    use kube_node_autoscaler::NodeSetCloudProvider;
+    use tonic::Request;
+
+    let h = cluster().await;
+    pool(&h, "pool").await;
+    h.create_node_set("web", "pool", 0).await.expect("nodeset");
+    Api::<NodeSet>::all(h.client.clone())
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"minSize": 0, "maxSize": 5}})),
+        )
+        .await
+        .expect("node group bounds");
+    let ca = NodeSetCloudProvider::new(h.client.clone());
+    let before = calls(&h);
+    ca.node_group_increase_size(Request::new(NodeGroupIncreaseSizeRequest {
+        id: "web".into(),
+        delta: 3,
+    }))
+    .await
+    .expect("increase");
+    settled(&h, "web", "pool", 3).await;
+    let grown = calls(&h);
+    println!(
+        "autoscaler IncreaseSize(3) on a group: {}",
+        delta(&before, &grown)
+    );
+    let size = ca
+        .node_group_target_size(Request::new(NodeGroupTargetSizeRequest {
+            id: "web".into(),
+        }))
+        .await
+        .expect("target size")
+        .into_inner()
+        .target_size;
+    assert_eq!(size, 3);
+    let nodes = group_nodes(&h.client, "pool").await;
+    let victim = &nodes[0];
+    let pid = victim
+        .spec
+        .as_ref()
+        .and_then(|s| s.provider_id.clone())
+        .expect("providerID");
+    let node = ExternalGrpcNode {
+        provider_id: pid.clone(),
+        name: victim.name_any(),
+        ..Default::default()
+    };
+    let group = ca
+        .node_group_for_node(Request::new(NodeGroupForNodeRequest {
+            node: Some(node.clone()),
+        }))
+        .await
+        .expect("group for node")
+        .into_inner()
+        .node_group
+        .expect("group");
+    assert_eq!(group.id, "web");
+    ca.node_group_delete_nodes(Request::new(NodeGroupDeleteNodesRequest {
+        id: "web".into(),
+        nodes: vec![node],
+    }))
+    .await
+    .expect("delete nodes");
+    settled(&h, "web", "pool", 2).await;
+    println!(
+        "autoscaler DeleteNodes(1) on a group: {}",
+        delta(&grown, &calls(&h))
+    );
+    assert!(!h.cloud.machines().iter().any(|m| m.provider_id == pid));
+}
