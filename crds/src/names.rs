@@ -62,6 +62,19 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "kube-node.io/template-hash";
 pub const NODESET_LABEL: &str = "kube-node.io/nodeset";
 /// Label on Nodes naming their NodeClass, so `kubectl get nodes -l` can select by class.
 pub const NODE_CLASS_LABEL: &str = "kube-node.io/node-class";
+/// Label the machines of a simulated group put on the Nodes they register (value: the group's
+/// name), as GKE's put `cloud.google.com/gke-nodepool`. Half of the adoption rule of
+/// group-backed NodeSets; the other half is a providerID among the group's machines.
+pub const GROUP_LABEL: &str = "kube-node.io/group";
+/// The label GKE's kubelets register their Nodes with (value: the node pool's name): the
+/// adoption label of a NodeSet over a GKE node pool.
+pub const GKE_NODE_POOL_LABEL: &str = "cloud.google.com/gke-nodepool";
+/// Condition on a NodeSet of a group-backed NodeClass: whether its group's machines match the
+/// group's size (False when they have disagreed for longer than the registration timeout, or
+/// when another NodeSet owns the group).
+pub const GROUP_CONDITION: &str = "GroupSynced";
+/// Event and condition reason on a Node that names a group-backed NodeClass directly.
+pub const GROUP_BACKED_REASON: &str = "GroupBacked";
 
 /// Finalizer that keeps a Node until its machine is confirmed gone.
 pub const MACHINE_FINALIZER: &str = "kube-node.io/machine";

@@ -168,6 +168,21 @@ pub fn check_dns1123_label(s: &str) -> Result<(), String> {
     })
 }
 
+/// The longest simulated group name: it is part of every Node name of the group
+/// (`sim-<group>-<12 hex digits>`), which must stay a DNS-1123 label.
+pub const GROUP_NAME_MAX: usize = 40;
+
+/// Checks a group name: a DNS-1123 label of at most [`GROUP_NAME_MAX`] characters.
+pub fn check_group_name(s: &str) -> Result<(), String> {
+    check_dns1123_label(s)?;
+    if s.len() > GROUP_NAME_MAX {
+        return Err(format!(
+            "must be at most {GROUP_NAME_MAX} characters (it is part of every Node name of the group)"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a DNS-1123 subdomain (at most 253 characters).
 pub fn check_dns1123_subdomain(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
@@ -576,6 +591,12 @@ pub(crate) fn dns1123_label(_: &mut schemars::SchemaGenerator) -> schemars::Sche
     s
 }
 
+pub(crate) fn group_name(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut s = string_schema(DNS1123_LABEL_PATTERN, GROUP_NAME_MAX, false);
+    s.insert("minLength".into(), json!(1));
+    s
+}
+
 pub(crate) fn node_class_names(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::Schema::try_from(json!({
         "type": "array",
@@ -756,6 +777,30 @@ mod tests {
         assert_eq!(check_endpoint("10.0.0.1:6443"), Ok(()));
         assert_eq!(check_endpoint("https://[::1]:6443"), Ok(()));
         assert!(check_endpoint("https://host:6443/path").is_err());
+    }
+
+    #[test]
+    fn a_group_name_is_a_short_label() {
+        assert!(check_group_name("pool-a").is_ok());
+        assert!(check_group_name("Pool").is_err());
+        assert!(check_group_name(&"a".repeat(GROUP_NAME_MAX)).is_ok());
+        let e = check_group_name(&"a".repeat(GROUP_NAME_MAX + 1)).expect_err("too long");
+        assert!(e.contains("at most 40"), "{e}");
+        let spec: crate::NodeClassSpec = serde_json::from_value(json!({
+            "provider": {"type": "simulated", "simulated": {"group": {"name": "Bad_Name"}}}
+        }))
+        .expect("decodes");
+        let e = spec.validate().expect_err("invalid group name");
+        assert_eq!(e.field(), "spec.provider.simulated.group.name", "{e}");
+        let ok: crate::NodeClassSpec = serde_json::from_value(json!({
+            "provider": {"type": "simulated", "simulated": {"group": {"name": "web"}}}
+        }))
+        .expect("decodes");
+        let g = ok.group().expect("group-backed");
+        assert_eq!(
+            g.label,
+            ("kube-node.io/group".to_string(), "web".to_string())
+        );
     }
 
     #[test]

@@ -354,6 +354,22 @@ impl Harness {
                 }
                 _ => (None, None),
             };
+        // One group access for both controllers: they share each group's lock.
+        let cluster = self
+            .node_config
+            .as_ref()
+            .map_or_else(|| "kubernetes".to_string(), |c| c.cluster_name.clone());
+        let groups = Arc::new(kube_node_runtime::GroupAccess::new(
+            self.nodeset_client.clone(),
+            self.providers.clone(),
+            cluster,
+        ));
+        if let Some(c) = self.node_config.as_mut() {
+            c.groups.get_or_insert_with(|| groups.clone());
+        }
+        if let Some(c) = self.nodeset_config.as_mut() {
+            c.groups.get_or_insert_with(|| groups.clone());
+        }
         if let Some(config) = self.node_config.clone() {
             let run = node_controller::run_shared(
                 self.node_client.clone(),

@@ -103,6 +103,7 @@ pub fn controller_configs(
         concurrency: args.node_concurrency,
         synced: None,
         claim_namespace: "kube-node-system".to_string(),
+        groups: None,
     };
     let nodeset = nodeset_controller::Config {
         concurrency: args.nodeset_concurrency,
@@ -336,6 +337,14 @@ async fn run_controllers(
         controller_configs(&args.cluster_name, &args.controllers, join_endpoint(url));
     // Claims live beside the leader Lease, in kube-node's own namespace.
     node_config.claim_namespace = args.leader.leader_election_namespace.clone();
+    // Both controllers share each group's provider and lock.
+    let groups = Arc::new(kube_node_runtime::GroupAccess::new(
+        clients.nodesets.clone(),
+        providers.clone(),
+        args.cluster_name.clone(),
+    ));
+    node_config.groups = Some(groups.clone());
+    nodeset_config.groups = Some(groups);
     // A leader is ready only once its watches have synced: a standby was ready when it had
     // no controllers to run, but a leader whose NodeClass or NodeSet watch never synced serves
     // nothing.

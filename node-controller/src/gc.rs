@@ -113,6 +113,12 @@ async fn collect_class(
         );
     }
 
+    if provider.capabilities().group_sized {
+        // A group's machines are the group's: they register their own Nodes, and one that
+        // never does is the NodeSet's to report, not an orphan to delete (the group would
+        // only replace it).
+        return false;
+    }
     let cached_uids: HashSet<String> = ctx.nodes.state().iter().filter_map(|n| n.uid()).collect();
     let now = listed_at.as_second();
     let min_age = ctx.config.orphan_min_age;

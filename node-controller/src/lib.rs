@@ -68,6 +68,9 @@ pub struct Config {
     /// kube-node's namespace: where backends without tags keep their claims (one Lease per
     /// machine, `providers/CONTRACT.md` section 10).
     pub claim_namespace: String,
+    /// The group locks shared with the nodeset-controller: a machine of a group is deleted
+    /// under its group's lock (see [`kube_node_runtime::GroupAccess`]).
+    pub groups: Option<Arc<kube_node_runtime::GroupAccess>>,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             concurrency: 32,
             synced: None,
             claim_namespace: "kube-node-system".to_string(),
+            groups: None,
         }
     }
 }

@@ -15,9 +15,10 @@ use kube::{Api, Resource, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::{
     AUTOSCALER_UNREGISTERED_TAINT, AUTOSCALER_UNREGISTERED_TAINT_EFFECT,
-    BOOTSTRAP_TOKEN_ANNOTATION, INSTANCE_ID_ANNOTATION, LAUNCHED_AT_ANNOTATION, LAUNCHING_MESSAGE,
-    MACHINE_FINALIZER, MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION,
-    NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL, READY_CONDITION, UNREGISTERED_TAINT, tags,
+    BOOTSTRAP_TOKEN_ANNOTATION, GROUP_BACKED_REASON, INSTANCE_ID_ANNOTATION,
+    LAUNCHED_AT_ANNOTATION, LAUNCHING_MESSAGE, MACHINE_FINALIZER, MACHINE_READY_CONDITION,
+    MachinePhase, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION, NODE_CLASS_LABEL,
+    READY_CONDITION, UNREGISTERED_TAINT, tags,
 };
 use kube_node_crds::v1alpha1::find_condition;
 use kube_node_provider::{CreateRequest, Instance, ListFilter, Provider, ProviderError};
@@ -502,6 +503,9 @@ async fn act(
             ctx.metrics.set_phase(&pass.uid, pass.phase);
             Ok(long)
         }
+        Action::Create if provider.capabilities().group_sized => {
+            refuse_group_backed(pass, ctx, class, &step.want).await
+        }
         Action::Create => create(pass, ctx, class, provider, &step.want).await,
         Action::WaitForRegistration { .. } | Action::MarkReady
             if defer_bookkeeping(ctx, kubelet_ready_since(&pass.node).or(step.launched_at)) =>
@@ -599,7 +603,25 @@ async fn act(
             let Some(pid) = machine_pid else {
                 return finalize(pass, ctx, false).await;
             };
-            provider.delete(&pid).await?;
+            match provider.as_group() {
+                // A group's machine goes by name, lowering the group's size by one; never by a
+                // plain delete, which the group would replace.
+                Some(group) => {
+                    let lock = ctx
+                        .config
+                        .groups
+                        .as_ref()
+                        .map(|g| g.lock(&class.name_any()));
+                    let _held = match &lock {
+                        Some(l) => Some(l.lock().await),
+                        None => None,
+                    };
+                    group.delete_instances(std::slice::from_ref(&pid)).await?;
+                }
+                None => {
+                    provider.delete(&pid).await?;
+                }
+            }
             tracing::info!(provider_id = %pid, "deleted machine");
             ctx.recount_pool(&class.name_any());
             Ok(Requeue::requeue(DELETE_POLL))
@@ -612,6 +634,38 @@ async fn act(
         }
         Action::Finalize => finalize(pass, ctx, machine_pid.is_some()).await,
     }
+}
+
+/// A Node that names a group-backed NodeClass directly: its group makes the machines, so none
+/// is made for it. Says so once (condition and Warning event) and waits for a change; the
+/// Node still gets its labels and taints, so nothing schedules onto it.
+async fn refuse_group_backed(
+    pass: &mut Pass,
+    ctx: &Context,
+    class: &NodeClass,
+    want: &MetaWant,
+) -> Result<Requeue, Error> {
+    let note = format!(
+        "NodeClass {} is group-backed: scale a NodeSet instead",
+        class.name_any()
+    );
+    let message = format!("{GROUP_BACKED_REASON}: {note}");
+    apply_ops(pass, ctx, meta_ops(&pass.node, want)).await?;
+    let told =
+        machine_condition(&pass.node).is_some_and(|c| c.message.as_deref() == Some(&message));
+    if !told {
+        set_condition(pass, ctx, MachinePhase::Pending, &message).await?;
+        event(
+            ctx,
+            &pass.node,
+            EventType::Warning,
+            GROUP_BACKED_REASON,
+            &note,
+        )
+        .await;
+        tracing::warn!(nodeclass = %class.name_any(), "refused a Node of a group-backed class");
+    }
+    Ok(Requeue::await_change())
 }
 
 /// Creates the machine (idempotent on the Node UID) and writes its providerID right away.

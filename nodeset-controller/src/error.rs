@@ -44,6 +44,9 @@ pub enum Error {
     /// The watch stream of the controller failed for good.
     #[error("controller stream failed: {0}")]
     Watch(String),
+    /// A call to a group-backed NodeClass's group failed.
+    #[error("group operation failed: {0}")]
+    Group(#[from] kube_node_provider::ProviderError),
 }
 
 impl Error {
@@ -58,6 +61,7 @@ impl Error {
             Self::MissingField(_) => "MissingField",
             Self::CreateFailed(_) => "FailedCreate",
             Self::Watch(_) => "WatchFailed",
+            Self::Group(e) => e.reason(),
         }
     }
 

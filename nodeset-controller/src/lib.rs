@@ -27,6 +27,7 @@ pub mod drift;
 pub mod error;
 pub mod expectations;
 pub mod fallback;
+pub mod group;
 pub mod metrics;
 pub mod observe;
 pub mod plan;
@@ -70,6 +71,9 @@ pub struct Config {
     /// Set to `true` once the NodeSet, Node and NodeClass caches have synced (for a readiness
     /// probe).
     pub synced: Option<tokio::sync::watch::Sender<bool>>,
+    /// The providers and locks of group-backed NodeClasses, shared with the node-controller.
+    /// Without it, a NodeSet of a group-backed class reports that it cannot size the group.
+    pub groups: Option<Arc<kube_node_runtime::GroupAccess>>,
 }
 
 impl Default for Config {
@@ -78,6 +82,7 @@ impl Default for Config {
             concurrency: 16,
             max_create_batch: 500,
             synced: None,
+            groups: None,
         }
     }
 }
@@ -159,6 +164,7 @@ pub async fn run_shared(
         .with_config(controller::Config::default().concurrency(config.concurrency));
     let by_node = controller.store();
     let by_class = controller.store();
+    let all_sets = controller.store();
     let (node_queue, class_queue, finished) = (queue.clone(), queue.clone(), queue);
     let sync_stores = (controller.store(), node_store.clone(), class_store.clone());
     let synced_tx = config.synced.clone();
@@ -187,6 +193,8 @@ pub async fn run_shared(
         client: client.clone(),
         nodes: node_store,
         classes: class_store,
+        sets: all_sets,
+        group_unsettled: Mutex::new(HashMap::new()),
         expectations,
         recorder,
         metrics,

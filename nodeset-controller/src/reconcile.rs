@@ -54,6 +54,10 @@ pub(crate) struct Context {
     pub client: Client,
     pub nodes: Store<Node>,
     pub classes: Store<NodeClass>,
+    /// Every NodeSet (to find the one NodeSet that owns a group).
+    pub sets: Store<NodeSet>,
+    /// Since when each group-backed NodeSet's group has disagreed with its size, by UID.
+    pub group_unsettled: Mutex<HashMap<String, Instant>>,
     pub expectations: Arc<Expectations>,
     pub recorder: Recorder,
     pub metrics: Metrics,
@@ -72,7 +76,7 @@ pub(crate) struct Context {
     pub status_written_at: Mutex<HashMap<String, Instant>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -270,7 +274,7 @@ fn bootstrap_token_name(nodes: &Store<Node>) -> String {
     }
 }
 
-fn owner_reference(name: String, uid: String) -> OwnerReference {
+pub(crate) fn owner_reference(name: String, uid: String) -> OwnerReference {
     OwnerReference {
         api_version: NodeSet::api_version(&()).to_string(),
         kind: NodeSet::kind(&()).to_string(),
@@ -390,6 +394,11 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .filter_map(|c| Some((c.to_string(), ctx.classes.get(&ObjectRef::new(c))?)))
         .collect();
+    if let Some(c) = class.as_deref()
+        && crate::group::is_group_backed(c)
+    {
+        return crate::group::reconcile(ns, ctx, c, &previous, now).await;
+    }
     let class_generation = class.as_ref().and_then(|c| c.metadata.generation);
     let class_state = ClassState::of(class.as_deref());
     let replicas = usize::try_from(ns.spec.replicas).map_err(|_| {
@@ -994,7 +1003,11 @@ async fn create_one(
 /// Drops the names of gone Nodes from `spec.removeNodes`. The merge patch carries the
 /// NodeSet's resourceVersion: if someone changed the spec meanwhile it fails with 409 and the
 /// next pass (triggered by that change) recomputes the list.
-async fn prune_removals(ns: &NodeSet, ctx: &Context, gone: &[String]) -> Result<(), Error> {
+pub(crate) async fn prune_removals(
+    ns: &NodeSet,
+    ctx: &Context,
+    gone: &[String],
+) -> Result<(), Error> {
     let keep: Vec<&String> = ns
         .spec
         .remove_nodes
@@ -1027,7 +1040,7 @@ async fn prune_removals(ns: &NodeSet, ctx: &Context, gone: &[String]) -> Result<
 }
 
 /// Sets a condition, keeping its lastTransitionTime unless the status flips.
-fn condition(
+pub(crate) fn condition(
     previous: &[Condition],
     type_: &str,
     status: bool,
@@ -1052,7 +1065,7 @@ fn condition(
     }
 }
 
-fn to_i32(n: usize) -> i32 {
+pub(crate) fn to_i32(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
@@ -1841,7 +1854,11 @@ fn only_counts_changed(previous: &NodeSetStatus, status: &NodeSetStatus) -> bool
         && states(previous) == states(status)
 }
 
-async fn write_status(ns: &NodeSet, ctx: &Context, status: &NodeSetStatus) -> Result<(), Error> {
+pub(crate) async fn write_status(
+    ns: &NodeSet,
+    ctx: &Context,
+    status: &NodeSetStatus,
+) -> Result<(), Error> {
     let api: Api<NodeSet> = Api::all(ctx.client.clone());
     let body = json!({
         "apiVersion": NodeSet::api_version(&()),
@@ -1861,7 +1878,7 @@ async fn write_status(ns: &NodeSet, ctx: &Context, status: &NodeSetStatus) -> Re
     Ok(())
 }
 
-async fn publish(
+pub(crate) async fn publish(
     ctx: &Context,
     ns: &NodeSet,
     type_: EventType,

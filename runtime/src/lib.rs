@@ -13,11 +13,14 @@
 //!   one per controller;
 //! - [`shared`]: one watch per kind for the whole process, fanned out to every controller;
 //! - [`tolerant`]: NodeClass and NodeSet watches that decode one object at a time, setting
-//!   aside (and reporting on itself) any object the types cannot hold.
+//!   aside (and reporting on itself) any object the types cannot hold;
+//! - [`groups`]: the providers of group-backed NodeClasses and the per-group lock both
+//!   controllers hold around a group's size.
 
 pub mod backoff;
 pub mod client;
 pub mod events;
+pub mod groups;
 pub mod metrics;
 pub mod shared;
 pub mod tolerant;
@@ -25,5 +28,6 @@ pub mod tolerant;
 pub use backoff::Backoff;
 pub use client::{RateLimitLayer, TokenBucket, limited_client, urgent};
 pub use events::{EventSink, publish_transition};
+pub use groups::GroupAccess;
 pub use metrics::{ReconcileFamilies, WorkQueue};
 pub use shared::{Fanout, Shared, WatchSource};

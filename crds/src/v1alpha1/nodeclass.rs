@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::{NodeTaint, SecretReference};
 use crate::validation::{
     Errors, InvalidSpec, check_dns1123_label, check_dns1123_subdomain, check_endpoint,
-    check_env_name, check_gcp_location, check_gcp_project, check_gke_name, check_label_value,
-    check_qualified_name, check_quantity, check_url,
+    check_env_name, check_gcp_location, check_gcp_project, check_gke_name, check_group_name,
+    check_label_value, check_qualified_name, check_quantity, check_url,
 };
 
 /// How to make a machine for a Node: the provider and its configuration, the credentials, what
@@ -544,6 +544,22 @@ pub struct SimulatedProviderSpec {
     /// Seed of the random choices (faults, zones), so a run replays exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Makes the class a simulated **group** (like a GKE node pool): the cloud owns the
+    /// machines, names their Nodes `sim-<group>-<suffix>` and labels them
+    /// `kube-node.io/group: <name>`. Nodes of the class cannot be created one by one; a
+    /// NodeSet sets the group's size and names the machines to delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<SimulatedGroupSpec>,
+}
+
+/// A simulated group of machines whose size kube-node sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SimulatedGroupSpec {
+    /// The group's name: a DNS-1123 label of at most 40 characters (it is part of every Node
+    /// name and the value of the `kube-node.io/group` label).
+    #[schemars(schema_with = "crate::validation::group_name")]
+    pub name: String,
 }
 
 /// Faults the simulated backend injects. Percentages apply to each create call.
@@ -640,6 +656,16 @@ pub const DEFAULT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from
 /// Default bootstrap token lifetime.
 pub const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
+/// The group a group-backed NodeClass names (see [`NodeClassSpec::group`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRef {
+    /// The group's name, for messages.
+    pub name: String,
+    /// The label every Node the group's machines register carries: the first half of the
+    /// adoption rule (the second: its `spec.providerID` is one of the group's machines).
+    pub label: (String, String),
+}
+
 impl NodeClassSpec {
     /// The registration timeout, defaulted.
     pub fn registration_timeout(&self) -> std::time::Duration {
@@ -663,6 +689,30 @@ impl NodeClassSpec {
             .as_ref()
             .and_then(|b| b.token_ttl)
             .map_or(DEFAULT_TOKEN_TTL, Into::into)
+    }
+
+    /// The group this class is backed by, when the cloud owns its machines (a simulated
+    /// group, a GKE node pool): its name and the label (key, value) its Nodes carry. Nodes of
+    /// such a class are never created one by one; a NodeSet sets the group's size and adopts
+    /// the Nodes the group's machines register.
+    pub fn group(&self) -> Option<GroupRef> {
+        match self.provider.type_ {
+            ProviderType::Gke => {
+                let pool = &self.provider.gke.as_ref()?.node_pool;
+                Some(GroupRef {
+                    name: pool.clone(),
+                    label: (crate::names::GKE_NODE_POOL_LABEL.to_string(), pool.clone()),
+                })
+            }
+            ProviderType::Simulated => {
+                let g = self.provider.simulated.as_ref()?.group.as_ref()?;
+                Some(GroupRef {
+                    name: g.name.clone(),
+                    label: (crate::names::GROUP_LABEL.to_string(), g.name.clone()),
+                })
+            }
+            _ => None,
+        }
     }
 
     /// The allocatable resources: `allocatable` when given, else `capacity`.
@@ -831,6 +881,12 @@ impl ProviderSpec {
                     check_label_value(z),
                 );
             }
+            if let Some(g) = &s.group {
+                errors.check(
+                    "spec.provider.simulated.group.name",
+                    check_group_name(&g.name),
+                );
+            }
             if let Some(f) = &s.faults {
                 for (field, v) in [
                     (
@@ -942,5 +998,44 @@ fn check_positive(field: &str, d: Option<Duration>, errors: &mut Errors) {
         && std::time::Duration::from(d).is_zero()
     {
         errors.check(field, Err("must be a duration greater than zero".into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(provider: serde_json::Value) -> NodeClassSpec {
+        serde_json::from_value(serde_json::json!({ "provider": provider })).expect("spec")
+    }
+
+    #[test]
+    fn a_gke_class_is_backed_by_its_node_pool_and_adopts_by_the_gke_label() {
+        let gke = spec(serde_json::json!({"type": "gke", "gke": {
+            "project": "p", "location": "europe-west1", "cluster": "c", "nodePool": "pool-a"}}));
+        let group = gke.group().expect("a GKE class is group-backed");
+        assert_eq!(group.name, "pool-a");
+        assert_eq!(
+            group.label,
+            (
+                "cloud.google.com/gke-nodepool".to_string(),
+                "pool-a".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn a_simulated_group_adopts_by_its_own_label_and_a_plain_class_is_not_a_group() {
+        let sim =
+            spec(serde_json::json!({"type": "simulated", "simulated": {"group": {"name": "g1"}}}));
+        assert_eq!(
+            sim.group().expect("group").label,
+            (crate::names::GROUP_LABEL.to_string(), "g1".to_string())
+        );
+        assert!(
+            spec(serde_json::json!({"type": "simulated"}))
+                .group()
+                .is_none()
+        );
     }
 }

@@ -146,10 +146,20 @@ impl Simulation {
     }
 
     fn provider_calls(&self) -> u64 {
-        ["create", "get", "list", "delete", "validate"]
-            .iter()
-            .map(|m| self.cluster.provider_metrics.calls("simulated", m))
-            .sum()
+        [
+            "create",
+            "get",
+            "list",
+            "delete",
+            "validate",
+            "target_size",
+            "set_target_size",
+            "delete_instances",
+            "instances",
+        ]
+        .iter()
+        .map(|m| self.cluster.provider_metrics.calls("simulated", m))
+        .sum()
     }
 
     fn counters(&self) -> (u64, u64, u64) {

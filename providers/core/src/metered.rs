@@ -18,7 +18,8 @@ use crate::{
 pub struct CallLabels {
     /// `spec.provider.type`.
     pub provider: String,
-    /// `create`, `get`, `list`, `delete`, `validate`.
+    /// `create`, `get`, `list`, `delete`, `validate`, and the group methods `target_size`,
+    /// `set_target_size`, `delete_instances`, `instances`.
     pub method: String,
     /// `Ok` or the error's reason.
     pub result: String,
@@ -199,6 +200,68 @@ impl Provider for Metered {
     }
 
     fn as_group(&self) -> Option<&dyn GroupProvider> {
-        self.inner.as_group()
+        // Group calls are counted and traced like the others.
+        self.inner.as_group().map(|_| self as &dyn GroupProvider)
+    }
+}
+
+impl Metered {
+    fn group(&self) -> Result<&dyn GroupProvider> {
+        self.inner.as_group().ok_or_else(|| {
+            crate::ProviderError::Unimplemented(format!(
+                "backend {} has no group operations",
+                self.inner.name()
+            ))
+        })
+    }
+}
+
+#[async_trait]
+impl GroupProvider for Metered {
+    fn group_name(&self) -> String {
+        self.inner
+            .as_group()
+            .map(GroupProvider::group_name)
+            .unwrap_or_default()
+    }
+
+    async fn target_size(&self) -> Result<u32> {
+        let started = Instant::now();
+        let r = match self.group() {
+            Ok(g) => g.target_size().await,
+            Err(e) => Err(e),
+        };
+        self.finish("target_size", started, &r);
+        r
+    }
+
+    async fn set_target_size(&self, size: u32) -> Result<()> {
+        let started = Instant::now();
+        let r = match self.group() {
+            Ok(g) => g.set_target_size(size).await,
+            Err(e) => Err(e),
+        };
+        self.finish("set_target_size", started, &r);
+        r
+    }
+
+    async fn delete_instances(&self, provider_ids: &[String]) -> Result<()> {
+        let started = Instant::now();
+        let r = match self.group() {
+            Ok(g) => g.delete_instances(provider_ids).await,
+            Err(e) => Err(e),
+        };
+        self.finish("delete_instances", started, &r);
+        r
+    }
+
+    async fn instances(&self) -> Result<Vec<Instance>> {
+        let started = Instant::now();
+        let r = match self.group() {
+            Ok(g) => g.instances().await,
+            Err(e) => Err(e),
+        };
+        self.finish("instances", started, &r);
+        r
     }
 }

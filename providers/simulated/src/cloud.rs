@@ -1,18 +1,18 @@
 //! The simulated cloud: every simulated machine of every NodeClass, and the provider bound to
 //! one NodeClass.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube_node_crds::names::tags;
+use kube_node_crds::names::{GROUP_LABEL, tags};
 use kube_node_crds::v1alpha1::SimulatedFaults;
 use kube_node_provider::{
-    Capabilities, CreateRequest, DeleteOutcome, Instance, InstanceAddress, InstanceState,
-    ListFilter, Provider, ProviderError, ProviderFactory, ResolvedClass, Result,
+    Capabilities, CreateRequest, DeleteOutcome, GroupProvider, Instance, InstanceAddress,
+    InstanceState, ListFilter, Provider, ProviderError, ProviderFactory, ResolvedClass, Result,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -40,6 +40,14 @@ pub enum Method {
     List,
     /// [`Provider::delete`].
     Delete,
+    /// [`GroupProvider::target_size`].
+    TargetSize,
+    /// [`GroupProvider::set_target_size`].
+    SetTargetSize,
+    /// [`GroupProvider::delete_instances`].
+    DeleteInstances,
+    /// [`GroupProvider::instances`].
+    Instances,
 }
 
 impl Method {
@@ -51,6 +59,10 @@ impl Method {
             Self::Get => "get",
             Self::List => "list",
             Self::Delete => "delete",
+            Self::TargetSize => "target_size",
+            Self::SetTargetSize => "set_target_size",
+            Self::DeleteInstances => "delete_instances",
+            Self::Instances => "instances",
         }
     }
 
@@ -61,6 +73,10 @@ impl Method {
             "get" => Self::Get,
             "list" => Self::List,
             "delete" => Self::Delete,
+            "target_size" => Self::TargetSize,
+            "set_target_size" => Self::SetTargetSize,
+            "delete_instances" => Self::DeleteInstances,
+            "instances" => Self::Instances,
             _ => return None,
         })
     }
@@ -89,6 +105,8 @@ pub(crate) struct Machine {
     /// a large part of the simulated cloud's memory.
     pub node_capacity: Arc<BTreeMap<String, Quantity>>,
     pub node_allocatable: Arc<BTreeMap<String, Quantity>>,
+    /// The simulated group it belongs to (its kubelet then creates its Node, labelled).
+    pub group: Option<String>,
 }
 
 impl Machine {
@@ -135,6 +153,14 @@ struct ClassState {
     next_zone: usize,
 }
 
+/// A simulated group (a managed instance group): its target size, and every machine that was
+/// ever its member (so a deletion of a gone member is told from a foreign provider ID).
+struct GroupState {
+    config: SimConfig,
+    target: u32,
+    members: HashSet<String>,
+}
+
 #[derive(Default)]
 pub(crate) struct State {
     /// Machines by id, including Terminating ones until their delete delay has passed.
@@ -147,10 +173,13 @@ pub(crate) struct State {
     /// Fault overrides by NodeClass name (take precedence over the NodeClass's own faults).
     faults: HashMap<String, SimulatedFaults>,
     id_counter: u64,
+    /// Simulated groups by name.
+    groups: BTreeMap<String, GroupState>,
 }
 
 impl State {
-    /// Drops machines whose delete delay has passed.
+    /// Drops machines whose delete delay has passed, and has every group launch the machines
+    /// it lacks (as a managed instance group replaces the ones that vanished).
     fn sweep(&mut self, now: Instant) {
         let gone: Vec<String> = self
             .machines
@@ -161,6 +190,103 @@ impl State {
         for id in gone {
             self.remove(&id);
         }
+        let groups: Vec<String> = self.groups.keys().cloned().collect();
+        for g in groups {
+            self.fill_group(&g, now);
+        }
+    }
+
+    /// The live (not terminating) machines of a group, oldest first.
+    fn group_live(&self, group: &str, now: Instant) -> Vec<String> {
+        let mut live: Vec<&Machine> = self
+            .machines
+            .values()
+            .filter(|m| m.group.as_deref() == Some(group))
+            .filter(|m| matches!(m.state(now), Some(s) if s != InstanceState::Terminating))
+            .collect();
+        live.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        live.into_iter().map(|m| m.id.clone()).collect()
+    }
+
+    /// Brings a group's live machines to its target: launches the missing ones (within the
+    /// class's capacity and quota, as a cloud would keep trying) or, when the target was
+    /// lowered without naming machines, deletes the newest ones of its own choice.
+    fn fill_group(&mut self, group: &str, now: Instant) {
+        let Some(g) = self.groups.get(group) else {
+            return;
+        };
+        let (target, cfg) = (g.target as usize, g.config.clone());
+        let live = self.group_live(group, now);
+        if live.len() > target {
+            for id in live.iter().rev().take(live.len() - target) {
+                if let Some(m) = self.machines.get_mut(id) {
+                    m.deleted_at = Some(now);
+                }
+            }
+            return;
+        }
+        let limit = [cfg.capacity, cfg.quota]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(usize::MAX, |l| l as usize);
+        for _ in live.len()..target {
+            if self.class_count(&cfg.class_name, now) >= limit {
+                break;
+            }
+            self.launch_group_machine(group, &cfg, now);
+        }
+    }
+
+    fn launch_group_machine(&mut self, group: &str, cfg: &SimConfig, now: Instant) {
+        let class = self.class(cfg);
+        let zone = cfg.zones[class.next_zone % cfg.zones.len()].clone();
+        class.next_zone = class.next_zone.wrapping_add(1);
+        let id = self.next_id();
+        // Named by the group, as GKE names a pool's VMs: `sim-<group>-<12 hex digits>`.
+        let node_name = format!("sim-{group}-{}", id.trim_start_matches("sim-"));
+        let tags = BTreeMap::from([
+            (tags::CLUSTER.to_string(), cfg.cluster_name.clone()),
+            (tags::NODE_CLASS.to_string(), cfg.class_name.clone()),
+            (tags::NODE_NAME.to_string(), node_name.clone()),
+            (
+                tags::MANAGED_BY.to_string(),
+                tags::MANAGED_BY_VALUE.to_string(),
+            ),
+        ]);
+        let provider_id = format!("{PROVIDER_ID_PREFIX}{zone}/{id}");
+        tracing::debug!(
+            provider = PROVIDER_NAME,
+            group,
+            node = %node_name,
+            provider_id = %provider_id,
+            "simulated group launched a machine"
+        );
+        if let Some(g) = self.groups.get_mut(group) {
+            g.members.insert(provider_id.clone());
+        }
+        let machine = Machine {
+            provider_id,
+            zone,
+            instance_type: cfg.instance_type.clone(),
+            tags,
+            idempotency_key: String::new(),
+            node_name,
+            class_name: cfg.class_name.clone(),
+            created_at: now,
+            created_unix: jiff::Timestamp::now().as_second(),
+            boot_delay: cfg.boot_delay,
+            delete_delay: cfg.delete_delay,
+            list_lag: cfg.list_lag,
+            deleted_at: None,
+            register: cfg.register,
+            internal_ip: internal_ip(&id),
+            node_capacity: cfg.node_capacity.clone(),
+            node_allocatable: cfg.node_allocatable.clone(),
+            group: Some(group.to_string()),
+            id: id.clone(),
+        };
+        self.machines.insert(id, machine);
     }
 
     fn remove(&mut self, id: &str) -> Option<Machine> {
@@ -273,6 +399,9 @@ pub(crate) struct KubeletTarget {
     pub internal_ip: String,
     pub capacity: Arc<BTreeMap<String, Quantity>>,
     pub allocatable: Arc<BTreeMap<String, Quantity>>,
+    /// For a machine of a group: the labels its kubelet registers its Node with (it creates
+    /// the Node, as a cloud's kubelet does). `None`: the Node exists already (kube-node made it).
+    pub register_labels: Option<BTreeMap<String, String>>,
 }
 
 /// The shared state of every simulated machine of every NodeClass: the simulated "cloud
@@ -429,6 +558,16 @@ impl SimulatedCloud {
                     internal_ip: m.internal_ip.clone(),
                     capacity: m.node_capacity.clone(),
                     allocatable: m.node_allocatable.clone(),
+                    register_labels: m.group.as_ref().map(|g| {
+                        BTreeMap::from([
+                            (GROUP_LABEL.to_string(), g.clone()),
+                            (
+                                "node.kubernetes.io/instance-type".to_string(),
+                                m.instance_type.clone(),
+                            ),
+                            ("topology.kubernetes.io/zone".to_string(), m.zone.clone()),
+                        ])
+                    }),
                 },
             );
         }
@@ -512,7 +651,7 @@ impl Provider for SimulatedProvider {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            group_sized: false,
+            group_sized: self.config.group.is_some(),
             eventually_consistent_list: !self.config.list_lag.is_zero(),
         }
     }
@@ -528,6 +667,12 @@ impl Provider for SimulatedProvider {
     }
 
     async fn create(&self, request: &CreateRequest) -> Result<Instance> {
+        if self.config.group.is_some() {
+            return Err(ProviderError::Unimplemented(format!(
+                "NodeClass {} is group-backed: its group creates the machines",
+                self.config.class_name
+            )));
+        }
         if request.idempotency_key.is_empty() {
             return Err(ProviderError::InvalidConfig(
                 "create request: the idempotency key (Node UID) is empty".into(),
@@ -591,6 +736,7 @@ impl Provider for SimulatedProvider {
             internal_ip: internal_ip(&id),
             node_capacity: cfg.node_capacity.clone(),
             node_allocatable: cfg.node_allocatable.clone(),
+            group: None,
             id: id.clone(),
         };
         let state = machine.state(now).unwrap_or(InstanceState::Pending);
@@ -693,5 +839,115 @@ impl Provider for SimulatedProvider {
                 Ok(DeleteOutcome::Deleting)
             }
         }
+    }
+
+    fn as_group(&self) -> Option<&dyn GroupProvider> {
+        self.config
+            .group
+            .is_some()
+            .then_some(self as &dyn GroupProvider)
+    }
+}
+
+impl SimulatedProvider {
+    /// The group's name and its state (created empty on first use), with the call counted and
+    /// an injected error taken. Sweeps first, so the group is up to date.
+    fn group_call<T>(
+        &self,
+        method: Method,
+        f: impl FnOnce(&mut State, &str, Instant) -> Result<T>,
+    ) -> Result<T> {
+        let Some(group) = self.config.group.clone() else {
+            return Err(ProviderError::Unimplemented(format!(
+                "NodeClass {} is not group-backed",
+                self.config.class_name
+            )));
+        };
+        let now = Instant::now();
+        let mut st = self.cloud.shared.lock();
+        st.count_call(method);
+        if let Some(e) = st.take_injected(method) {
+            return Err(e);
+        }
+        let g = st
+            .groups
+            .entry(group.clone())
+            .or_insert_with(|| GroupState {
+                config: self.config.clone(),
+                target: 0,
+                members: HashSet::new(),
+            });
+        // The class's configuration as it is now (a new generation may change the delays).
+        g.config = self.config.clone();
+        st.sweep(now);
+        f(&mut st, &group, now)
+    }
+}
+
+#[async_trait]
+impl GroupProvider for SimulatedProvider {
+    fn group_name(&self) -> String {
+        format!(
+            "simulated/{}",
+            self.config.group.as_deref().unwrap_or_default()
+        )
+    }
+
+    async fn target_size(&self) -> Result<u32> {
+        self.group_call(Method::TargetSize, |st, group, _| {
+            Ok(st.groups.get(group).map_or(0, |g| g.target))
+        })
+    }
+
+    async fn set_target_size(&self, size: u32) -> Result<()> {
+        self.group_call(Method::SetTargetSize, |st, group, now| {
+            if let Some(g) = st.groups.get_mut(group) {
+                g.target = size;
+            }
+            st.fill_group(group, now);
+            Ok(())
+        })
+    }
+
+    async fn delete_instances(&self, provider_ids: &[String]) -> Result<()> {
+        self.group_call(Method::DeleteInstances, |st, group, now| {
+            let Some(g) = st.groups.get(group) else {
+                return Ok(());
+            };
+            if let Some(foreign) = provider_ids.iter().find(|p| !g.members.contains(*p)) {
+                return Err(ProviderError::InvalidConfig(format!(
+                    "{foreign} is not a machine of simulated group {group}"
+                )));
+            }
+            let mut deleted = 0u32;
+            for pid in provider_ids {
+                let Some((_, id)) = parse_provider_id(pid) else {
+                    continue;
+                };
+                if let Some(m) = st.machines.get_mut(id)
+                    && matches!(m.state(now), Some(s) if s != InstanceState::Terminating)
+                {
+                    m.deleted_at = Some(now);
+                    deleted += 1;
+                }
+            }
+            if let Some(g) = st.groups.get_mut(group) {
+                g.target = g.target.saturating_sub(deleted);
+            }
+            // Machines with no delete delay are gone at once.
+            st.sweep(now);
+            Ok(())
+        })
+    }
+
+    async fn instances(&self) -> Result<Vec<Instance>> {
+        self.group_call(Method::Instances, |st, group, now| {
+            Ok(st
+                .machines
+                .values()
+                .filter(|m| m.group.as_deref() == Some(group))
+                .filter_map(|m| m.state(now).map(|s| m.instance(s)))
+                .collect())
+        })
     }
 }

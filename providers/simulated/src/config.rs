@@ -47,6 +47,8 @@ pub struct SimConfig {
     pub node_capacity: Arc<BTreeMap<String, Quantity>>,
     /// What the kubelet reports as `status.allocatable`; shared the same way.
     pub node_allocatable: Arc<BTreeMap<String, Quantity>>,
+    /// The simulated group the class is backed by, if any.
+    pub group: Option<String>,
 }
 
 impl SimConfig {
@@ -85,6 +87,7 @@ impl SimConfig {
             seed: spec.seed.unwrap_or_else(|| fnv1a(class.name.as_bytes())),
             node_capacity: Arc::new(class.spec.capacity.clone()),
             node_allocatable: Arc::new(class.spec.allocatable_or_capacity().clone()),
+            group: spec.group.as_ref().map(|g| g.name.clone()),
         })
     }
 }
@@ -119,6 +122,11 @@ pub fn validate_spec(spec: &SimulatedProviderSpec) -> Result<()> {
                 format!("zone {zone:?} is listed twice"),
             );
         }
+    }
+    if let Some(g) = &spec.group
+        && let Err(why) = kube_node_crds::validation::check_group_name(&g.name)
+    {
+        return invalid("group.name", format!("{:?} {why}", g.name));
     }
     if spec.capacity == Some(0) && spec.quota.is_some() {
         return invalid(

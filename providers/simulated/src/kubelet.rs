@@ -551,9 +551,35 @@ async fn run_node_job(ctx: Arc<Ctx>, job: NodeJob) -> NodeJobResult {
         let now = now_rfc3339();
         let body = node_status_patch(&job.target, &now, &job.ready_since);
         ctx.count_write();
-        let r = nodes
-            .patch_status(&node, &PatchParams::default(), &Patch::Strategic(body))
+        let mut r = nodes
+            .patch_status(
+                &node,
+                &PatchParams::default(),
+                &Patch::Strategic(body.clone()),
+            )
             .await;
+        // A machine of a group registers its own Node, as a cloud's kubelet does
+        // (`--register-node` with the pool's labels and the providerID).
+        if let (Err(kube::Error::Api(e)), Some(labels)) = (&r, &job.target.register_labels)
+            && e.code == 404
+        {
+            ctx.count_write();
+            match nodes
+                .create(
+                    &PostParams::default(),
+                    &registered_node(&job.target, labels),
+                )
+                .await
+            {
+                Ok(_) => {
+                    ctx.count_write();
+                    r = nodes
+                        .patch_status(&node, &PatchParams::default(), &Patch::Strategic(body))
+                        .await;
+                }
+                Err(e) => r = Err(e),
+            }
+        }
         match r {
             Ok(n) => {
                 let new_uid = n.uid().unwrap_or_default();
@@ -580,6 +606,27 @@ async fn run_node_job(ctx: Arc<Ctx>, job: NodeJob) -> NodeJobResult {
             Some(touch_lease(&ctx, &nodes, &node, &uid, job.lease_exists && !new_node).await);
     }
     result
+}
+
+/// The Node a group machine's kubelet registers: its name, the group's labels, the
+/// providerID, and the labels every kubelet sets.
+fn registered_node(t: &KubeletTarget, labels: &BTreeMap<String, String>) -> Node {
+    let mut labels = labels.clone();
+    labels.insert("kubernetes.io/hostname".into(), t.node_name.clone());
+    labels.insert("kubernetes.io/os".into(), "linux".into());
+    labels.insert("kubernetes.io/arch".into(), "amd64".into());
+    Node {
+        metadata: kube::api::ObjectMeta {
+            name: Some(t.node_name.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            provider_id: Some(t.provider_id.clone()),
+            ..Default::default()
+        }),
+        status: None,
+    }
 }
 
 /// Sets the labels a kubelet always reconciles onto its Node, when missing. (Labels and taints
@@ -866,7 +913,27 @@ mod tests {
                 )]
                 .into(),
             ),
+            register_labels: None,
         }
+    }
+
+    #[test]
+    fn a_group_machine_registers_its_node_with_the_group_label_and_provider_id() {
+        let mut t = target();
+        let labels = BTreeMap::from([(
+            kube_node_crds::names::GROUP_LABEL.to_string(),
+            "pool".to_string(),
+        )]);
+        t.register_labels = Some(labels.clone());
+        let n = registered_node(&t, &labels);
+        assert_eq!(n.metadata.name.as_deref(), Some("n1"));
+        let l = n.metadata.labels.expect("labels");
+        assert_eq!(l["kube-node.io/group"], "pool");
+        assert_eq!(l["kubernetes.io/hostname"], "n1");
+        assert_eq!(
+            n.spec.and_then(|s| s.provider_id).as_deref(),
+            Some("simulated:///sim-a/sim-000000000001")
+        );
     }
 
     #[test]
