@@ -79,6 +79,7 @@ mod tests {
             instance_type: None,
             addresses: vec![],
             created_unix: created,
+            failure: None,
         }
     }
 

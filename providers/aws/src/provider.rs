@@ -476,6 +476,7 @@ pub fn to_instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         instance_type: i.instance_type().map(|t| t.as_str().to_string()),
         addresses,
         created_unix: i.launch_time().map(|t| t.secs()),
+        failure: None,
     })
 }
 
@@ -722,6 +723,7 @@ mod tests {
             instance_type: None,
             addresses: vec![],
             created_unix: Some(created),
+            failure: None,
         }
     }
 

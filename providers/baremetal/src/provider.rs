@@ -352,6 +352,7 @@ impl Inner {
                 address: h.address.clone(),
             }],
             created_unix: Some(r.claimed_at_unix),
+            failure: None,
         }
     }
 

@@ -191,6 +191,7 @@ impl WireInstance {
                 })
                 .collect(),
             created_unix: self.created_unix,
+            failure: None,
         })
     }
 }

@@ -119,6 +119,7 @@ impl Machine {
                 },
             ],
             created_unix: Some(self.created_unix),
+            failure: None,
         }
     }
 }

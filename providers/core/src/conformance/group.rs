@@ -829,6 +829,7 @@ mod tests {
                     instance_type: None,
                     addresses: Vec::new(),
                     created_unix: None,
+                    failure: None,
                 })
                 .collect())
         }
