@@ -528,6 +528,10 @@ async fn the_instance_level_seam_follows_the_contract() {
         DeleteOutcome::Gone
     );
 
+    // The first delete waits for its operation (150 ms, polled at 20, 40, 80, then every
+    // 100 ms): the machine must still be deleting when the second delete looks, whatever the
+    // timing of the polls.
+    fake.with(|s| s.delete_delay = Duration::from_secs(2));
     let victim = listed[0].provider_id.clone();
     assert_eq!(
         p.delete(&victim).await.expect("delete"),
