@@ -48,6 +48,7 @@ fn host(labels: &[(&str, &str)]) -> Instance {
         addresses: vec![],
         created_unix: Some(0),
         labels: map(labels),
+        failure: None,
     }
 }
 

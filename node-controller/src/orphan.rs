@@ -80,6 +80,7 @@ mod tests {
             addresses: vec![],
             created_unix: created,
             labels: BTreeMap::new(),
+            failure: None,
         }
     }
 

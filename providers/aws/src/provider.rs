@@ -477,6 +477,7 @@ pub fn to_instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         addresses,
         created_unix: i.launch_time().map(|t| t.secs()),
         labels: Default::default(),
+        failure: None,
     })
 }
 
@@ -724,6 +725,7 @@ mod tests {
             addresses: vec![],
             created_unix: Some(created),
             labels: Default::default(),
+            failure: None,
         }
     }
 

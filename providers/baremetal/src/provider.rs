@@ -400,6 +400,7 @@ impl Inner {
             }],
             created_unix: Some(r.claimed_at_unix),
             labels: h.labels.clone(),
+            failure: None,
         }
     }
 

@@ -158,6 +158,14 @@ pub struct Instance {
     /// host's inventory labels: rack, zone). Empty for a backend that has none; see
     /// `providers/CONTRACT.md` section 8.
     pub labels: BTreeMap<String, String>,
+    /// Why the cloud failed to create it, when the cloud accepted the machine (it is listed,
+    /// `state` stays `Pending`) but its creation failed and the cloud keeps retrying: a group
+    /// whose instance creations fail for quota (`QuotaExceeded`), for a zone out of capacity
+    /// (`InsufficientCapacity`) or for another reason (another kind, with the cloud's
+    /// message). `None` for every machine that is not in that state, and always for backends
+    /// that create their machines themselves (their create returns the error instead).
+    /// `providers/CONTRACT.md` section 7.
+    pub failure: Option<crate::ProviderError>,
 }
 
 impl Instance {

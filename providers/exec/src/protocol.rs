@@ -192,6 +192,7 @@ impl WireInstance {
                 .collect(),
             created_unix: self.created_unix,
             labels: BTreeMap::new(),
+            failure: None,
         })
     }
 }

@@ -147,6 +147,35 @@ pub fn classify_operation(api: Api, code: &str, message: &str, http: Option<u16>
     }
 }
 
+/// Maps one error of a managed instance's last creation attempt
+/// (`listManagedInstances` → `lastAttempt.errors.errors[]`, its `code` and `message`) to the
+/// contract's error kinds: the machine was accepted (the group's target size counts it) but
+/// Compute Engine could not make it, and the group keeps retrying. Quota codes are
+/// `QuotaExceeded`; a zone out of resources (`ZONE_RESOURCE_POOL_EXHAUSTED*`,
+/// `RESOURCE_POOL_EXHAUSTED`, a stockout) is `InsufficientCapacity`; a missing permission of
+/// the group's service account is `Unauthorized`; anything else is `Transient` (the group
+/// retries it) with the code and message. The message names the machine and zone, and
+/// Compute Engine's message cut to a bounded length; nothing of the credentials.
+pub fn classify_creation(machine: &str, zone: &str, code: &str, message: &str) -> ProviderError {
+    let upper = code.to_ascii_uppercase();
+    let text = format!(
+        "creating machine {machine} in zone {zone} failed: {code}: {} (its instance group keeps retrying)",
+        cut(message)
+    );
+    if upper.contains("QUOTA") {
+        ProviderError::QuotaExceeded(text)
+    } else if upper.starts_with("ZONE_RESOURCE_POOL_EXHAUSTED")
+        || upper == "RESOURCE_POOL_EXHAUSTED"
+        || upper.contains("STOCKOUT")
+    {
+        ProviderError::InsufficientCapacity(text)
+    } else if upper == "PERMISSIONS_ERROR" || upper == "PERMISSION_DENIED" {
+        ProviderError::Unauthorized(text)
+    } else {
+        ProviderError::Transient(text)
+    }
+}
+
 /// Reads the client library's error into a [`Failure`].
 pub fn failure(e: &GaxError) -> Failure {
     let mut f = Failure {
@@ -402,5 +431,31 @@ mod tests {
             classify_operation(api, "PERMISSIONS_ERROR", "m", Some(403)).reason(),
             "Unauthorized"
         );
+    }
+
+    #[test]
+    fn creation_errors() {
+        for (code, want) in [
+            ("QUOTA_EXCEEDED", "QuotaExceeded"),
+            ("REGIONAL_QUOTA_EXCEEDED", "QuotaExceeded"),
+            ("ZONE_RESOURCE_POOL_EXHAUSTED", "InsufficientCapacity"),
+            (
+                "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+                "InsufficientCapacity",
+            ),
+            ("RESOURCE_POOL_EXHAUSTED", "InsufficientCapacity"),
+            ("GCE_STOCKOUT", "InsufficientCapacity"),
+            ("PERMISSIONS_ERROR", "Unauthorized"),
+            ("CONDITION_NOT_MET", "Transient"),
+            ("INTERNAL_ERROR", "Transient"),
+        ] {
+            let e = classify_creation("gke-m-1", "europe-west1-b", code, "why");
+            assert_eq!(e.reason(), want, "{code}");
+            for part in ["gke-m-1", "europe-west1-b", code, "why"] {
+                assert!(e.message().contains(part), "{part}: {e}");
+            }
+        }
+        let long = classify_creation("m", "z", "INTERNAL_ERROR", &"x".repeat(5000));
+        assert!(long.message().len() < 450, "{}", long.message().len());
     }
 }

@@ -20,7 +20,9 @@
 //!   concerned (machines already gone or already being deleted count as deleted) and one
 //!   `instanceGroupManagers.deleteInstances` per group, which also lowers its target size.
 //! - instances / list / get = `listManagedInstances` per group; `currentAction`
-//!   (`CREATING`, `DELETING`, ...) and `instanceStatus` give the state.
+//!   (`CREATING`, `DELETING`, ...) and `instanceStatus` give the state. A machine still being
+//!   created whose `lastAttempt.errors` is set (quota, zone out of resources) carries that
+//!   error, typed by [`errors::classify_creation`], in `Instance::failure`.
 //! - create is `Unimplemented`: GKE makes the machines.
 //!
 //! Every mutating call carries a `requestId` derived from its intent ([`plan::request_id`]),

@@ -190,6 +190,17 @@ pub fn state(current_action: Option<&str>, instance_status: Option<&str>) -> Ins
     }
 }
 
+/// Whether a managed instance is still being created (`CREATING`, `RECREATING`, or no
+/// instance status yet and not leaving): its `lastAttempt.errors`, when set, then say why its
+/// creation failed.
+pub fn creating(current_action: Option<&str>, instance_status: Option<&str>) -> bool {
+    match current_action.unwrap_or("NONE") {
+        "CREATING" | "CREATING_WITHOUT_RETRIES" | "RECREATING" => true,
+        "DELETING" | "ABANDONING" => false,
+        _ => instance_status.is_none_or(str::is_empty),
+    }
+}
+
 /// Whether a machine in this state is already on its way out: deleting it again would
 /// lower the group's size a second time.
 pub fn leaving(current_action: Option<&str>) -> bool {
@@ -352,5 +363,12 @@ mod tests {
         assert_eq!(state(None, None), Pending);
         assert!(leaving(Some("DELETING")));
         assert!(!leaving(Some("CREATING")));
+        assert!(creating(Some("CREATING"), Some("STAGING")));
+        assert!(creating(Some("RECREATING"), Some("RUNNING")));
+        assert!(creating(Some("NONE"), None));
+        assert!(creating(None, None));
+        assert!(!creating(Some("NONE"), Some("RUNNING")));
+        assert!(!creating(Some("DELETING"), None));
+        assert!(!creating(Some("REFRESHING"), Some("RUNNING")));
     }
 }

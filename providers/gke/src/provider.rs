@@ -362,6 +362,7 @@ impl GkeProvider {
             created_unix: None,
             // GKE puts the pool's labels on the Node itself; there are none of the machine's own.
             labels: BTreeMap::new(),
+            failure: creation_failure(&mig.zone, &machine.name, m),
         })
     }
 
@@ -588,6 +589,39 @@ impl GkeProvider {
         );
         Ok(outcome)
     }
+}
+
+/// Why a managed instance's creation failed, when it is still being created and its last
+/// attempt reports errors: the first out-of-resources error (quota, capacity) when there is
+/// one, else the first error.
+fn creation_failure(zone: &str, name: &str, m: &ManagedInstance) -> Option<ProviderError> {
+    if !plan::creating(
+        m.current_action.as_ref().and_then(|a| a.name()),
+        m.instance_status.as_ref().and_then(|s| s.name()),
+    ) {
+        return None;
+    }
+    let failures: Vec<ProviderError> = m
+        .last_attempt
+        .as_ref()?
+        .errors
+        .as_ref()?
+        .errors
+        .iter()
+        .map(|e| {
+            errors::classify_creation(
+                name,
+                zone,
+                e.code
+                    .as_deref()
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or("UNKNOWN"),
+                e.message.as_deref().unwrap_or(""),
+            )
+        })
+        .collect();
+    let first_out = failures.iter().position(ProviderError::is_out_of_resources);
+    failures.into_iter().nth(first_out.unwrap_or(0))
 }
 
 async fn build_clients(config: &GkeConfig) -> Result<Clients> {

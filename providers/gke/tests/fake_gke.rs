@@ -528,6 +528,10 @@ async fn the_instance_level_seam_follows_the_contract() {
         DeleteOutcome::Gone
     );
 
+    // The first delete waits for its operation (150 ms, polled at 20, 40, 80, then every
+    // 100 ms): the machine must still be deleting when the second delete looks, whatever the
+    // timing of the polls.
+    fake.with(|s| s.delete_delay = Duration::from_secs(2));
     let victim = listed[0].provider_id.clone();
     assert_eq!(
         p.delete(&victim).await.expect("delete"),
@@ -549,6 +553,132 @@ async fn the_instance_level_seam_follows_the_contract() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(p.delete(&victim).await.expect("gone"), DeleteOutcome::Gone);
+}
+
+/// A resize Compute Engine accepts but whose VMs it cannot make (a zone out of resources, a
+/// quota): the group keeps its target size and lists those machines `CREATING` with
+/// `lastAttempt.errors`; `instances` and `get` report exactly those machines with the typed
+/// failure, in the same one `listManagedInstances` per group.
+#[tokio::test]
+async fn failed_creations_come_back_typed_on_exactly_those_machines() {
+    let (fake, p, counter) = setup().await;
+    fake.manual_clock();
+    let g = p.as_group().expect("group");
+    fake.fail_next_creations(
+        ZONES[0],
+        1,
+        "ZONE_RESOURCE_POOL_EXHAUSTED",
+        "The zone 'projects/kube-node-test/zones/europe-west1-b' does not have enough resources available to fulfill the request.",
+    );
+    fake.fail_next_creations(
+        ZONES[1],
+        1,
+        "QUOTA_EXCEEDED",
+        "Quota 'CPUS' exceeded. Limit: 24.0 in region europe-west1.",
+    );
+    g.set_target_size(6).await.expect("the resize is accepted");
+    fake.advance();
+    fake.advance();
+
+    let failed = fake.failed_machines();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    counter.reset();
+    let listed = g.instances().await.expect("instances");
+    assert_eq!(
+        counter.total(),
+        3,
+        "one listManagedInstances per group, nothing more: {:?}",
+        counter.snapshot()
+    );
+    assert_eq!(listed.len(), 6, "{listed:#?}");
+    assert_eq!(g.target_size().await.expect("size"), 6, "the size stays");
+    let key: serde_json::Value = serde_json::from_str(common::SERVICE_ACCOUNT).expect("json");
+    let secrets = [
+        key["private_key"]
+            .as_str()
+            .and_then(|k| k.lines().nth(1))
+            .expect("a key line"),
+        key["private_key_id"].as_str().expect("key id"),
+    ];
+    for i in &listed {
+        let want = failed.iter().find(|(z, n, _)| {
+            i.provider_id == Fake::provider_id(z, n) && i.zone.as_deref() == Some(z.as_str())
+        });
+        match (want, &i.failure) {
+            (None, None) => assert_eq!(i.state, InstanceState::Running, "{i:?}"),
+            (Some((zone, name, code)), Some(e)) => {
+                assert_eq!(i.state, InstanceState::Pending, "{i:?}");
+                let kind = match code.as_str() {
+                    "ZONE_RESOURCE_POOL_EXHAUSTED" => "InsufficientCapacity",
+                    _ => "QuotaExceeded",
+                };
+                assert_eq!(e.reason(), kind, "{e}");
+                assert!(e.is_out_of_resources() && e.is_retryable(), "{e}");
+                for part in [zone.as_str(), name.as_str(), code.as_str()] {
+                    assert!(e.message().contains(part), "{part}: {e}");
+                }
+                for secret in secrets {
+                    assert!(!e.to_string().contains(secret), "{e}");
+                }
+                assert_eq!(
+                    p.get(&i.provider_id).await.expect("get").failure.as_ref(),
+                    Some(e),
+                    "get says the same"
+                );
+            }
+            other => panic!("{i:?}: {other:?}"),
+        }
+    }
+
+    // Another code: a typed error all the same, with Compute Engine's code and message.
+    fake.fail_next_creations(
+        ZONES[0],
+        1,
+        "CONDITION_NOT_MET",
+        "Instance template is being updated",
+    );
+    g.set_target_size(7).await.expect("7");
+    fake.advance();
+    let listed = g.instances().await.expect("instances");
+    let failures: Vec<_> = listed.iter().filter_map(|i| i.failure.as_ref()).collect();
+    assert_eq!(failures.len(), 3, "{listed:#?}");
+    let other = failures
+        .iter()
+        .find(|e| e.message().contains("CONDITION_NOT_MET"))
+        .expect("the third failure");
+    assert_eq!(other.reason(), "Transient");
+    assert!(
+        other
+            .message()
+            .contains("Instance template is being updated"),
+        "{other}"
+    );
+
+    // A failed machine is removed by name like any other: Terminating without a failure,
+    // then gone, and the size is one lower.
+    let victim = listed
+        .iter()
+        .find(|i| {
+            i.failure
+                .as_ref()
+                .is_some_and(|e| e.reason() == "QuotaExceeded")
+        })
+        .expect("the quota failure")
+        .provider_id
+        .clone();
+    g.delete_instances(std::slice::from_ref(&victim))
+        .await
+        .expect("delete");
+    let leaving = p.get(&victim).await.expect("still listed");
+    assert_eq!(leaving.state, InstanceState::Terminating);
+    assert_eq!(leaving.failure, None);
+    fake.advance();
+    assert!(matches!(
+        p.get(&victim).await,
+        Err(ProviderError::NotFound(_))
+    ));
+    assert_eq!(g.target_size().await.expect("size"), 6);
+    assert_eq!(fake.failed_machines().len(), 2);
 }
 
 #[tokio::test]

@@ -140,6 +140,7 @@ impl Machine {
             ],
             created_unix: Some(self.created_unix),
             labels: Default::default(),
+            failure: None,
         }
     }
 }

@@ -830,6 +830,7 @@ mod tests {
                     addresses: Vec::new(),
                     created_unix: None,
                     labels: BTreeMap::new(),
+                    failure: None,
                 })
                 .collect())
         }

@@ -14,7 +14,9 @@
 //! are `CREATING` for `boot_delay`, then `RUNNING`; removed ones are `DELETING` for
 //! `delete_delay`, then gone); short pages (at most `page_cap` machines per page); bearer
 //! tokens that must be JWTs signed for the test's service account; and injected failures
-//! (an HTTP error with a Google error body, or an operation that finishes with an error).
+//! (an HTTP error with a Google error body, an operation that finishes with an error, or
+//! machine creations of a zone that fail: the machine stays `CREATING` with
+//! `lastAttempt.errors`, as a group whose VM creations hit a quota or a stockout shows it).
 
 #![allow(dead_code)]
 
@@ -61,6 +63,9 @@ pub struct Machine {
     pub id: u64,
     created: Instant,
     deleting_since: Option<Instant>,
+    /// Its creation failed with this (code, message): it stays `CREATING` with the error in
+    /// `lastAttempt`, as a group that keeps retrying shows it, until it is deleted.
+    pub failure: Option<(String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -116,6 +121,8 @@ pub struct State {
     pub unauthenticated: u64,
     faults: VecDeque<Fault>,
     op_faults: VecDeque<(String, String, String)>,
+    /// Per zone, the errors (code, message) the next machine creations there fail with.
+    creation_faults: BTreeMap<String, VecDeque<(String, String)>>,
     pub op_delay: Duration,
     pub boot_delay: Duration,
     pub delete_delay: Duration,
@@ -172,11 +179,16 @@ impl State {
         for gi in new_ids {
             let n = self.next();
             let g = &mut self.groups[gi];
+            let failure = self
+                .creation_faults
+                .get_mut(&g.zone)
+                .and_then(VecDeque::pop_front);
             g.machines.push(Machine {
                 name: format!("{}-{:04x}", g.base, n),
                 id: 9_000_000 + n,
                 created: now,
                 deleting_since: None,
+                failure,
             });
         }
     }
@@ -314,6 +326,7 @@ impl Fake {
             unauthenticated: 0,
             faults: VecDeque::new(),
             op_faults: VecDeque::new(),
+            creation_faults: BTreeMap::new(),
             op_delay: Duration::from_millis(150),
             boot_delay: Duration::from_millis(200),
             delete_delay: Duration::from_millis(200),
@@ -409,6 +422,35 @@ impl Fake {
             s.op_faults
                 .push_back((kind.into(), code.into(), message.into()))
         });
+    }
+
+    /// The next `times` machine creations in `zone` fail with this error code and message
+    /// (`ZONE_RESOURCE_POOL_EXHAUSTED`, `QUOTA_EXCEEDED`, ...): the group keeps its target
+    /// size and lists each such machine `CREATING`, without an instance status, with
+    /// `lastAttempt.errors.errors[{code, message}]`, until it is deleted.
+    pub fn fail_next_creations(&self, zone: &str, times: u32, code: &str, message: &str) {
+        self.with(|s| {
+            let q = s.creation_faults.entry(zone.to_string()).or_default();
+            for _ in 0..times {
+                q.push_back((code.to_string(), message.to_string()));
+            }
+        });
+    }
+
+    /// The machines whose creation failed: (zone, name, code).
+    pub fn failed_machines(&self) -> Vec<(String, String, String)> {
+        self.with(|s| {
+            s.groups
+                .iter()
+                .flat_map(|g| {
+                    g.machines.iter().filter_map(|m| {
+                        m.failure
+                            .as_ref()
+                            .map(|(code, _)| (g.zone.clone(), m.name.clone(), code.clone()))
+                    })
+                })
+                .collect()
+        })
     }
 
     pub fn pending_faults(&self) -> usize {
@@ -735,7 +777,7 @@ fn route(
                             "instanceGroup": format!("{base}/compute/v1/projects/{PROJECT}/zones/{zone}/instanceGroups/{}", g.name),
                             "targetSize": g.target,
                             "fingerprint": base64::engine::general_purpose::STANDARD.encode(g.fingerprint.to_be_bytes()),
-                            "status": {"isStable": g.machines.iter().all(|m| m.deleting_since.is_none() && now >= m.created + s.boot_delay)},
+                            "status": {"isStable": g.machines.iter().all(|m| m.deleting_since.is_none() && m.failure.is_none() && now >= m.created + s.boot_delay)},
                             "selfLink": target_link,
                         }),
                         None,
@@ -759,19 +801,30 @@ fn route(
                         .skip(start)
                         .take(page)
                         .map(|m| {
-                            let (action, status) = match m.deleting_since {
-                                Some(_) => ("DELETING", "STOPPING"),
-                                None if now < m.created + boot => ("CREATING", "STAGING"),
-                                None => ("NONE", "RUNNING"),
+                            let (action, status) = match (&m.deleting_since, &m.failure) {
+                                (Some(_), Some(_)) => ("DELETING", None),
+                                (Some(_), None) => ("DELETING", Some("STOPPING")),
+                                (None, Some(_)) => ("CREATING", None),
+                                (None, None) if now < m.created + boot => ("CREATING", Some("STAGING")),
+                                (None, None) => ("NONE", Some("RUNNING")),
                             };
-                            json!({
+                            let mut v = json!({
                                 "instance": format!("https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/{zone}/instances/{}", m.name),
                                 "name": m.name,
-                                "id": m.id.to_string(),
                                 "currentAction": action,
-                                "instanceStatus": status,
                                 "version": {"instanceTemplate": format!("projects/{PROJECT}/global/instanceTemplates/{}", g.base)},
-                            })
+                            });
+                            if let Some(status) = status {
+                                // A machine whose creation failed has no VM: no status, no id.
+                                v["instanceStatus"] = json!(status);
+                                v["id"] = json!(m.id.to_string());
+                            }
+                            if let Some((code, message)) = &m.failure {
+                                v["lastAttempt"] = json!({"errors": {"errors": [
+                                    {"code": code, "message": message},
+                                ]}});
+                            }
+                            v
                         })
                         .collect();
                     let mut v = json!({"managedInstances": items});
