@@ -33,7 +33,9 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use kube_node_crds::names::{GROUP_CONDITION, MACHINE_FINALIZER, NODE_CLASS_ANNOTATION};
+use kube_node_crds::names::{
+    GROUP_CONDITION, MACHINE_FINALIZER, NODE_CLASS_ANNOTATION, REPLICA_FAILURE_CONDITION,
+};
 use kube_node_crds::v1alpha1::{DeletePolicy, NodeClass, NodeSet, NodeSetStatus};
 use kube_node_provider::{Instance, InstanceState};
 use serde_json::json;
@@ -150,6 +152,30 @@ pub fn plan_group(d: &GroupDesired, machines: &[GroupMachine]) -> GroupPlan {
 }
 
 /// Whether a NodeClass is group-backed.
+/// What the group's failed creations say, for the NodeSet's `ReplicaFailure` condition: the
+/// reason of the first failure (quota and capacity first: those are what a user acts on) and
+/// a message counting them. `None` when no machine of the group failed to be created.
+pub fn creation_failures(instances: &[Instance]) -> Option<(&'static str, String)> {
+    let failed: Vec<(&Instance, &kube_node_provider::ProviderError)> = instances
+        .iter()
+        .filter(|i| i.state != InstanceState::Terminating)
+        .filter_map(|i| Some((i, i.failure.as_ref()?)))
+        .collect();
+    let (first, error) = failed
+        .iter()
+        .find(|(_, e)| e.is_out_of_resources())
+        .or_else(|| failed.first())?;
+    Some((
+        error.reason(),
+        format!(
+            "{} of the group's machines could not be created; {}: {}",
+            failed.len(),
+            first.provider_id,
+            error.message()
+        ),
+    ))
+}
+
 pub(crate) fn is_group_backed(class: &NodeClass) -> bool {
     class.spec.group().is_some()
 }
@@ -412,7 +438,8 @@ pub(crate) async fn reconcile(
         "group {}: size {target}, {live} machines, {unregistered} without a registered Node",
         group.group_name()
     );
-    status.conditions = vec![if stuck {
+    let failures = creation_failures(&instances);
+    let mut conditions = vec![if stuck {
         condition(
             &previous.conditions,
             GROUP_CONDITION,
@@ -436,6 +463,34 @@ pub(crate) async fn reconcile(
             now,
         )
     }];
+    // The cloud accepted the size but could not make some machines (quota, a zone out of
+    // capacity): say so where `kubectl describe nodeset` shows it, once as a Warning.
+    if let Some((reason, message)) = &failures {
+        let new = !previous.conditions.iter().any(|c| {
+            c.type_ == REPLICA_FAILURE_CONDITION && c.status == "True" && c.reason == *reason
+        });
+        if new {
+            publish(
+                ctx,
+                ns,
+                EventType::Warning,
+                reason,
+                "CreateMachine",
+                message.clone(),
+            )
+            .await;
+        }
+        conditions.push(condition(
+            &previous.conditions,
+            REPLICA_FAILURE_CONDITION,
+            true,
+            reason,
+            message.clone(),
+            generation,
+            now,
+        ));
+    }
+    status.conditions = conditions;
     if &status != previous {
         write_status(ns, ctx, &status).await?;
     }
@@ -495,6 +550,52 @@ mod tests {
         (0..n)
             .map(|i| machine(i, Some(node(&format!("n{i}"), true, false, Health::Ready))))
             .collect()
+    }
+
+    fn instance(i: usize, failure: Option<kube_node_provider::ProviderError>) -> Instance {
+        Instance {
+            id: format!("m-{i}"),
+            provider_id: format!("sim:///z/m-{i}"),
+            state: InstanceState::Pending,
+            tags: BTreeMap::new(),
+            zone: None,
+            instance_type: None,
+            addresses: Vec::new(),
+            created_unix: None,
+            labels: BTreeMap::new(),
+            failure,
+        }
+    }
+
+    #[test]
+    fn failed_creations_name_the_quota_or_capacity_failure_first() {
+        use kube_node_provider::ProviderError;
+        assert_eq!(creation_failures(&[instance(0, None)]), None);
+        let instances = [
+            instance(0, None),
+            instance(
+                1,
+                Some(ProviderError::Transient("CONDITION_NOT_MET".into())),
+            ),
+            instance(2, Some(ProviderError::QuotaExceeded("CPUS quota".into()))),
+        ];
+        let (reason, message) = creation_failures(&instances).expect("failures");
+        assert_eq!(reason, ProviderError::QuotaExceeded(String::new()).reason());
+        assert!(
+            message.starts_with("2 of the group's machines"),
+            "{message}"
+        );
+        assert!(
+            message.contains("sim:///z/m-2") && message.contains("CPUS quota"),
+            "{message}"
+        );
+        let mut deleting = instance(3, Some(ProviderError::QuotaExceeded("x".into())));
+        deleting.state = InstanceState::Terminating;
+        assert_eq!(
+            creation_failures(&[deleting]),
+            None,
+            "a machine being deleted is done"
+        );
     }
 
     #[test]
