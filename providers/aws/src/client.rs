@@ -1,7 +1,7 @@
 //! Building the EC2 client: credentials (Secret or the SDK's default chain), the rustls/ring
 //! HTTP client, the call counter and the fault injector.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,49 +109,8 @@ impl ProvideCredentials for LazyDefaultChain {
 }
 
 /// Counts EC2 operations by name (`RunInstances`, `DescribeInstances`, ...), once per
-/// operation whatever the SDK's retries. Cheap to clone; clones share the counts.
-#[derive(Clone, Debug, Default)]
-pub struct CallCounter {
-    counts: Arc<Mutex<BTreeMap<String, u64>>>,
-}
-
-impl CallCounter {
-    /// A counter at zero.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Calls of one operation.
-    pub fn get(&self, operation: &str) -> u64 {
-        self.counts
-            .lock()
-            .map(|m| m.get(operation).copied().unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    /// Calls of every operation.
-    pub fn total(&self) -> u64 {
-        self.counts.lock().map(|m| m.values().sum()).unwrap_or(0)
-    }
-
-    /// The counts by operation.
-    pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.counts.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-
-    /// Back to zero.
-    pub fn reset(&self) {
-        if let Ok(mut m) = self.counts.lock() {
-            m.clear();
-        }
-    }
-
-    fn add(&self, operation: &str) {
-        if let Ok(mut m) = self.counts.lock() {
-            *m.entry(operation.to_string()).or_insert(0) += 1;
-        }
-    }
-}
+/// operation whatever the SDK's retries.
+pub use kube_node_provider::CallCounter;
 
 #[derive(Debug)]
 struct CountingInterceptor(CallCounter);

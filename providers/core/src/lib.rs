@@ -5,12 +5,14 @@
 //! provider (through a [`ProviderFactory`]) and pass plain requests. `providers/CONTRACT.md`
 //! states what every backend MUST and SHOULD guarantee; [`conformance`] checks it.
 
+mod calls;
 pub mod claims;
 pub mod conformance;
 mod error;
 mod metered;
 mod types;
 
+pub use calls::CallCounter;
 pub use claims::{ClaimRecord, ClaimStore, MemoryClaimStore, Written};
 pub use error::{ProviderError, Result};
 pub use metered::{Metered, ProviderMetrics};

@@ -37,8 +37,7 @@ pub mod errors;
 pub mod plan;
 mod provider;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube_node_provider::{Provider, ProviderFactory, ResolvedClass, Result};
@@ -47,49 +46,7 @@ pub use config::{GkeConfig, SERVICE_ACCOUNT_KEY};
 pub use provider::{GkeProvider, PROVIDER_TYPE};
 
 /// Counts Google Cloud API calls by method (`compute.instanceGroupManagers.resize`, ...).
-/// Cheap to clone; clones share the counts.
-#[derive(Clone, Debug, Default)]
-pub struct CallCounter {
-    counts: Arc<Mutex<BTreeMap<String, u64>>>,
-}
-
-impl CallCounter {
-    /// A counter at zero.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Calls of one method.
-    pub fn get(&self, method: &str) -> u64 {
-        self.counts
-            .lock()
-            .map(|m| m.get(method).copied().unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    /// Calls of every method.
-    pub fn total(&self) -> u64 {
-        self.counts.lock().map(|m| m.values().sum()).unwrap_or(0)
-    }
-
-    /// The counts by method.
-    pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.counts.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-
-    /// Back to zero.
-    pub fn reset(&self) {
-        if let Ok(mut m) = self.counts.lock() {
-            m.clear();
-        }
-    }
-
-    pub(crate) fn add(&self, method: &str) {
-        if let Ok(mut m) = self.counts.lock() {
-            *m.entry(method.to_string()).or_insert(0) += 1;
-        }
-    }
-}
+pub use kube_node_provider::CallCounter;
 
 /// How long-running operations are polled.
 #[derive(Clone, Debug)]
