@@ -109,6 +109,14 @@ pub const MACHINE_READY_CONDITION: &str = "MachineReady";
 /// write.
 pub const LAUNCHING_MESSAGE: &str = "creating the machine";
 
+/// Reason of the `Ready=Unknown` condition a Node requesting a machine carries from its creation
+/// until its kubelet posts status (the reason kube-controller-manager itself writes for a Node
+/// whose kubelet never posted); built by `kube_node_runtime::node_status`.
+pub const KUBELET_NOT_STARTED_REASON: &str = "NodeStatusNeverUpdated";
+/// Message of that condition.
+pub const KUBELET_NOT_STARTED_MESSAGE: &str =
+    "Kubelet never posted node status: kube-node created this Node before its machine booted.";
+
 /// NodeClass/NodeSet condition: the summary condition.
 pub const READY_CONDITION: &str = "Ready";
 /// NodeSet condition: creating or deleting a Node (or its machine) failed.

@@ -1434,10 +1434,10 @@ async fn set_condition(
         status: status.to_string(),
         reason: Some(phase.as_str().to_string()),
         message: Some(message.to_string()),
-        last_heartbeat_time: Some(now),
+        last_heartbeat_time: Some(now.clone()),
         last_transition_time: Some(transition),
     };
-    let patch = serde_json::json!({"status": {"conditions": [cond]}});
+    let patch = condition_patch(&pass.node, phase, cond, &now);
     pass.node = node_api(ctx)
         .patch_status(
             &pass.name,
@@ -1448,6 +1448,26 @@ async fn set_condition(
     pass.phase = Some(phase);
     ctx.metrics.set_phase(&pass.uid, Some(phase));
     Ok(())
+}
+
+/// The `nodes/status` strategic-merge patch writing `cond` (merged by `type`, so the kubelet's
+/// conditions are untouched). Before the first machine call no kubelet can have posted yet: a
+/// Node without a Ready condition gets `Ready=Unknown` in the same write (see
+/// `kube_node_runtime::node_status`). Later phases never touch Ready: it is the kubelet's.
+pub(crate) fn condition_patch(
+    node: &Node,
+    phase: MachinePhase,
+    cond: NodeCondition,
+    now: &Time,
+) -> serde_json::Value {
+    if phase == MachinePhase::Launching
+        && !kube_node_runtime::node_status::has_ready_condition(node)
+    {
+        let ready = kube_node_runtime::node_status::kubelet_not_started(now);
+        serde_json::json!({"status": {"conditions": [cond, ready]}})
+    } else {
+        serde_json::json!({"status": {"conditions": [cond]}})
+    }
 }
 
 /// Queues an event on the best-effort path: the pass never waits for it (see

@@ -9,7 +9,7 @@ use kube_node_crds::names::{APPLIED_MACHINE_LABELS_ANNOTATION, NODE_CLASS_LABEL}
 use kube_node_provider::{Instance, InstanceState};
 use serde_json::json;
 
-use super::{Pass, meta_ops, wanted_meta};
+use super::{Pass, condition_patch, meta_ops, wanted_meta};
 
 fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
     kv.iter()
@@ -136,5 +136,65 @@ fn a_cloud_machine_without_labels_adds_no_record() {
             .as_str()
             .is_some_and(|s| s.contains("applied-machine-labels"))),
         "{ops:#?}"
+    );
+}
+
+fn machine_ready(reason: &str) -> k8s_openapi::api::core::v1::NodeCondition {
+    k8s_openapi::api::core::v1::NodeCondition {
+        type_: "MachineReady".into(),
+        status: "False".into(),
+        reason: Some(reason.into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_launching_write_adds_ready_unknown_to_a_node_without_ready() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube_node_crds::names::MachinePhase;
+    let now = Time(jiff::Timestamp::now());
+    let p = pass(&[], &[]);
+    let patch = condition_patch(
+        &p.node,
+        MachinePhase::Launching,
+        machine_ready("Launching"),
+        &now,
+    );
+    let conditions = patch["status"]["conditions"]
+        .as_array()
+        .expect("conditions");
+    assert_eq!(conditions.len(), 2);
+    assert_eq!(conditions[1]["type"], "Ready");
+    assert_eq!(conditions[1]["status"], "Unknown");
+    assert_eq!(conditions[1]["reason"], "NodeStatusNeverUpdated");
+
+    // A Node that already has Ready (a NodeSet's, or one whose kubelet posted) keeps its own;
+    // so does every Node in a later phase: Ready is the kubelet's.
+    let mut ready = p.node.clone();
+    ready.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+        conditions: Some(vec![kube_node_runtime::node_status::kubelet_not_started(
+            &now,
+        )]),
+        ..Default::default()
+    });
+    let patch = condition_patch(
+        &ready,
+        MachinePhase::Launching,
+        machine_ready("Launching"),
+        &now,
+    );
+    assert_eq!(
+        patch["status"]["conditions"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let patch = condition_patch(
+        &p.node,
+        MachinePhase::Registering,
+        machine_ready("Registering"),
+        &now,
+    );
+    assert_eq!(
+        patch["status"]["conditions"].as_array().map(Vec::len),
+        Some(1)
     );
 }

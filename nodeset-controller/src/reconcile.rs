@@ -222,8 +222,11 @@ pub(crate) fn build_node(
     }
     // The machine's first phase goes in the create (the API server keeps a Node's status on
     // create, as kubelets register): the node-controller then writes nothing to the Node before
-    // its create call.
+    // its create call. So does `Ready=Unknown` until the kubelet posts (see
+    // `kube_node_runtime::node_status`: a Node without a Ready condition can crash
+    // kube-controller-manager).
     let now = Time(Timestamp::now());
+    let ready = kube_node_runtime::node_status::kubelet_not_started(&now);
     let launching = NodeCondition {
         type_: MACHINE_READY_CONDITION.to_string(),
         status: "False".to_string(),
@@ -246,7 +249,7 @@ pub(crate) fn build_node(
             ..Default::default()
         }),
         status: Some(NodeStatus {
-            conditions: Some(vec![launching]),
+            conditions: Some(vec![launching, ready]),
             ..Default::default()
         }),
     })
@@ -1944,6 +1947,19 @@ mod tests {
         );
         assert_eq!(a.get("a").map(String::as_str), Some("b"));
         assert_eq!(node.finalizers(), [MACHINE_FINALIZER.to_string()]);
+        // Created Launching, and Ready=Unknown until the kubelet posts: kube-controller-manager
+        // 1.28 can panic on a Node without a Ready condition.
+        let conditions = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        assert!(conditions.iter().any(
+            |c| c.type_ == MACHINE_READY_CONDITION && c.reason.as_deref() == Some("Launching")
+        ));
+        assert!(conditions.iter().any(|c| c.type_ == "Ready"
+            && c.status == "Unknown"
+            && c.reason.as_deref() == Some("NodeStatusNeverUpdated")));
         let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
         assert_eq!(taints.len(), 3);
         assert!(

@@ -14,6 +14,7 @@
 //! - [`shared`]: one watch per kind for the whole process, fanned out to every controller;
 //! - [`tolerant`]: NodeClass and NodeSet watches that decode one object at a time, setting
 //!   aside (and reporting on itself) any object the types cannot hold;
+//! - [`node_status`]: the `Ready=Unknown` condition a Node carries until its kubelet posts;
 //! - [`groups`]: the providers of group-backed NodeClasses and the per-group lock both
 //!   controllers hold around a group's size.
 
@@ -22,6 +23,7 @@ pub mod client;
 pub mod events;
 pub mod groups;
 pub mod metrics;
+pub mod node_status;
 pub mod shared;
 pub mod tolerant;
 
