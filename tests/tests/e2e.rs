@@ -1615,6 +1615,16 @@ async fn a_machine_that_never_registers_fails_at_the_registration_timeout_and_is
     })
     .await;
     assert!(!is_ready(&node), "no kubelet reported Ready");
+    // Ready=Unknown from kube-node, not no Ready at all: kube-controller-manager 1.28 panics
+    // on a Node it queues for a NoExecute taint without one (kubernetes/kubernetes#117555).
+    assert_eq!(
+        node_condition(&node, "Ready"),
+        Some((
+            "Unknown".to_string(),
+            Some(names::KUBELET_NOT_STARTED_REASON.to_string())
+        )),
+        "a Node waiting for its kubelet has Ready=Unknown"
+    );
     let message = node
         .status
         .as_ref()

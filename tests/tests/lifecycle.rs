@@ -544,6 +544,18 @@ async fn registration_timeout_marks_failed_and_keeps_the_machine() {
             .contains("did not report Ready")
     );
     assert!(taint_keys(&n).contains(&UNREGISTERED_TAINT.to_string()));
+    // A hand-made Node waiting for its kubelet has Ready=Unknown (written with Launching), never
+    // no Ready at all: kube-controller-manager 1.28 can panic on such a Node.
+    let ready = n
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .expect("a Ready condition");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_deref()),
+        ("Unknown", Some("NodeStatusNeverUpdated"))
+    );
     assert!(!h.events("RegistrationTimeout").await.is_empty());
     assert_eq!(
         h.cloud.machine_count(),
