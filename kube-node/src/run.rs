@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use futures::TryStreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube_node_provider::{ProviderMetrics, ProviderRegistry};
 use kube_node_provider_simulated::SimulatedCloud;
-use futures::TryStreamExt as _;
 use kube_node_runtime::{CachedNode, Fanout, Shared, WatchSource, cached_event};
 use prometheus_client::registry::Registry;
 

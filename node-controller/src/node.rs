@@ -21,8 +21,8 @@ use kube_node_crds::names::{
     READY_CONDITION, UNREGISTERED_TAINT, tags,
 };
 use kube_node_crds::v1alpha1::find_condition;
-use kube_node_runtime::CachedNode;
 use kube_node_provider::{CreateRequest, Instance, ListFilter, Provider, ProviderError};
+use kube_node_runtime::CachedNode;
 use tracing::Instrument;
 
 use crate::applied::{ClassMeta, MachineLabels};
@@ -96,7 +96,10 @@ struct Pass {
     want_key: Option<u64>,
 }
 
-pub(crate) async fn reconcile(cached: Arc<CachedNode>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+pub(crate) async fn reconcile(
+    cached: Arc<CachedNode>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
     ctx.metrics.work_queue().done(&cached.name_any());
     if !is_managed(&cached) {
         // Not ours: cheap exit, no API calls, no metrics (and no copy out of the cache).

@@ -8,9 +8,9 @@
 //! still use it. The decision is pure ([`step`], [`in_use_condition`]); `nodeclass.rs` acts.
 
 use kube::ResourceExt;
-use kube_node_runtime::CachedNode;
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::{MACHINE_FINALIZER, NODE_CLASS_ANNOTATION, NODECLASS_IN_USE_FINALIZER};
+use kube_node_runtime::CachedNode;
 
 /// What the protection does with a NodeClass in this pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +86,8 @@ pub(crate) fn in_use_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::api::ObjectMeta;
 
     fn node(class: &str, deleting: bool, finalizer: bool) -> CachedNode {

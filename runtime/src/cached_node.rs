@@ -22,7 +22,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeConfigSource, NodeSpec, NodeStatus, Taint};
+use k8s_openapi::api::core::v1::{
+    Node, NodeCondition, NodeConfigSource, NodeSpec, NodeStatus, Taint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::Resource;
 use kube::runtime::watcher;
@@ -56,10 +58,11 @@ pub fn trim_node(node: &mut Node) {
         a.retain(|k, _| k.starts_with(OWN_ANNOTATIONS));
     }
     if let Some(status) = node.status.as_mut() {
-        let conditions = status
-            .conditions
-            .take()
-            .map(|cs| cs.into_iter().filter(|c| kept_condition(&c.type_)).collect());
+        let conditions = status.conditions.take().map(|cs| {
+            cs.into_iter()
+                .filter(|c| kept_condition(&c.type_))
+                .collect()
+        });
         *status = NodeStatus {
             conditions,
             ..Default::default()
@@ -632,17 +635,29 @@ mod tests {
         assert!(!c.annotations().contains_key("node.alpha.kubernetes.io/ttl"));
         assert!(c.has_finalizer("kube-node.io/machine"));
         let o = &c.owner_references()[0];
-        assert_eq!((o.kind(), o.name(), o.controller()), ("NodeSet", "ns-3", Some(true)));
+        assert_eq!(
+            (o.kind(), o.name(), o.controller()),
+            ("NodeSet", "ns-3", Some(true))
+        );
         assert!(c.deletion_timestamp().is_some());
-        assert_eq!(c.provider_id(), n.spec.as_ref().and_then(|s| s.provider_id.as_deref()));
+        assert_eq!(
+            c.provider_id(),
+            n.spec.as_ref().and_then(|s| s.provider_id.as_deref())
+        );
         assert_eq!(c.unschedulable(), Some(true));
         assert_eq!(c.taints().len(), 2);
-        assert_eq!(c.condition(READY_CONDITION).map(CachedCondition::status), Some("True"));
+        assert_eq!(
+            c.condition(READY_CONDITION).map(CachedCondition::status),
+            Some("True")
+        );
         assert!(c.condition("MemoryPressure").is_none());
         // The partial metadata: nothing but what ObjectRef and the runtime need.
         assert!(c.meta().labels.is_none() && c.meta().deletion_timestamp.is_none());
         let r = kube::runtime::reflector::ObjectRef::from_obj(&c);
-        assert_eq!((r.name.as_str(), r.namespace), (n.name_any().as_str(), None));
+        assert_eq!(
+            (r.name.as_str(), r.namespace),
+            (n.name_any().as_str(), None)
+        );
     }
 
     #[test]

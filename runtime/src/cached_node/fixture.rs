@@ -25,7 +25,8 @@ pub fn kubelet_node(i: usize, nodesets: usize) -> Node {
             })
         })
         .collect();
-    let mut taints = vec![serde_json::json!({"key": "dedicated", "value": "batch", "effect": "NoSchedule"})];
+    let mut taints =
+        vec![serde_json::json!({"key": "dedicated", "value": "batch", "effect": "NoSchedule"})];
     if cordoned {
         taints.push(serde_json::json!({
             "key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule",
