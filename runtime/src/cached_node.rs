@@ -11,16 +11,22 @@
 //!
 //! It is a [`kube::Resource`] of kind Node, so a reflector store, a `Controller` and
 //! `ObjectRef`s work on it as on Nodes; its watch maps each `Event<Node>` with
-//! [`cached_event`]. Its [`ObjectMeta`] ([`Resource::meta`]) is **partial**: name, uid and
-//! resourceVersion only, what an `ObjectRef` and the controller runtime read. Everything else
-//! is read through its own accessors ([`labels`](CachedNode::labels),
-//! [`annotations`](CachedNode::annotations), [`finalizers`](CachedNode::finalizers), …, which
-//! shadow `ResourceExt`'s methods of the same names), or from the whole Node that
-//! [`to_node`](CachedNode::to_node) rebuilds.
+//! [`cached_event`]. Its [`ObjectMeta`] ([`Resource::meta`]) is **partial**: it has the
+//! scalar fields (name, uid, resourceVersion — what an `ObjectRef` and the controller runtime
+//! read — generation, the creation and deletion timestamps, …) but **no labels, annotations,
+//! owner references or finalizers**. Those are read through the Node's own accessors
+//! ([`labels`](CachedNode::labels), [`annotations`](CachedNode::annotations),
+//! [`owner_references`](CachedNode::owner_references),
+//! [`finalizers`](CachedNode::finalizers), which shadow `ResourceExt`'s methods of the same
+//! names), or from the whole Node that [`to_node`](CachedNode::to_node) rebuilds.
+//!
+//! Labels, annotations, condition texts and owner references are interned whole, so a Node
+//! holds one pointer for each that other Nodes share (its zone label, its NodeSet's owner
+//! reference, the kubelet's "posting ready status" condition).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{
     Node, NodeCondition, NodeConfigSource, NodeSpec, NodeStatus, Taint,
@@ -30,7 +36,7 @@ use kube::Resource;
 use kube::runtime::watcher;
 use kube_node_crds::names::{DRIFTED_CONDITION, MACHINE_READY_CONDITION, READY_CONDITION};
 
-use crate::intern::intern;
+use crate::intern::{Compound, SharedTable, addr, intern, intern_in, opt_addr};
 
 #[cfg(test)]
 #[path = "cached_node/fixture.rs"]
@@ -70,20 +76,34 @@ pub fn trim_node(node: &mut Node) {
     }
 }
 
-/// A sorted list of shared key/value strings: a Node's labels or kept annotations.
-type Pairs = Box<[(Arc<str>, Arc<str>)]>;
+/// One label or annotation, interned whole.
+#[derive(Debug, PartialEq, Eq)]
+struct Pair {
+    key: Arc<str>,
+    value: Arc<str>,
+}
+
+static PAIRS: SharedTable<(usize, usize), Pair> = SharedTable::new(|| Mutex::new(Compound::new()));
+
+fn pair(key: &str, value: &str) -> Arc<Pair> {
+    let (key, value) = (intern(key), intern(value));
+    intern_in(&PAIRS, (addr(&key), addr(&value)), || Pair { key, value })
+}
+
+/// A sorted list of shared pairs: a Node's labels or kept annotations.
+type Pairs = Box<[Arc<Pair>]>;
 
 /// A read-only view of a cached Node's labels or annotations, sorted by key.
 #[derive(Clone, Copy, Debug)]
-pub struct StrMap<'a>(&'a [(Arc<str>, Arc<str>)]);
+pub struct StrMap<'a>(&'a [Arc<Pair>]);
 
 impl<'a> StrMap<'a> {
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&'a str> {
         self.0
-            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .binary_search_by(|p| (*p.key).cmp(key))
             .ok()
-            .map(|i| &*self.0[i].1)
+            .map(|i| &*self.0[i].value)
     }
 
     /// Whether `key` is there.
@@ -93,7 +113,7 @@ impl<'a> StrMap<'a> {
 
     /// The entries, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+        self.0.iter().map(|p| (&*p.key, &*p.value))
     }
 
     /// How many entries.
@@ -151,15 +171,28 @@ impl CachedOwnerRef {
         self.block_owner_deletion
     }
 
-    fn new(o: OwnerReference) -> Self {
-        Self {
-            api_version: intern(&o.api_version),
-            kind: intern(&o.kind),
-            name: intern(&o.name),
-            uid: intern(&o.uid),
+    fn new(o: OwnerReference) -> Arc<Self> {
+        type Key = (usize, usize, usize, usize, Option<bool>, Option<bool>);
+        static OWNERS: SharedTable<Key, CachedOwnerRef> =
+            SharedTable::new(|| Mutex::new(Compound::new()));
+        let (api_version, kind) = (intern(&o.api_version), intern(&o.kind));
+        let (name, uid) = (intern(&o.name), intern(&o.uid));
+        let key = (
+            addr(&api_version),
+            addr(&kind),
+            addr(&name),
+            addr(&uid),
+            o.controller,
+            o.block_owner_deletion,
+        );
+        intern_in(&OWNERS, key, || Self {
+            api_version,
+            kind,
+            name,
+            uid,
             controller: o.controller,
             block_owner_deletion: o.block_owner_deletion,
-        }
+        })
     }
 
     fn to_owner_reference(&self) -> OwnerReference {
@@ -220,13 +253,19 @@ impl CachedTaint {
     }
 }
 
-/// A kept status condition of a cached Node (`Ready`, `MachineReady` or `Drifted`), whole.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CachedCondition {
+/// What Nodes' conditions repeat: type, status, reason, message.
+#[derive(Debug, PartialEq, Eq)]
+struct ConditionText {
     type_: Arc<str>,
     status: Arc<str>,
     reason: Option<Arc<str>>,
     message: Option<Arc<str>>,
+}
+
+/// A kept status condition of a cached Node (`Ready`, `MachineReady` or `Drifted`), whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedCondition {
+    text: Arc<ConditionText>,
     last_heartbeat_time: Option<Time>,
     last_transition_time: Option<Time>,
 }
@@ -234,19 +273,19 @@ pub struct CachedCondition {
 impl CachedCondition {
     /// `type`.
     pub fn type_(&self) -> &str {
-        &self.type_
+        &self.text.type_
     }
     /// `status`.
     pub fn status(&self) -> &str {
-        &self.status
+        &self.text.status
     }
     /// `reason`.
     pub fn reason(&self) -> Option<&str> {
-        self.reason.as_deref()
+        self.text.reason.as_deref()
     }
     /// `message`.
     pub fn message(&self) -> Option<&str> {
-        self.message.as_deref()
+        self.text.message.as_deref()
     }
     /// `lastHeartbeatTime`.
     pub fn last_heartbeat_time(&self) -> Option<&Time> {
@@ -258,11 +297,25 @@ impl CachedCondition {
     }
 
     fn new(c: NodeCondition) -> Self {
+        static TEXTS: SharedTable<(usize, usize, usize, usize), ConditionText> =
+            SharedTable::new(|| Mutex::new(Compound::new()));
+        let (type_, status) = (intern(&c.type_), intern(&c.status));
+        let reason = c.reason.as_deref().map(intern);
+        let message = c.message.as_deref().map(intern);
+        let key = (
+            addr(&type_),
+            addr(&status),
+            opt_addr(&reason),
+            opt_addr(&message),
+        );
+        let text = intern_in(&TEXTS, key, || ConditionText {
+            type_,
+            status,
+            reason,
+            message,
+        });
         Self {
-            type_: intern(&c.type_),
-            status: intern(&c.status),
-            reason: c.reason.as_deref().map(intern),
-            message: c.message.as_deref().map(intern),
+            text,
             last_heartbeat_time: c.last_heartbeat_time,
             last_transition_time: c.last_transition_time,
         }
@@ -270,10 +323,10 @@ impl CachedCondition {
 
     fn to_condition(&self) -> NodeCondition {
         NodeCondition {
-            type_: self.type_.to_string(),
-            status: self.status.to_string(),
-            reason: self.reason.as_deref().map(str::to_string),
-            message: self.message.as_deref().map(str::to_string),
+            type_: self.type_().to_string(),
+            status: self.status().to_string(),
+            reason: self.reason().map(str::to_string),
+            message: self.message().map(str::to_string),
             last_heartbeat_time: self.last_heartbeat_time.clone(),
             last_transition_time: self.last_transition_time.clone(),
         }
@@ -283,9 +336,6 @@ impl CachedCondition {
 /// What a Node seldom has, out of line so that Nodes without it pay one pointer.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Rare {
-    generate_name: Option<String>,
-    namespace: Option<String>,
-    self_link: Option<String>,
     config_source: Option<NodeConfigSource>,
     external_id: Option<String>,
 }
@@ -299,20 +349,16 @@ impl Rare {
 /// The compact form of a trimmed Node: what [`trim_node`] keeps, with the strings Nodes
 /// repeat shared. See the [module documentation](self).
 ///
-/// Its [`Resource::meta`] holds the name, uid and resourceVersion only; read everything else
-/// through its accessors or [`to_node`](Self::to_node).
+/// Its [`Resource::meta`] has no labels, annotations, owner references or finalizers (nor
+/// managed fields): read those through its accessors or [`to_node`](Self::to_node).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CachedNode {
-    /// Partial: name, uid, resourceVersion.
+    /// Partial: the scalar fields (name, uid, resourceVersion, generation, timestamps, …).
     meta: ObjectMeta,
     labels: Option<Pairs>,
     annotations: Option<Pairs>,
-    owner_references: Option<Box<[CachedOwnerRef]>>,
+    owner_references: Option<Box<[Arc<CachedOwnerRef>]>>,
     finalizers: Option<Box<[Arc<str>]>>,
-    generation: Option<i64>,
-    creation_timestamp: Option<Time>,
-    deletion_timestamp: Option<Time>,
-    deletion_grace_period_seconds: Option<i64>,
     /// Whether the Node has a spec at all.
     has_spec: bool,
     provider_id: Option<Box<str>>,
@@ -331,7 +377,7 @@ fn pairs(map: Option<BTreeMap<String, String>>, keep: impl Fn(&str) -> bool) -> 
     map.map(|m| {
         m.iter()
             .filter(|(k, _)| keep(k))
-            .map(|(k, v)| (intern(k), intern(v)))
+            .map(|(k, v)| pair(k, v))
             .collect()
     })
 }
@@ -345,9 +391,6 @@ impl From<Node> for CachedNode {
     fn from(node: Node) -> Self {
         let m = node.metadata;
         let rare = Rare {
-            generate_name: m.generate_name,
-            namespace: m.namespace,
-            self_link: m.self_link,
             config_source: node.spec.as_ref().and_then(|s| s.config_source.clone()),
             external_id: node.spec.as_ref().and_then(|s| s.external_id.clone()),
         };
@@ -365,7 +408,18 @@ impl From<Node> for CachedNode {
                 name: m.name,
                 uid: m.uid,
                 resource_version: m.resource_version,
-                ..Default::default()
+                generation: m.generation,
+                creation_timestamp: m.creation_timestamp,
+                deletion_timestamp: m.deletion_timestamp,
+                deletion_grace_period_seconds: m.deletion_grace_period_seconds,
+                generate_name: m.generate_name,
+                namespace: m.namespace,
+                self_link: m.self_link,
+                labels: None,
+                annotations: None,
+                owner_references: None,
+                finalizers: None,
+                managed_fields: None,
             },
             labels: pairs(m.labels, |_| true),
             annotations: pairs(m.annotations, |k| k.starts_with(OWN_ANNOTATIONS)),
@@ -375,10 +429,6 @@ impl From<Node> for CachedNode {
             finalizers: m
                 .finalizers
                 .map(|fs| fs.iter().map(|f| intern(f)).collect()),
-            generation: m.generation,
-            creation_timestamp: m.creation_timestamp,
-            deletion_timestamp: m.deletion_timestamp,
-            deletion_grace_period_seconds: m.deletion_grace_period_seconds,
             has_spec,
             provider_id: spec.provider_id.map(String::into_boxed_str),
             pod_cidr: spec.pod_cidr.map(String::into_boxed_str),
@@ -402,27 +452,17 @@ impl CachedNode {
         let rare = self.rare.as_deref();
         Node {
             metadata: ObjectMeta {
-                name: self.meta.name.clone(),
-                uid: self.meta.uid.clone(),
-                resource_version: self.meta.resource_version.clone(),
                 labels: btree(&self.labels),
                 annotations: btree(&self.annotations),
                 owner_references: self
                     .owner_references
                     .as_deref()
-                    .map(|os| os.iter().map(CachedOwnerRef::to_owner_reference).collect()),
+                    .map(|os| os.iter().map(|o| o.to_owner_reference()).collect()),
                 finalizers: self
                     .finalizers
                     .as_deref()
                     .map(|fs| fs.iter().map(|f| f.to_string()).collect()),
-                generation: self.generation,
-                creation_timestamp: self.creation_timestamp.clone(),
-                deletion_timestamp: self.deletion_timestamp.clone(),
-                deletion_grace_period_seconds: self.deletion_grace_period_seconds,
-                generate_name: rare.and_then(|r| r.generate_name.clone()),
-                namespace: rare.and_then(|r| r.namespace.clone()),
-                self_link: rare.and_then(|r| r.self_link.clone()),
-                managed_fields: None,
+                ..self.meta.clone()
             },
             spec: self.has_spec.then(|| NodeSpec {
                 provider_id: self.provider_id.as_deref().map(str::to_string),
@@ -460,7 +500,7 @@ impl CachedNode {
     }
 
     /// `metadata.ownerReferences`.
-    pub fn owner_references(&self) -> &[CachedOwnerRef] {
+    pub fn owner_references(&self) -> &[Arc<CachedOwnerRef>] {
         self.owner_references.as_deref().unwrap_or_default()
     }
 
@@ -476,22 +516,22 @@ impl CachedNode {
 
     /// `metadata.generation`.
     pub fn generation(&self) -> Option<i64> {
-        self.generation
+        self.meta.generation
     }
 
     /// `metadata.creationTimestamp`.
     pub fn creation_timestamp(&self) -> Option<&Time> {
-        self.creation_timestamp.as_ref()
+        self.meta.creation_timestamp.as_ref()
     }
 
     /// `metadata.deletionTimestamp`.
     pub fn deletion_timestamp(&self) -> Option<&Time> {
-        self.deletion_timestamp.as_ref()
+        self.meta.deletion_timestamp.as_ref()
     }
 
     /// `metadata.deletionGracePeriodSeconds`.
     pub fn deletion_grace_period_seconds(&self) -> Option<i64> {
-        self.deletion_grace_period_seconds
+        self.meta.deletion_grace_period_seconds
     }
 
     /// `spec.providerID`.
@@ -540,12 +580,12 @@ impl Resource for CachedNode {
         Cow::Borrowed("nodes")
     }
 
-    /// Partial: name, uid and resourceVersion only.
+    /// Partial: no labels, annotations, owner references or finalizers.
     fn meta(&self) -> &ObjectMeta {
         &self.meta
     }
 
-    /// Partial: name, uid and resourceVersion only.
+    /// Partial: no labels, annotations, owner references or finalizers.
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.meta
     }
@@ -651,8 +691,9 @@ mod tests {
             Some("True")
         );
         assert!(c.condition("MemoryPressure").is_none());
-        // The partial metadata: nothing but what ObjectRef and the runtime need.
-        assert!(c.meta().labels.is_none() && c.meta().deletion_timestamp.is_none());
+        // The partial metadata: its scalars, none of its collections.
+        assert!(c.meta().labels.is_none() && c.meta().finalizers.is_none());
+        assert_eq!(c.meta().deletion_timestamp, n.metadata.deletion_timestamp);
         let r = kube::runtime::reflector::ObjectRef::from_obj(&c);
         assert_eq!(
             (r.name.as_str(), r.namespace),
@@ -664,10 +705,25 @@ mod tests {
     fn repeated_strings_are_shared_between_nodes() {
         let a = CachedNode::from(fixture::kubelet_node(1, 1));
         let b = CachedNode::from(fixture::kubelet_node(2, 1));
-        let key = |c: &CachedNode| c.labels.as_deref().map(|l| l[0].0.clone());
+        let key = |c: &CachedNode| c.labels.as_deref().map(|l| l[0].key.clone());
         assert!(Arc::ptr_eq(
             &key(&a).expect("labels"),
             &key(&b).expect("labels")
+        ));
+        // Whole labels, condition texts and owner references too.
+        let label = |c: &CachedNode| c.labels.as_deref().map(|l| l[0].clone());
+        assert!(Arc::ptr_eq(
+            &label(&a).expect("labels"),
+            &label(&b).expect("labels")
+        ));
+        let ready = |c: &CachedNode| c.condition(READY_CONDITION).map(|c| c.text.clone());
+        assert!(Arc::ptr_eq(
+            &ready(&a).expect("Ready"),
+            &ready(&b).expect("Ready")
+        ));
+        assert!(Arc::ptr_eq(
+            &a.owner_references()[0],
+            &b.owner_references()[0]
         ));
     }
 

@@ -1,16 +1,23 @@
-//! A process-wide string interner for the strings thousands of cached objects repeat: label
-//! and annotation keys and values, owner references, finalizers, condition types, reasons and
-//! messages. Each distinct string is allocated once and shared as an `Arc<str>`.
+//! Process-wide interners for what thousands of cached objects repeat: strings (label and
+//! annotation keys and values, owner references, finalizers, condition types, reasons and
+//! messages) and compound values made of them (a label, a condition's text, an owner
+//! reference). Each distinct value is allocated once and shared as an `Arc`.
 //!
-//! The table holds a strong reference to every string it has handed out, so a string no object
-//! uses any more is one the table alone holds (`strong_count == 1`). Such strings are dropped in
-//! one sweep when the table has grown to twice the number of strings that were live after the
-//! previous sweep (and at least [`MIN_SWEEP`]): the table never holds more than about twice
-//! the strings in use at their peak, however Nodes churn, and the sweeps cost amortized O(1)
-//! per interned string.
+//! A table holds a strong reference to every value it has handed out, so a value no object
+//! uses any more is one the table alone holds (`strong_count == 1`). Such values are dropped in
+//! one sweep when the table has grown to twice the number of values that were live after the
+//! previous sweep (and at least [`MIN_SWEEP`]): a table never holds more than about twice the
+//! values in use at their peak, however Nodes churn, and the sweeps cost amortized O(1) per
+//! interned value.
+//!
+//! Compound values are keyed by the addresses of their interned parts ([`Compound`]): an
+//! interned string is the one allocation of its text while anything holds it, and the
+//! compound value in the table holds its parts, so an address in a key cannot be reused by
+//! another text while the key is in the table.
 
-use std::collections::HashSet;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 /// Below this many entries the table is never swept (sweeping a small table buys nothing).
 const MIN_SWEEP: usize = 1024;
@@ -60,8 +67,66 @@ pub(crate) fn intern(s: &str) -> Arc<str> {
     // it is a single HashSet call): keep using it.
     TABLE
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(PoisonError::into_inner)
         .intern(s)
+}
+
+/// The address of an interned string, as part of a compound value's key.
+pub(crate) fn addr(s: &Arc<str>) -> usize {
+    Arc::as_ptr(s).cast::<u8>() as usize
+}
+
+/// The address of an optional interned string (0 for none).
+pub(crate) fn opt_addr(s: &Option<Arc<str>>) -> usize {
+    s.as_ref().map_or(0, addr)
+}
+
+/// A table of compound values made of interned strings, keyed by their parts' addresses.
+pub(crate) struct Compound<K, T> {
+    values: HashMap<K, Arc<T>>,
+    live: usize,
+}
+
+impl<K: Hash + Eq, T> Compound<K, T> {
+    pub(crate) fn new() -> Self {
+        Self {
+            values: HashMap::new(),
+            live: 0,
+        }
+    }
+
+    /// The shared value of key `key`, made by `make` (from the interned parts the key names)
+    /// when there is none.
+    pub(crate) fn intern(&mut self, key: K, make: impl FnOnce() -> T) -> Arc<T> {
+        if let Some(v) = self.values.get(&key) {
+            return v.clone();
+        }
+        if self.values.len() >= (2 * self.live).max(MIN_SWEEP) {
+            self.values.retain(|_, v| Arc::strong_count(v) > 1);
+            self.live = self.values.len();
+            if self.values.capacity() > 4 * self.live.max(MIN_SWEEP) {
+                self.values.shrink_to(2 * self.live.max(MIN_SWEEP));
+            }
+        }
+        let v = Arc::new(make());
+        self.values.insert(key, v.clone());
+        v
+    }
+}
+
+/// A process-wide [`Compound`] table.
+pub(crate) type SharedTable<K, T> = LazyLock<Mutex<Compound<K, T>>>;
+
+/// [`Compound::intern`] on a process-wide table.
+pub(crate) fn intern_in<K: Hash + Eq, T>(
+    table: &SharedTable<K, T>,
+    key: K,
+    make: impl FnOnce() -> T,
+) -> Arc<T> {
+    table
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .intern(key, make)
 }
 
 #[cfg(test)]
@@ -97,5 +162,26 @@ mod tests {
         }
         // Shared strings survive every sweep and are still the same allocation.
         assert!(Arc::ptr_eq(&shared[0], &t.intern("shared-0")));
+    }
+
+    #[test]
+    fn compound_values_are_shared_and_swept() {
+        let mut t: Compound<(usize, usize), (Arc<str>, Arc<str>)> = Compound::new();
+        let mut strings = Table::new();
+        let mut pair = |t: &mut Compound<_, _>, k: &str, v: &str| {
+            let (k, v) = (strings.intern(k), strings.intern(v));
+            t.intern((addr(&k), addr(&v)), || (k, v))
+        };
+        let a = pair(&mut t, "zone", "a");
+        let b = pair(&mut t, "zone", "a");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &pair(&mut t, "zone", "b")));
+        let mut held = Vec::new();
+        for round in 0..20 {
+            held.clear();
+            held.extend((0..300).map(|i| pair(&mut t, "host", &format!("{round}-{i}"))));
+            assert!(t.values.len() <= (2 * (held.len() + 1)).max(MIN_SWEEP) + 1);
+        }
+        assert!(Arc::ptr_eq(&a, &pair(&mut t, "zone", "a")));
     }
 }

@@ -25,7 +25,8 @@ fn held<T>(build: impl FnOnce() -> Vec<Arc<T>>) -> (Vec<Arc<T>>, usize) {
     let region = Region::new(GLOBAL);
     let v = build();
     let s = region.change();
-    let net = s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated;
+    // Reallocations are already in both byte counts (growth allocated, shrinking deallocated).
+    let net = s.bytes_allocated as isize - s.bytes_deallocated as isize;
     let vec = v.capacity() * std::mem::size_of::<Arc<T>>();
     (v, usize::try_from(net).unwrap_or(0).saturating_sub(vec))
 }
