@@ -12,8 +12,8 @@ pub fn kubelet_node(i: usize, nodesets: usize) -> Node {
     let set = i % nodesets.max(1);
     let name = format!("ns-{set}-{i:05x}");
     let zone = ["a", "b", "c"][i % 3];
-    let deleting = i % 3 == 0;
-    let cordoned = i % 5 == 0;
+    let deleting = i.is_multiple_of(3);
+    let cordoned = i.is_multiple_of(5);
     let images: Vec<serde_json::Value> = (0..20)
         .map(|k| {
             serde_json::json!({
@@ -127,8 +127,8 @@ pub fn kubelet_node(i: usize, nodesets: usize) -> Node {
                 {"type": "MachineReady", "status": "True", "reason": "Ready",
                  "message": "the machine is running and its kubelet is Ready",
                  "lastHeartbeatTime": "2026-03-01T09:05:00Z", "lastTransitionTime": "2026-03-01T09:05:00Z"},
-                {"type": "Drifted", "status": if i % 4 == 0 { "True" } else { "False" },
-                 "reason": if i % 4 == 0 { "NodeClassChanged" } else { "UpToDate" },
+                {"type": "Drifted", "status": if i.is_multiple_of(4) { "True" } else { "False" },
+                 "reason": if i.is_multiple_of(4) { "NodeClassChanged" } else { "UpToDate" },
                  "message": "built from what the NodeSet and its NodeClass say now",
                  "lastHeartbeatTime": "2026-03-01T09:30:00Z", "lastTransitionTime": "2026-03-01T09:30:00Z"},
             ],
