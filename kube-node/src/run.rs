@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use futures::TryStreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube_node_provider::{ProviderMetrics, ProviderRegistry};
 use kube_node_provider_simulated::SimulatedCloud;
-use kube_node_runtime::{Fanout, Shared, WatchSource};
+use kube_node_runtime::{CachedNode, Fanout, Shared, WatchSource, cached_event};
 use prometheus_client::registry::Registry;
 
 use crate::cli::{ControllerArgs, RunArgs};
@@ -65,12 +66,14 @@ pub fn provider_registry(cloud: &SimulatedCloud, metrics: ProviderMetrics) -> Pr
     registry
 }
 
-/// One Node watch for both controllers: one cache (trimmed to what either reads, see
-/// [`node_controller::trim_node`]) and one decode of every Node event, handed to each
-/// controller in order. Two watches held two caches of every Node. The watch runs until both
-/// controllers have dropped their half.
-pub fn shared_node_watch(client: kube::Client) -> (WatchSource<Node>, WatchSource<Node>) {
-    let (store, writer) = reflector::store::<Node>();
+/// One Node watch for both controllers: one cache of compact [`CachedNode`]s (trimmed to what
+/// either reads, see [`kube_node_runtime::cached_node`]) and one decode of every Node event,
+/// handed to each controller in order. Two watches held two caches of every Node. The watch
+/// runs until both controllers have dropped their half.
+pub fn shared_node_watch(
+    client: kube::Client,
+) -> (WatchSource<CachedNode>, WatchSource<CachedNode>) {
+    let (store, writer) = reflector::store::<CachedNode>();
     let mut fanout = Fanout::new();
     let nodes = WatchSource {
         store: store.clone(),
@@ -82,7 +85,7 @@ pub fn shared_node_watch(client: kube::Client) -> (WatchSource<Node>, WatchSourc
     };
     let source = watcher(Api::<Node>::all(client), watcher::Config::default())
         .default_backoff()
-        .modify(node_controller::trim_node)
+        .map_ok(cached_event)
         .reflect(writer);
     tokio::spawn(fanout.run(source));
     (nodes, nodesets)
@@ -442,8 +445,9 @@ pub async fn shutdown_signal() {
 mod shared_watch_tests {
     use super::*;
 
-    /// The shared cache is trimmed by the node-controller's rule: the nodeset-controller must
-    /// find in it everything its own trim keeps.
+    /// Both controllers' trims are the one trim of the cache (`CachedNode` keeps exactly what
+    /// it keeps), and it keeps all the nodeset-controller reads: the Drifted condition too,
+    /// which the node-controller's former trim dropped from the shared cache.
     #[test]
     fn the_shared_trim_keeps_all_the_nodeset_controller_reads() {
         let node: Node = serde_json::from_value(serde_json::json!({
@@ -461,6 +465,7 @@ mod shared_watch_tests {
                 "conditions": [
                     {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastTransitionTime": "2026-01-01T00:00:00Z"},
                     {"type": "MachineReady", "status": "False", "reason": "Launching", "message": "m", "lastHeartbeatTime": "2026-01-01T00:00:00Z"},
+                    {"type": "Drifted", "status": "True", "reason": "NodeClassChanged", "message": "d"},
                     {"type": "MemoryPressure", "status": "False"},
                 ],
                 "images": [{"names": ["a"], "sizeBytes": 1}],
@@ -470,10 +475,13 @@ mod shared_watch_tests {
         .expect("node");
         let mut alone = node.clone();
         nodeset_controller::observe::trim_node(&mut alone);
-        let mut shared = node;
+        let mut shared = node.clone();
         node_controller::trim_node(&mut shared);
-        nodeset_controller::observe::trim_node(&mut shared);
         assert_eq!(shared, alone);
+        assert_eq!(CachedNode::from(node).to_node(), shared);
+        let conditions = shared.status.and_then(|s| s.conditions).unwrap_or_default();
+        assert!(conditions.iter().any(|c| c.type_ == "Drifted"));
+        assert!(!conditions.iter().any(|c| c.type_ == "MemoryPressure"));
     }
 }
 

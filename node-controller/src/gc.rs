@@ -14,13 +14,14 @@ use kube::{Api, Resource, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::{MACHINE_READY_CONDITION, NODE_CLASS_ANNOTATION};
 use kube_node_provider::ListFilter;
+use kube_node_runtime::CachedNode;
 
 use crate::orphan::{OrphanDecision, select_orphans};
 use crate::{Context, Inventory};
 
 pub(crate) async fn run(
     ctx: Arc<Context>,
-    trigger: UnboundedSender<ObjectRef<Node>>,
+    trigger: UnboundedSender<ObjectRef<CachedNode>>,
     stopped: impl std::future::Future<Output = ()> + Send,
 ) {
     let work = async {
@@ -40,7 +41,7 @@ pub(crate) async fn run(
     }
 }
 
-async fn wave(ctx: &Context, trigger: &UnboundedSender<ObjectRef<Node>>) {
+async fn wave(ctx: &Context, trigger: &UnboundedSender<ObjectRef<CachedNode>>) {
     // The classes of the NodeClass watch: decoded one by one, so a class that does not decode
     // (set aside and reported by the watch) never stops the collection of the others, as a
     // typed list of all of them would.
@@ -59,7 +60,7 @@ async fn wave(ctx: &Context, trigger: &UnboundedSender<ObjectRef<Node>>) {
 async fn collect_class(
     ctx: &Context,
     class: &NodeClass,
-    trigger: &UnboundedSender<ObjectRef<Node>>,
+    trigger: &UnboundedSender<ObjectRef<CachedNode>>,
 ) -> bool {
     let name = class.name_any();
     let Ok(provider) = ctx.provider_for(class, false).await else {
@@ -81,19 +82,13 @@ async fn collect_class(
     // Ready Nodes whose machine is missing from the listing get a reconcile, which confirms
     // with one `get` before calling the machine vanished.
     for n in ctx.nodes.state() {
-        if n.annotations().get(NODE_CLASS_ANNOTATION) != Some(&name) {
+        if n.annotations().get(NODE_CLASS_ANNOTATION) != Some(name.as_str()) {
             continue;
         }
         let ready = n
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| {
-                cs.iter().any(|c| {
-                    c.type_ == MACHINE_READY_CONDITION && c.reason.as_deref() == Some("Ready")
-                })
-            });
-        let pid = n.spec.as_ref().and_then(|s| s.provider_id.as_deref());
+            .condition(MACHINE_READY_CONDITION)
+            .is_some_and(|c| c.reason() == Some("Ready"));
+        let pid = n.provider_id();
         if ready && pid.is_some_and(|p| !ids.contains(p)) {
             ctx.metrics.work_queue().add(&n.name_any());
             let _ = trigger.unbounded_send(ObjectRef::from_obj(n.as_ref()));

@@ -38,7 +38,7 @@ use kube::{Api, Client, ResourceExt};
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::NODE_CLASS_ANNOTATION;
 use kube_node_provider::{Credentials, Provider, ProviderError, ProviderRegistry, ResolvedClass};
-use kube_node_runtime::{Backoff, EventSink, Shared};
+use kube_node_runtime::{Backoff, CachedNode, EventSink, Shared, cached_event};
 
 pub use error::{Error, WAIT_FOR_CHANGE, error_delay};
 pub use kube_node_runtime::tolerant::{self, Decoder, InvalidObjects, nodeclass_decoder};
@@ -116,7 +116,7 @@ pub(crate) struct Context {
     pub(crate) recorder: Recorder,
     /// Node events: best effort, never waited for.
     pub(crate) events: EventSink,
-    pub(crate) nodes: Store<Node>,
+    pub(crate) nodes: Store<CachedNode>,
     /// NodeClasses as the watch last saw them: a Node pass reads its class here, not from the
     /// API server (a scale-up of 1000 Nodes would otherwise cost 1000+ GETs).
     pub(crate) classes: Store<NodeClass>,
@@ -494,34 +494,10 @@ impl Context {
     }
 }
 
-/// Drops what the controller never reads from a cached Node: managed fields, annotations
-/// not of kube-node, and the kubelet's status (images, addresses, capacity, node info,
-/// volumes) but the Ready and MachineReady conditions. With thousands of Nodes the cache is most of the controller's
-/// memory. Metadata and spec stay whole: patches test the taints and resourceVersion they
-/// were computed from. A process sharing one Node watch between both controllers trims with
-/// this (it keeps everything the nodeset-controller's own trim keeps).
-pub fn trim_node(node: &mut Node) {
-    node.metadata.managed_fields = None;
-    // Patches add annotation keys one by one where the map exists: keep it, emptied of
-    // others' keys.
-    if let Some(a) = node.metadata.annotations.as_mut() {
-        a.retain(|k, _| k.starts_with("kube-node.io/"));
-    }
-    if let Some(status) = node.status.as_mut() {
-        let conditions = status.conditions.take().map(|cs| {
-            cs.into_iter()
-                .filter(|c| {
-                    c.type_ == kube_node_crds::names::READY_CONDITION
-                        || c.type_ == kube_node_crds::names::MACHINE_READY_CONDITION
-                })
-                .collect()
-        });
-        *status = k8s_openapi::api::core::v1::NodeStatus {
-            conditions,
-            ..Default::default()
-        };
-    }
-}
+/// The one trim of a cached Node, shared with the nodeset-controller (see
+/// [`kube_node_runtime::cached_node`]): the Node cache holds [`CachedNode`]s, which keep
+/// exactly what it keeps.
+pub use kube_node_runtime::trim_node;
 
 /// Runs the Node controller, the NodeClass controller and the orphan collector until
 /// `shutdown` completes.
@@ -573,10 +549,10 @@ pub async fn run_shared(
     let (store, node_events) = match shared.nodes {
         Some(source) => (source.store, source.events),
         None => {
-            let (store, writer) = reflector::store::<Node>();
+            let (store, writer) = reflector::store::<CachedNode>();
             let events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
                 .default_backoff()
-                .modify(trim_node)
+                .map_ok(cached_event)
                 .reflect(writer)
                 .boxed();
             (store, events)
@@ -646,7 +622,7 @@ pub async fn run_shared(
         capacity_checks: capacity_tx,
     });
 
-    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<Node>>();
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<CachedNode>>();
     let sync_ctx = ctx.clone();
     let (sync_nodes, sync_classes) = (store.clone(), class_store.clone());
     let mut sync_trigger = trigger_tx.clone();
@@ -696,7 +672,7 @@ pub async fn run_shared(
             class_nodes
                 .state()
                 .into_iter()
-                .filter(|n| n.annotations().get(NODE_CLASS_ANNOTATION) == Some(&name))
+                .filter(|n| n.annotations().get(NODE_CLASS_ANNOTATION) == Some(name.as_str()))
                 .map(|n| {
                     mapped.add(&n.name_any());
                     ObjectRef::from_obj(n.as_ref())

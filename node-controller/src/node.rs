@@ -22,6 +22,7 @@ use kube_node_crds::names::{
 };
 use kube_node_crds::v1alpha1::find_condition;
 use kube_node_provider::{CreateRequest, Instance, ListFilter, Provider, ProviderError};
+use kube_node_runtime::CachedNode;
 use tracing::Instrument;
 
 use crate::applied::{ClassMeta, MachineLabels};
@@ -38,8 +39,8 @@ const DELETING_MESSAGE: &str = "cordoned; draining and deleting the machine";
 /// How often a drain blocked by a PodDisruptionBudget retries.
 const DRAIN_POLL: Duration = Duration::from_secs(2);
 
-fn is_managed(node: &Node) -> bool {
-    node.annotations().contains_key(NODE_CLASS_ANNOTATION) || has_finalizer(node)
+fn is_managed(node: &CachedNode) -> bool {
+    node.annotations().contains_key(NODE_CLASS_ANNOTATION) || node.has_finalizer(MACHINE_FINALIZER)
 }
 
 fn has_finalizer(node: &Node) -> bool {
@@ -95,12 +96,17 @@ struct Pass {
     want_key: Option<u64>,
 }
 
-pub(crate) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    ctx.metrics.work_queue().done(&node.name_any());
-    if !is_managed(&node) {
-        // Not ours: cheap exit, no API calls, no metrics.
+pub(crate) async fn reconcile(
+    cached: Arc<CachedNode>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
+    ctx.metrics.work_queue().done(&cached.name_any());
+    if !is_managed(&cached) {
+        // Not ours: cheap exit, no API calls, no metrics (and no copy out of the cache).
         return Ok(Requeue::await_change());
     }
+    // The pass works on a whole Node (the trimmed one), rebuilt once from the cache.
+    let node = cached.to_node();
     let started = std::time::Instant::now();
     let name = node.name_any();
     let span = tracing::info_span!(
@@ -111,11 +117,12 @@ pub(crate) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Requ
         provider_id = provider_id(&node).unwrap_or(""),
     );
     let uid = node.uid().unwrap_or_default();
+    let phase = current_phase(&node);
     let mut pass = Pass {
-        node: node.as_ref().clone(),
+        node,
         name,
         uid,
-        phase: current_phase(&node),
+        phase,
         want_key: None,
     };
     let result = reconcile_pass(&mut pass, &ctx)
@@ -136,7 +143,7 @@ pub(crate) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Requ
     }
 }
 
-pub(crate) fn error_policy(node: Arc<Node>, err: &Error, ctx: Arc<Context>) -> Requeue {
+pub(crate) fn error_policy(node: Arc<CachedNode>, err: &Error, ctx: Arc<Context>) -> Requeue {
     let attempt = ctx.next_attempt(&node.uid().unwrap_or_default());
     Requeue::requeue(error_delay(err, attempt, &ctx.backoff))
 }

@@ -7,10 +7,10 @@
 //! While it waits, the NodeClass's `InUse` condition and a Normal event say how many Nodes
 //! still use it. The decision is pure ([`step`], [`in_use_condition`]); `nodeclass.rs` acts.
 
-use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube_node_crds::NodeClass;
 use kube_node_crds::names::{MACHINE_FINALIZER, NODE_CLASS_ANNOTATION, NODECLASS_IN_USE_FINALIZER};
+use kube_node_runtime::CachedNode;
 
 /// What the protection does with a NodeClass in this pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,13 +42,9 @@ pub(crate) fn has_finalizer(class: &NodeClass) -> bool {
 
 /// Whether a Node uses NodeClass `class`: it names the class and either is not being deleted
 /// or still has its machine finalizer (its machine may still exist).
-pub(crate) fn uses(node: &Node, class: &str) -> bool {
-    node.annotations()
-        .get(NODE_CLASS_ANNOTATION)
-        .map(String::as_str)
-        == Some(class)
-        && (node.metadata.deletion_timestamp.is_none()
-            || node.finalizers().iter().any(|f| f == MACHINE_FINALIZER))
+pub(crate) fn uses(node: &CachedNode, class: &str) -> bool {
+    node.annotations().get(NODE_CLASS_ANNOTATION) == Some(class)
+        && (node.deletion_timestamp().is_none() || node.has_finalizer(MACHINE_FINALIZER))
 }
 
 /// The `InUse` condition: (status, reason, message).
@@ -90,11 +86,12 @@ pub(crate) fn in_use_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Node;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::api::ObjectMeta;
 
-    fn node(class: &str, deleting: bool, finalizer: bool) -> Node {
-        Node {
+    fn node(class: &str, deleting: bool, finalizer: bool) -> CachedNode {
+        CachedNode::from(Node {
             metadata: ObjectMeta {
                 annotations: Some([(NODE_CLASS_ANNOTATION.to_string(), class.to_string())].into()),
                 deletion_timestamp: deleting.then(|| Time(jiff::Timestamp::now())),
@@ -102,7 +99,7 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
-        }
+        })
     }
 
     #[test]
@@ -133,7 +130,7 @@ mod tests {
         );
         assert!(!uses(&node("c", true, false), "c"), "machine gone");
         assert!(!uses(&node("other", false, true), "c"));
-        assert!(!uses(&Node::default(), "c"));
+        assert!(!uses(&CachedNode::from(Node::default()), "c"));
     }
 
     #[test]

@@ -12,8 +12,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use kube::Resource;
 use kube::runtime::watcher;
+use kube_node_runtime::CachedNode;
 
 /// How long unmet expectations hold a NodeSet back.
 pub const TTL: Duration = Duration::from_secs(5 * 60);
@@ -137,21 +138,21 @@ impl Expectations {
     }
 
     /// Feeds one Node watch event (called before the event triggers a reconcile).
-    pub fn observe_event(&self, event: &watcher::Event<Node>) {
+    pub fn observe_event(&self, event: &watcher::Event<CachedNode>) {
         let mut s = self.lock();
         match event {
             watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
-                let Some(name) = n.metadata.name.as_deref() else {
+                let Some(name) = n.meta().name.as_deref() else {
                     return;
                 };
                 if let Some(seen) = s.relist.as_mut() {
                     seen.insert(name.to_string());
                 }
-                let deleting = n.metadata.deletion_timestamp.is_some();
+                let deleting = n.deletion_timestamp().is_some();
                 Self::observe_locked(&mut s, name, true, deleting);
             }
             watcher::Event::Delete(n) => {
-                if let Some(name) = n.metadata.name.as_deref() {
+                if let Some(name) = n.meta().name.as_deref() {
                     Self::observe_locked(&mut s, name, true, true);
                 }
             }
@@ -177,10 +178,13 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Node;
     use kube::api::ObjectMeta;
 
-    fn node(name: &str, deleting: bool) -> Node {
-        Node {
+    /// As the cache holds it: the deletion timestamp is read through the accessor, not the
+    /// (partial) metadata.
+    fn node(name: &str, deleting: bool) -> CachedNode {
+        CachedNode::from(Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 deletion_timestamp: deleting.then(|| {
@@ -189,7 +193,7 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
-        }
+        })
     }
 
     #[test]

@@ -48,13 +48,14 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet};
 use kube_node_runtime::tolerant::{self, InvalidObjects, nodeclass_decoder, nodeset_decoder};
+use kube_node_runtime::{CachedNode, cached_event};
 
 pub use error::Error;
 pub use metrics::Metrics;
 pub use observe::{InstanceError, InstanceState, NodeInstance, nodeset_instances};
 
 use crate::expectations::Expectations;
-use crate::observe::nodeset_owner;
+use crate::observe::{cached_has_controller, cached_nodeset_owner, nodeset_owner};
 use crate::reconcile::Context;
 
 /// The name events are reported under.
@@ -98,13 +99,12 @@ pub async fn run(
     run_shared(client, config, metrics, None, shutdown).await
 }
 
-/// [`run`], on the process's shared Node watch when `nodes` is given (its cache must keep
-/// what [`observe::trim_node`] keeps).
+/// [`run`], on the process's shared Node watch when `nodes` is given.
 pub async fn run_shared(
     client: Client,
     config: Config,
     metrics: Metrics,
-    nodes: Option<kube_node_runtime::WatchSource<Node>>,
+    nodes: Option<kube_node_runtime::WatchSource<CachedNode>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let expectations = Arc::new(Expectations::default());
@@ -114,10 +114,10 @@ pub async fn run_shared(
     let (node_store, node_events) = match nodes {
         Some(source) => (source.store, source.events),
         None => {
-            let (store, writer) = reflector::store::<Node>();
+            let (store, writer) = reflector::store::<CachedNode>();
             let events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
                 .default_backoff()
-                .modify(observe::trim_node)
+                .map_ok(cached_event)
                 .reflect(writer)
                 .boxed();
             (store, events)
@@ -222,7 +222,7 @@ pub async fn run_shared(
         }
     };
     let controller = controller
-        .watches_stream(node_events, move |node: Node| {
+        .watches_stream(node_events, move |node: CachedNode| {
             let sets = nodesets_of_node(&by_node, &node);
             sets.iter().for_each(|s| node_queue.add(&s.name));
             sets
@@ -259,24 +259,20 @@ pub async fn run_shared(
 /// The NodeSets a Node event concerns: its controller (a NodeSet), every NodeSet that could
 /// adopt it (it has no controller and matches the selector), and any NodeSet naming it in
 /// `spec.removeNodes`.
-fn nodesets_of_node(nodesets: &Store<NodeSet>, node: &Node) -> Vec<ObjectRef<NodeSet>> {
+fn nodesets_of_node(nodesets: &Store<NodeSet>, node: &CachedNode) -> Vec<ObjectRef<NodeSet>> {
     let mut out = Vec::new();
-    let owner = nodeset_owner(node).map(|(name, _)| name.to_string());
+    let owner = cached_nodeset_owner(node).map(|(name, _)| name.to_string());
     if let Some(name) = &owner {
         out.push(ObjectRef::new(name));
     }
-    let has_controller = node
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true));
+    let has_controller = cached_has_controller(node);
     let name = node.name_any();
+    let labels = node.labels();
     for ns in nodesets.state() {
         if owner.as_deref() == ns.metadata.name.as_deref() {
             continue;
         }
-        if (!has_controller && ns.spec.selector.matches(node.labels()))
+        if (!has_controller && ns.spec.selector.matches_by(|k| labels.get(k)))
             || ns.spec.remove_nodes.contains(&name)
         {
             out.push(ObjectRef::from_obj(ns.as_ref()));

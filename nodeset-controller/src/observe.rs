@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use kube_node_crds::names::{
-    BUILD_HASH_ANNOTATION, DELETE_NODE_ANNOTATION, DRIFTED_CONDITION, LAUNCHED_AT_ANNOTATION,
-    LAUNCHING_MESSAGE, MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION,
-    NODE_CLASS_GENERATION_ANNOTATION,
+    BUILD_HASH_ANNOTATION, DELETE_NODE_ANNOTATION, LAUNCHED_AT_ANNOTATION, LAUNCHING_MESSAGE,
+    MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION, NODE_CLASS_GENERATION_ANNOTATION,
 };
 use kube_node_crds::v1alpha1::NodeSet;
+use kube_node_runtime::CachedNode;
 
 use crate::backoff::NON_RETRYABLE_REASONS;
 use crate::drift::BuildHash;
@@ -181,6 +181,38 @@ pub fn child(nodeset: &NodeSet, node: &Node) -> ChildNode {
     }
 }
 
+/// [`nodeset_owner`] of a cached Node.
+pub fn cached_nodeset_owner(node: &CachedNode) -> Option<(&str, &str)> {
+    node.owner_references()
+        .iter()
+        .find(|o| o.controller() == Some(true))
+        .filter(|o| o.kind() == "NodeSet" && o.api_version().starts_with("kube-node.io/"))
+        .map(|o| (o.name(), o.uid()))
+}
+
+/// Whether a cached Node has a controller owner reference.
+pub fn cached_has_controller(node: &CachedNode) -> bool {
+    node.owner_references()
+        .iter()
+        .any(|o| o.controller() == Some(true))
+}
+
+/// [`related`] of a cached Node: the filter over the cache, before any Node is rebuilt.
+pub fn cached_related(nodeset: &NodeSet, node: &CachedNode) -> bool {
+    let uid = nodeset.metadata.uid.as_deref();
+    match cached_nodeset_owner(node) {
+        Some((_, owner)) if Some(owner) == uid => return true,
+        _ => {}
+    }
+    let labels = node.labels();
+    (!cached_has_controller(node) && nodeset.spec.selector.matches_by(|k| labels.get(k)))
+        || nodeset
+            .spec
+            .remove_nodes
+            .iter()
+            .any(|n| Some(n.as_str()) == node.meta().name.as_deref())
+}
+
 /// Whether a Node is related to a NodeSet at all: owned by it, adoptable by it, or named in
 /// its `spec.removeNodes`.
 pub fn related(nodeset: &NodeSet, node: &Node) -> bool {
@@ -300,36 +332,11 @@ mod tests {
     }
 }
 
-/// Drops what the controller never reads from a cached Node (managed fields, foreign
-/// annotations, images, addresses, capacity, …): with thousands of Nodes the cache is most of
-/// the controller's memory.
-pub fn trim_node(node: &mut Node) {
-    node.metadata.managed_fields = None;
-    if let Some(a) = node.metadata.annotations.as_mut() {
-        a.retain(|k, _| k.starts_with("kube-node.io/"));
-    }
-    if let Some(spec) = node.spec.as_mut() {
-        *spec = k8s_openapi::api::core::v1::NodeSpec {
-            provider_id: spec.provider_id.take(),
-            ..Default::default()
-        };
-    }
-    if let Some(status) = node.status.as_mut() {
-        let conditions = status.conditions.take().map(|cs| {
-            cs.into_iter()
-                .filter(|c| {
-                    c.type_ == "Ready"
-                        || c.type_ == MACHINE_READY_CONDITION
-                        || c.type_ == DRIFTED_CONDITION
-                })
-                .collect()
-        });
-        *status = k8s_openapi::api::core::v1::NodeStatus {
-            conditions,
-            ..Default::default()
-        };
-    }
-}
+/// The one trim of a cached Node, shared with the node-controller (see
+/// [`kube_node_runtime::cached_node`]): it keeps everything [`child`] and the reconcile read
+/// (the `Ready`, `MachineReady` and `Drifted` conditions among them). The Node cache holds
+/// [`CachedNode`]s, which keep exactly what it keeps.
+pub use kube_node_runtime::trim_node;
 
 #[cfg(test)]
 mod instance_tests {
@@ -384,5 +391,44 @@ mod instance_tests {
         let mut n = nodes[1].clone();
         trim_node(&mut n);
         assert_eq!(child(&ns, &n), child(&ns, &nodes[1]));
+    }
+
+    /// The cache's filter agrees with the one on whole Nodes, for every kind of relation.
+    #[test]
+    fn the_cached_filter_is_the_node_filter() {
+        let ns: NodeSet = serde_json::from_value(json!({
+            "apiVersion": "kube-node.io/v1alpha1", "kind": "NodeSet",
+            "metadata": {"name": "w", "uid": "u-1"},
+            "spec": {"selector": {"matchLabels": {"pool": "w"},
+                                  "matchExpressions": [{"key": "zone", "operator": "In", "values": ["a", "b"]}]},
+                     "removeNodes": ["doomed"],
+                     "template": {"metadata": {"labels": {"pool": "w"}}, "spec": {"nodeClassName": "sim"}}},
+        }))
+        .expect("NodeSet");
+        let ours = json!([{"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeSet", "name": "w", "uid": "u-1", "controller": true}]);
+        let theirs = json!([{"apiVersion": "kube-node.io/v1alpha1", "kind": "NodeSet", "name": "x", "uid": "u-2", "controller": true}]);
+        let other = json!([{"apiVersion": "v1", "kind": "Thing", "name": "t", "uid": "u-3", "controller": true}]);
+        let cases = [
+            json!({"metadata": {"name": "owned", "ownerReferences": ours}}),
+            json!({"metadata": {"name": "owned-elsewhere", "labels": {"pool": "w", "zone": "a"}, "ownerReferences": theirs}}),
+            json!({"metadata": {"name": "foreign", "labels": {"pool": "w", "zone": "a"}, "ownerReferences": other}}),
+            json!({"metadata": {"name": "adoptable", "labels": {"pool": "w", "zone": "b"}}}),
+            json!({"metadata": {"name": "wrong-zone", "labels": {"pool": "w", "zone": "c"}}}),
+            json!({"metadata": {"name": "no-zone", "labels": {"pool": "w"}}}),
+            json!({"metadata": {"name": "doomed", "ownerReferences": theirs}}),
+            json!({"metadata": {"name": "bare"}}),
+        ];
+        for case in cases {
+            let node: Node = serde_json::from_value(case).expect("Node");
+            let cached = CachedNode::from(node.clone());
+            assert_eq!(
+                cached_related(&ns, &cached),
+                related(&ns, &node),
+                "{}",
+                node.name_any()
+            );
+            assert_eq!(cached_nodeset_owner(&cached), nodeset_owner(&node));
+            assert_eq!(child(&ns, &cached.to_node()), child(&ns, &node));
+        }
     }
 }

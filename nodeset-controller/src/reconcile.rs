@@ -25,6 +25,7 @@ use kube_node_crds::names::{
     REPLICA_FAILURE_CONDITION, UNREGISTERED_TAINT,
 };
 use kube_node_crds::v1alpha1::{NodeClass, NodeSet, NodeSetStatus, RolloutStatus, StrategyType};
+use kube_node_runtime::CachedNode;
 use rand::Rng;
 use serde_json::json;
 
@@ -32,7 +33,7 @@ use crate::backoff::{BackoffPolicy, BackoffState};
 use crate::drift::BuildHash;
 use crate::expectations::Expectations;
 use crate::fallback;
-use crate::observe::{child, phase_counts, related};
+use crate::observe::{cached_related, child, phase_counts, related};
 use crate::plan::{
     ChildNode, Desired, Failure, Ownership, Plan, Progress, RolloutState, Stall, UpdateStrategy,
     drift_of, plan, resolve_int_or_percent, resolve_max_unhealthy,
@@ -52,7 +53,7 @@ const NAME_ATTEMPTS: usize = 3;
 /// What every reconcile shares.
 pub(crate) struct Context {
     pub client: Client,
-    pub nodes: Store<Node>,
+    pub nodes: Store<CachedNode>,
     pub classes: Store<NodeClass>,
     /// Every NodeSet (to find the one NodeSet that owns a group).
     pub sets: Store<NodeSet>,
@@ -260,7 +261,7 @@ pub(crate) fn build_node(
 /// before the machine's launch is the Secret; the secret half is the node-controller's alone.
 /// Never a name recorded on a Node the cache knows: the node-controller takes a taken name
 /// for its predecessor's token and deletes it.
-fn bootstrap_token_name(nodes: &Store<Node>) -> String {
+fn bootstrap_token_name(nodes: &Store<CachedNode>) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
     loop {
@@ -269,7 +270,7 @@ fn bootstrap_token_name(nodes: &Store<Node>) -> String {
             .collect();
         let name = format!("bootstrap-token-{id}");
         let taken = nodes
-            .find(|n| n.annotations().get(BOOTSTRAP_TOKEN_ANNOTATION) == Some(&name))
+            .find(|n| n.annotations().get(BOOTSTRAP_TOKEN_ANNOTATION) == Some(name.as_str()))
             .is_some();
         if !taken {
             return name;
@@ -288,12 +289,14 @@ pub(crate) fn owner_reference(name: String, uid: String) -> OwnerReference {
     }
 }
 
-/// The children the planner sees, from the cache.
-fn cached_children(ns: &NodeSet, nodes: &Store<Node>) -> (Vec<ChildNode>, Vec<Arc<Node>>) {
+/// The children the planner sees, from the cache: the related Nodes are picked on the
+/// cache's own accessors, and only they are rebuilt as Nodes.
+fn cached_children(ns: &NodeSet, nodes: &Store<CachedNode>) -> (Vec<ChildNode>, Vec<Arc<Node>>) {
     let related: Vec<Arc<Node>> = nodes
         .state()
-        .into_iter()
-        .filter(|n| related(ns, n))
+        .iter()
+        .filter(|n| cached_related(ns, n))
+        .map(|n| Arc::new(n.to_node()))
         .collect();
     let children = related.iter().map(|n| child(ns, n)).collect();
     (children, related)

@@ -11,6 +11,8 @@
 //!   filter, its own token bucket) and the uncached writer of Normal transition events;
 //! - [`client`]: a Kubernetes client behind its own client-side token bucket (QPS and burst),
 //!   one per controller;
+//! - [`cached_node`]: the Node cache's compact element, [`CachedNode`], and the one trim of
+//!   a cached Node;
 //! - [`shared`]: one watch per kind for the whole process, fanned out to every controller;
 //! - [`tolerant`]: NodeClass and NodeSet watches that decode one object at a time, setting
 //!   aside (and reporting on itself) any object the types cannot hold;
@@ -19,15 +21,18 @@
 //!   controllers hold around a group's size.
 
 pub mod backoff;
+pub mod cached_node;
 pub mod client;
 pub mod events;
 pub mod groups;
+mod intern;
 pub mod metrics;
 pub mod node_status;
 pub mod shared;
 pub mod tolerant;
 
 pub use backoff::Backoff;
+pub use cached_node::{CachedNode, cached_event, trim_node};
 pub use client::{RateLimitLayer, TokenBucket, limited_client, urgent};
 pub use events::{EventSink, publish_transition};
 pub use groups::GroupAccess;

@@ -35,8 +35,8 @@ where
 /// own watch and writes events on its own client.
 #[derive(Default)]
 pub struct Shared {
-    /// The process's one Node watch.
-    pub nodes: Option<WatchSource<k8s_openapi::api::core::v1::Node>>,
+    /// The process's one Node watch, its cache compact ([`CachedNode`](crate::CachedNode)).
+    pub nodes: Option<WatchSource<crate::CachedNode>>,
     /// A client (with its own token bucket) for the best-effort event path, so events never
     /// take a token a controller's writes need.
     pub events_client: Option<kube::Client>,

@@ -498,19 +498,25 @@ impl NodeSelector {
     /// Whether a Node with these labels matches. An empty selector matches nothing, as for
     /// ReplicaSets.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.matches_by(|k| labels.get(k).map(String::as_str))
+    }
+
+    /// [`matches`](Self::matches), for labels held in another form: `label` looks one up.
+    pub fn matches_by<'a>(&self, label: impl Fn(&str) -> Option<&'a str>) -> bool {
         let ml = self.match_labels.as_ref().filter(|m| !m.is_empty());
         let me = self.match_expressions.as_ref().filter(|m| !m.is_empty());
         if ml.is_none() && me.is_none() {
             return false;
         }
+        let listed = |values: &[String], v: &str| values.iter().any(|x| x == v);
         ml.into_iter()
             .flatten()
-            .all(|(k, v)| labels.get(k) == Some(v))
+            .all(|(k, v)| label(k) == Some(v.as_str()))
             && me.into_iter().flatten().all(|e| match e.operator {
-                SelectorOperator::In => labels.get(&e.key).is_some_and(|v| e.values.contains(v)),
-                SelectorOperator::NotIn => labels.get(&e.key).is_none_or(|v| !e.values.contains(v)),
-                SelectorOperator::Exists => labels.contains_key(&e.key),
-                SelectorOperator::DoesNotExist => !labels.contains_key(&e.key),
+                SelectorOperator::In => label(&e.key).is_some_and(|v| listed(&e.values, v)),
+                SelectorOperator::NotIn => label(&e.key).is_none_or(|v| !listed(&e.values, v)),
+                SelectorOperator::Exists => label(&e.key).is_some(),
+                SelectorOperator::DoesNotExist => label(&e.key).is_none(),
             })
     }
 }
