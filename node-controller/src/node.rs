@@ -1235,6 +1235,24 @@ struct NodePatch<'a> {
     annotations: bool,
 }
 
+/// The indices of `current` whose removal leaves exactly `want` (in order), when `want` is
+/// `current` with some taints removed and none added or changed; `None` otherwise.
+fn removed_indices(current: &[Taint], want: &[Taint]) -> Option<Vec<usize>> {
+    if want.len() >= current.len() {
+        return None;
+    }
+    let mut removed = Vec::with_capacity(current.len() - want.len());
+    let mut w = want.iter().peekable();
+    for (i, t) in current.iter().enumerate() {
+        if w.peek() == Some(&t) {
+            w.next();
+        } else {
+            removed.push(i);
+        }
+    }
+    w.peek().is_none().then_some(removed)
+}
+
 impl<'a> NodePatch<'a> {
     fn new(node: &'a Node) -> Self {
         Self {
@@ -1354,6 +1372,23 @@ impl<'a> NodePatch<'a> {
             return;
         }
         match current {
+            Some(cur) if removed_indices(&cur, &want).is_some() => {
+                // Only removals (the unregistered taints at Ready): each by its index, guarded
+                // by a test of that very taint. kube-controller-manager adds and removes its
+                // own taints (not-ready, unreachable) at the same moments, after ours in the
+                // list, so a test of the whole list failed on its change and cost a re-read
+                // and a second patch; this one fails only if our taint itself moved.
+                for i in removed_indices(&cur, &want)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .rev()
+                {
+                    self.ops.push(serde_json::json!({"op": "test", "path": format!("/spec/taints/{i}"), "value": cur[i]}));
+                    self.ops.push(
+                        serde_json::json!({"op": "remove", "path": format!("/spec/taints/{i}")}),
+                    );
+                }
+            }
             Some(cur) => {
                 self.ops
                     .push(serde_json::json!({"op": "test", "path": "/spec/taints", "value": cur}));

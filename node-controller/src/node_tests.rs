@@ -9,7 +9,7 @@ use kube_node_crds::names::{APPLIED_MACHINE_LABELS_ANNOTATION, NODE_CLASS_LABEL}
 use kube_node_provider::{Instance, InstanceState};
 use serde_json::json;
 
-use super::{Pass, condition_patch, meta_ops, wanted_meta};
+use super::{Pass, condition_patch, meta_ops, removed_indices, wanted_meta};
 
 fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
     kv.iter()
@@ -197,4 +197,36 @@ fn the_launching_write_adds_ready_unknown_to_a_node_without_ready() {
         patch["status"]["conditions"].as_array().map(Vec::len),
         Some(1)
     );
+}
+
+fn taint(key: &str, effect: &str) -> k8s_openapi::api::core::v1::Taint {
+    k8s_openapi::api::core::v1::Taint {
+        key: key.into(),
+        effect: effect.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn pure_taint_removals_are_found_by_index() {
+    let a = taint("kube-node.io/unregistered", "NoExecute");
+    let b = taint(
+        "ignore-taint.cluster-autoscaler.kubernetes.io/x",
+        "PreferNoSchedule",
+    );
+    let c = taint("node.kubernetes.io/not-ready", "NoSchedule");
+    let cur = vec![a.clone(), b.clone(), c.clone()];
+    assert_eq!(
+        removed_indices(&cur, std::slice::from_ref(&c)),
+        Some(vec![0, 1])
+    );
+    assert_eq!(
+        removed_indices(&cur, &[a.clone(), c.clone()]),
+        Some(vec![1])
+    );
+    assert_eq!(removed_indices(&cur, &[]), Some(vec![0, 1, 2]));
+    // Nothing removed, something added, or the order changed: not a pure removal.
+    assert_eq!(removed_indices(&cur, &cur), None);
+    assert_eq!(removed_indices(&cur, &[c.clone(), a.clone()]), None);
+    assert_eq!(removed_indices(&cur, &[taint("other", "NoSchedule")]), None);
 }
