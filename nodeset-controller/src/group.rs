@@ -293,6 +293,8 @@ pub(crate) async fn reconcile(
     // Adopt what the rule says is ours.
     let labels = node_labels(ns, &class_name)?;
     let mut adopted: BTreeMap<String, Node> = BTreeMap::new();
+    // Read live once, before the first adoption (see `reconcile::may_adopt`).
+    let mut may_adopt: Option<bool> = None;
     for i in instances
         .iter()
         .filter(|i| i.state != InstanceState::Terminating)
@@ -308,6 +310,12 @@ pub(crate) async fn reconcile(
             .any(|o| o.controller == Some(true));
         if controlled || node.metadata.deletion_timestamp.is_some() {
             continue;
+        }
+        if may_adopt.is_none() {
+            may_adopt = Some(crate::reconcile::may_adopt(ctx, &name, &uid).await?);
+        }
+        if may_adopt != Some(true) {
+            break;
         }
         let mut refs = node.metadata.owner_references.clone().unwrap_or_default();
         refs.push(owner_reference(name.clone(), uid.clone()));

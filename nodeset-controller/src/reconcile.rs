@@ -487,9 +487,11 @@ async fn reconcile_inner(ns: &NodeSet, ctx: &Context) -> Result<Action, Error> {
                     .map(|x| x.as_ref().clone())
             })
     };
-    for n in &the_plan.adopt {
-        if let Some(node) = lookup(n) {
-            adopt(&node_api, &node, &name, &uid).await?;
+    if !the_plan.adopt.is_empty() && may_adopt(ctx, &name, &uid).await? {
+        for n in &the_plan.adopt {
+            if let Some(node) = lookup(n) {
+                adopt(&node_api, &node, &name, &uid).await?;
+            }
         }
     }
     for n in &the_plan.release {
@@ -705,6 +707,21 @@ fn condition_true(status: &NodeSetStatus, type_: &str) -> bool {
         .conditions
         .iter()
         .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Whether the NodeSet may adopt, read from the API server rather than the cache (the
+/// ReplicaSet controller's `RecheckDeletionTimestamp`): a NodeSet deleted with
+/// `propagationPolicy: Orphan` has its Nodes' owner references removed by the garbage
+/// collector, and a pass on a cached copy from before the deletion would see them as orphans
+/// and adopt them back, leaving them owned by a NodeSet about to be gone. Only read when there
+/// is something to adopt.
+pub(crate) async fn may_adopt(ctx: &Context, name: &str, uid: &str) -> Result<bool, Error> {
+    let live = Api::<NodeSet>::all(ctx.client.clone())
+        .get_opt(name)
+        .await?;
+    Ok(live.is_some_and(|ns| {
+        ns.metadata.uid.as_deref() == Some(uid) && ns.metadata.deletion_timestamp.is_none()
+    }))
 }
 
 /// Adopts an orphan: adds our controller owner reference. The merge patch carries the Node's
