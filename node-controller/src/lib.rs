@@ -145,11 +145,21 @@ pub(crate) struct Context {
     /// Bootstrap tokens this process created, by Node UID, with their expiry: the only place a
     /// token's secret half is kept outside its Secret and the machine's user-data.
     tokens: Mutex<HashMap<String, (bootstrap::BootstrapToken, jiff::Timestamp)>>,
-    /// Machines created whose providerID is not on their Node yet, by Node UID: recorded by a
-    /// later pass, once no launch is in flight.
-    launched: Mutex<HashMap<String, kube_node_provider::Instance>>,
+    /// Machines created whose providerID is not in the Node cache yet, by Node UID: recorded
+    /// by a later pass once no launch is in flight, and kept until the cache shows the write.
+    launched: Mutex<HashMap<String, Launched>>,
     /// Passes creating a machine right now.
     launches: std::sync::atomic::AtomicUsize,
+}
+
+/// A machine this process created, until the Node cache shows its providerID.
+#[derive(Clone, Debug)]
+pub(crate) struct Launched {
+    pub(crate) instance: kube_node_provider::Instance,
+    /// When its providerID write succeeded: a pass soon after that still sees no providerID
+    /// reads a cache behind kube-node's own write, and must not take the missing providerID
+    /// for a machine never made.
+    pub(crate) recorded_at: Option<std::time::Instant>,
 }
 
 /// Counts a launch in flight while it lives.
@@ -325,11 +335,26 @@ impl Context {
 
     pub(crate) fn remember_launch(&self, uid: &str, instance: kube_node_provider::Instance) {
         if let Ok(mut l) = self.launched.lock() {
-            l.insert(uid.to_string(), instance);
+            l.insert(
+                uid.to_string(),
+                Launched {
+                    instance,
+                    recorded_at: None,
+                },
+            );
         }
     }
 
-    pub(crate) fn launched_instance(&self, uid: &str) -> Option<kube_node_provider::Instance> {
+    /// Notes that the providerID write of a remembered machine succeeded.
+    pub(crate) fn launch_recorded(&self, uid: &str) {
+        if let Ok(mut l) = self.launched.lock()
+            && let Some(e) = l.get_mut(uid)
+        {
+            e.recorded_at = Some(std::time::Instant::now());
+        }
+    }
+
+    pub(crate) fn launched(&self, uid: &str) -> Option<Launched> {
         self.launched.lock().ok()?.get(uid).cloned()
     }
 

@@ -272,10 +272,20 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
     // A machine this process created whose providerID is not on the Node yet: recorded now,
     // unless other launches are in flight (they go first; a restart meanwhile finds the
     // machine by the idempotent create, or by its tag when the Node goes).
-    if pid.is_none()
-        && deleting.is_none()
-        && let Some(instance) = ctx.launched_instance(&pass.uid)
+    if pid.is_some() {
+        ctx.forget_launch(&pass.uid);
+    } else if deleting.is_none()
+        && let Some(launched) = ctx.launched(&pass.uid)
     {
+        if launched
+            .recorded_at
+            .is_some_and(|t| t.elapsed() < CACHE_CATCH_UP)
+        {
+            // The cache has not caught up with our own providerID write (its watch event
+            // is on the way): writing it again would be a wasted write.
+            return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
+        }
+        let instance = launched.instance;
         let created = instance
             .created_unix
             .and_then(|s| Timestamp::from_second(s).ok());
@@ -289,8 +299,7 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
             kubelet_ready(&pass.node),
         );
         record_machine(pass, ctx, &class, &instance, &want).await?;
-        ctx.forget_launch(&pass.uid);
-        return Ok(Requeue::requeue(Duration::ZERO));
+        return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
     }
 
     // Observe the machine.
@@ -326,6 +335,19 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
             }
         }
         (None, true) if never_launched => MachineObs::Gone,
+        (None, true) if let Some(l) = ctx.launched(&pass.uid) => {
+            // This process made the machine and knows it: no list, whose lag could hide it.
+            match provider.get(&l.instance.provider_id).await {
+                Ok(i) => {
+                    let s = i.state;
+                    adopted_pid = Some(i.provider_id.clone());
+                    instance = Some(i);
+                    MachineObs::Present(s)
+                }
+                Err(ProviderError::NotFound(_)) => MachineObs::Gone,
+                Err(e) => return Err(e.into()),
+            }
+        }
         (None, true) => {
             // A create may have happened before the providerID write: find it by its tag.
             let filter = ListFilter {
@@ -770,10 +792,10 @@ async fn create(
     ctx.recount_pool(&class.name_any());
     ctx.metrics.set_phase(&pass.uid, pass.phase);
     drop(launching);
+    ctx.remember_launch(&pass.uid, instance.clone());
     if ctx.launches_in_flight() {
         // Other machines wait for their create: the providerID is written by a later pass
         // (see `BOOKKEEPING_WAIT`), and this worker goes to the next launch.
-        ctx.remember_launch(&pass.uid, instance);
         return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
     }
     let mut want = want.clone();
@@ -787,6 +809,9 @@ async fn create(
 /// launched: the reconcile workers and the client's tokens go to launches first, so a
 /// scale-up's last machine is not created behind the first ones' bookkeeping.
 const BOOKKEEPING_WAIT: Duration = Duration::from_millis(500);
+/// How long after its providerID write a Node cache that still shows no providerID is taken
+/// to be behind that write, rather than the providerID to have been removed since.
+const CACHE_CATCH_UP: Duration = Duration::from_secs(30);
 /// The longest bookkeeping waits for launches: a Node whose kubelet is Ready must not keep its
 /// unregistered taint (and take no pods) through a long run of launches.
 const BOOKKEEPING_MAX_WAIT: Duration = Duration::from_secs(10);
@@ -868,6 +893,7 @@ async fn record_machine(
         }
         return Err(e);
     }
+    ctx.launch_recorded(&pass.uid);
     ctx.metrics.set_phase(&pass.uid, pass.phase);
     Ok(())
 }

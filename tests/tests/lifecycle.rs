@@ -389,6 +389,55 @@ async fn restart_between_create_and_provider_id_makes_one_machine() {
     assert_eq!(h.cloud.machine_count(), 1);
 }
 
+/// A pass that runs before the Node cache shows the controller's own providerID write (the
+/// watch lags longer than the pass's requeue) neither creates the machine again nor rewrites
+/// the providerID; and a Node deleted in that window still has its machine deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_behind_the_provider_id_write_repeats_no_create() {
+    let h = Harness::new(config()).await;
+    h.node_class("general", sim_spec(json!({}))).await;
+    h.api.set_watch_lag(Duration::from_millis(1500));
+    for i in 0..4 {
+        h.node(&format!("worker-{i}"), "general").await;
+    }
+    for i in 0..4 {
+        wait_phase(&h, &format!("worker-{i}"), "Ready", 30).await;
+    }
+    assert_eq!(h.cloud.launches(), 4);
+    assert_eq!(
+        h.cloud.create_calls(),
+        4,
+        "no create was repeated for a machine the controller had made"
+    );
+
+    // Deleted before the cache shows its providerID: found without a list.
+    h.node("worker-late", "general").await;
+    eventually(10, "worker-late's machine", || async {
+        (h.cloud.launches() == 5).then_some(())
+    })
+    .await;
+    h.nodes()
+        .delete("worker-late", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(30, "worker-late gone", || async {
+        h.nodes()
+            .get_opt("worker-late")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    h.api.set_watch_lag(Duration::ZERO);
+    assert_eq!(
+        h.cloud.machine_count(),
+        4,
+        "worker-late's machine is deleted"
+    );
+    assert_eq!(h.cloud.create_calls(), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_after_a_crash_finds_the_machine_by_its_tag() {
     let mut h = Harness::new_with(config(), false).await;
