@@ -189,7 +189,7 @@ async fn never_registering_machines_back_off_then_a_success_and_a_class_edit_res
 
     // Ten (scaled) minutes of machines that never register.
     tokio::time::sleep(WINDOW).await;
-    let launches = cluster.cloud.create_calls() as usize;
+    let launches = cluster.cloud.launches() as usize;
     let bound = launch_bound(3, WINDOW);
     println!(
         "launches in {WINDOW:?} (10 minutes scaled 1:20): {launches}; bound {bound}; \
@@ -310,7 +310,7 @@ async fn never_registering_machines_back_off_then_a_success_and_a_class_edit_res
     // An edit of the NodeClass (a new generation) starts over, although nothing succeeded:
     // the Failed Nodes are replaced at once, more than one launch within 10 s where the
     // backoff would allow at most one.
-    let launches_before = cluster.cloud.create_calls();
+    let launches_before = cluster.cloud.launches();
     let class_api: Api<NodeClass> = Api::all(cluster.client.clone());
     let edited = class_api
         .patch(
@@ -324,7 +324,7 @@ async fn never_registering_machines_back_off_then_a_success_and_a_class_edit_res
     eventually(
         Duration::from_secs(10),
         "replacements after the edit",
-        || async { (cluster.cloud.create_calls() >= launches_before + 2).then_some(()) },
+        || async { (cluster.cloud.launches() >= launches_before + 2).then_some(()) },
     )
     .await;
     let ns = cluster.nodeset("workers").await;
@@ -355,10 +355,13 @@ async fn the_breaker_counts_late_nodes_and_stops_a_class_where_everything_fails(
     })
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // Machines launched, not create calls: a pass whose providerID write lost a race repeats
+    // its (idempotent) create for the same machine.
     assert_eq!(
-        cluster.cloud.create_calls(),
+        cluster.cloud.launches(),
         3,
-        "nothing is replaced while the breaker is open"
+        "nothing is replaced while the breaker is open ({} create calls)",
+        cluster.cloud.create_calls()
     );
     cluster.stop().await;
 }

@@ -127,7 +127,7 @@ fn owned_ready(nodes: &[Node], set: &str) -> usize {
 }
 
 /// Waits until the NodeSet has exactly `n` adopted Ready Nodes, the group `n` live machines,
-/// and no Node left over.
+/// no Node left over, and a status that says so.
 async fn settled(h: &Harness, set: &str, group: &str, n: usize) {
     eventually(60, &format!("{set} at {n} Nodes"), || async {
         let nodes = group_nodes(&h.client, group).await;
@@ -142,7 +142,14 @@ async fn settled(h: &Harness, set: &str, group: &str, n: usize) {
             .await
             .expect("nodeset");
         let status_ready = ns.status.as_ref().map_or(0, |s| s.ready_replicas);
-        (nodes.len() == n && owned_ready(&nodes, set) == n && live == n && status_ready == n as i32)
+        // status.replicas counts Nodes being deleted, so it reaches n a pass after the last
+        // of them is gone.
+        let status_replicas = ns.status.as_ref().map_or(0, |s| s.replicas);
+        (nodes.len() == n
+            && owned_ready(&nodes, set) == n
+            && live == n
+            && status_ready == n as i32
+            && status_replicas == n as i32)
             .then_some(())
     })
     .await;

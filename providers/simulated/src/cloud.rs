@@ -174,6 +174,8 @@ pub(crate) struct State {
     /// Fault overrides by NodeClass name (take precedence over the NodeClass's own faults).
     faults: HashMap<String, SimulatedFaults>,
     id_counter: u64,
+    /// Machines launched by `create` (an idempotent repeat of a create launches none).
+    launches: u64,
     /// Simulated groups by name.
     groups: BTreeMap<String, GroupState>,
 }
@@ -522,9 +524,16 @@ impl SimulatedCloud {
         })
     }
 
-    /// How many create calls reached the cloud.
+    /// How many create calls reached the cloud, idempotent repeats and failures included.
     pub fn create_calls(&self) -> u64 {
         self.calls("create")
+    }
+
+    /// How many machines `create` launched: a repeat of a create for a machine that exists
+    /// (a pass retried after its providerID write failed) launches none, so this is what a
+    /// replacement budget counts.
+    pub fn launches(&self) -> u64 {
+        self.shared.lock().launches
     }
 
     /// How many writes the simulated kubelet has made to the Kubernetes API (so a benchmark
@@ -753,6 +762,7 @@ impl Provider for SimulatedProvider {
         st.by_key
             .insert(request.idempotency_key.clone(), id.clone());
         st.machines.insert(id, machine);
+        st.launches += 1;
         Ok(instance)
     }
 

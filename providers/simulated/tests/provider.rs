@@ -47,6 +47,7 @@ async fn concurrent_creates_with_one_key_launch_one_machine() {
     assert_eq!(ids.len(), 1, "all creates return the same machine: {ids:?}");
     assert_eq!(cloud.machine_count(), 1);
     assert_eq!(cloud.create_calls(), 10);
+    assert_eq!(cloud.launches(), 1, "nine of the ten calls were repeats");
     assert_eq!(p.list(&filter()).await.expect("list").len(), 1);
 }
 
