@@ -71,7 +71,17 @@ pub struct Config {
     /// The group locks shared with the nodeset-controller: a machine of a group is deleted
     /// under its group's lock (see [`kube_node_runtime::GroupAccess`]).
     pub groups: Option<Arc<kube_node_runtime::GroupAccess>>,
+    /// The nodeset-controller's Node creates in flight (shared when both run in one process):
+    /// a launch waits for them, up to [`SCALE_UP_MAX_WAIT`].
+    pub scale_ups: kube_node_runtime::ScaleUps,
 }
+
+/// How long a record of the versions a pass's writes replaced is trusted (see
+/// `OwnWrites::stale`).
+const STALE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The longest a launch waits for a NodeSet's Node creates in flight.
+pub const SCALE_UP_MAX_WAIT: Duration = Duration::from_secs(10);
 
 impl Default for Config {
     fn default() -> Self {
@@ -85,6 +95,7 @@ impl Default for Config {
             synced: None,
             claim_namespace: "kube-node-system".to_string(),
             groups: None,
+            scale_ups: kube_node_runtime::ScaleUps::default(),
         }
     }
 }
@@ -147,19 +158,48 @@ pub(crate) struct Context {
     tokens: Mutex<HashMap<String, (bootstrap::BootstrapToken, jiff::Timestamp)>>,
     /// Machines created whose providerID is not in the Node cache yet, by Node UID: recorded
     /// by a later pass once no launch is in flight, and kept until the cache shows the write.
-    launched: Mutex<HashMap<String, Launched>>,
+    launched: Mutex<HashMap<String, kube_node_provider::Instance>>,
     /// Passes creating a machine right now.
     launches: std::sync::atomic::AtomicUsize,
+    /// What the controller's own writes replaced: a pass on an older copy waits for the watch.
+    pub(crate) own_writes: OwnWrites,
 }
 
-/// A machine this process created, until the Node cache shows its providerID.
-#[derive(Clone, Debug)]
-pub(crate) struct Launched {
-    pub(crate) instance: kube_node_provider::Instance,
-    /// When its providerID write succeeded: a pass soon after that still sees no providerID
-    /// reads a cache behind kube-node's own write, and must not take the missing providerID
-    /// for a machine never made.
-    pub(crate) recorded_at: Option<std::time::Instant>,
+/// By Node UID, the resourceVersions that the last pass's own writes replaced, and when.
+#[derive(Default)]
+pub(crate) struct OwnWrites(Mutex<HashMap<String, (std::time::Instant, Vec<String>)>>);
+
+impl OwnWrites {
+    /// Remembers the resourceVersions a pass's writes replaced (none: forgets the Node's).
+    pub(crate) fn record(&self, uid: &str, versions: Vec<String>) {
+        if let Ok(mut s) = self.0.lock() {
+            if versions.is_empty() {
+                s.remove(uid);
+            } else {
+                s.insert(uid.to_string(), (std::time::Instant::now(), versions));
+            }
+        }
+    }
+
+    /// Whether a cached Node is a version this controller's own write replaced: the cache is
+    /// behind that write. resourceVersions are opaque, so only equality is used, and a cache
+    /// only moves forward: once it shows another version the record is dropped.
+    pub(crate) fn stale(&self, uid: &str, resource_version: Option<&str>) -> bool {
+        let Ok(mut s) = self.0.lock() else {
+            return false;
+        };
+        let Some((at, versions)) = s.get(uid) else {
+            return false;
+        };
+        // A watch delivers within seconds; past this, trust the cache over the record.
+        if at.elapsed() < STALE_LIMIT
+            && resource_version.is_some_and(|rv| versions.iter().any(|v| v == rv))
+        {
+            return true;
+        }
+        s.remove(uid);
+        false
+    }
 }
 
 /// Counts a launch in flight while it lives.
@@ -331,30 +371,16 @@ impl Context {
     /// reconcile workers and the client's tokens go to launches first.
     pub(crate) fn launches_in_flight(&self) -> bool {
         self.launches.load(std::sync::atomic::Ordering::Acquire) > 0
+            || self.config.scale_ups.in_flight()
     }
 
     pub(crate) fn remember_launch(&self, uid: &str, instance: kube_node_provider::Instance) {
         if let Ok(mut l) = self.launched.lock() {
-            l.insert(
-                uid.to_string(),
-                Launched {
-                    instance,
-                    recorded_at: None,
-                },
-            );
+            l.insert(uid.to_string(), instance);
         }
     }
 
-    /// Notes that the providerID write of a remembered machine succeeded.
-    pub(crate) fn launch_recorded(&self, uid: &str) {
-        if let Ok(mut l) = self.launched.lock()
-            && let Some(e) = l.get_mut(uid)
-        {
-            e.recorded_at = Some(std::time::Instant::now());
-        }
-    }
-
-    pub(crate) fn launched(&self, uid: &str) -> Option<Launched> {
+    pub(crate) fn launched_instance(&self, uid: &str) -> Option<kube_node_provider::Instance> {
         self.launched.lock().ok()?.get(uid).cloned()
     }
 
@@ -643,6 +669,7 @@ pub async fn run_shared(
         attempts: Mutex::default(),
         tokens: Mutex::default(),
         launched: Mutex::default(),
+        own_writes: OwnWrites::default(),
         launches: std::sync::atomic::AtomicUsize::new(0),
         capacity_checks: capacity_tx,
     });
@@ -748,4 +775,30 @@ pub async fn run_shared(
     tokio::join!(nodes, classes, collector, synced, reporter);
     tracing::info!("node-controller stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod own_writes_tests {
+    use super::OwnWrites;
+
+    #[test]
+    fn a_replaced_version_is_stale_until_the_cache_shows_another() {
+        let w = OwnWrites::default();
+        assert!(!w.stale("u", Some("7")), "nothing written yet");
+        w.record("u", vec!["7".into(), "8".into()]);
+        assert!(w.stale("u", Some("7")));
+        assert!(w.stale("u", Some("8")));
+        assert!(!w.stale("other", Some("7")), "per Node");
+        // The cache shows the write's own version: the record goes.
+        assert!(!w.stale("u", Some("9")));
+        assert!(
+            !w.stale("u", Some("7")),
+            "forgotten once the cache moved on"
+        );
+        // A pass that wrote nothing forgets the Node.
+        w.record("u", vec!["9".into()]);
+        w.record("u", Vec::new());
+        assert!(!w.stale("u", Some("9")));
+        assert!(!w.stale("u", None));
+    }
 }

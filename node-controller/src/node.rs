@@ -94,6 +94,22 @@ struct Pass {
     /// A digest of the labels and taints this pass wants on the Node, once known: a write the
     /// API server refuses (422) is not tried again until it changes.
     want_key: Option<u64>,
+    /// The resourceVersions this pass's own writes replaced (see [`crate::OwnWrites`]).
+    superseded: Vec<String>,
+}
+
+impl Pass {
+    /// Takes the Node a write of this pass returned.
+    fn wrote(&mut self, node: Node) {
+        // A write that changed nothing returns the version it was made on: nothing was
+        // replaced, and no watch event will come for it.
+        if let Some(rv) = self.node.metadata.resource_version.take()
+            && node.metadata.resource_version.as_ref() != Some(&rv)
+        {
+            self.superseded.push(rv);
+        }
+        self.node = node;
+    }
 }
 
 pub(crate) async fn reconcile(
@@ -117,6 +133,16 @@ pub(crate) async fn reconcile(
         provider_id = provider_id(&node).unwrap_or(""),
     );
     let uid = node.uid().unwrap_or_default();
+    if ctx
+        .own_writes
+        .stale(&uid, node.resource_version().as_deref())
+    {
+        // The cache is behind this controller's own write to the Node, and the watch event
+        // that brings it triggers the next pass: acting on the old copy would only repeat
+        // that write (a 404 on a token deleted already, a 422 on a taint removed already).
+        tracing::debug!(node = %name, "cache behind our own write; waiting for the watch");
+        return Ok(Requeue::requeue(STALE_RECHECK));
+    }
     let phase = current_phase(&node);
     let mut pass = Pass {
         node,
@@ -124,10 +150,13 @@ pub(crate) async fn reconcile(
         uid,
         phase,
         want_key: None,
+        superseded: Vec::new(),
     };
     let result = reconcile_pass(&mut pass, &ctx)
         .instrument(span.clone())
         .await;
+    ctx.own_writes
+        .record(&pass.uid, std::mem::take(&mut pass.superseded));
     let secs = started.elapsed().as_secs_f64();
     match result {
         Ok(r) => {
@@ -275,17 +304,8 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
     if pid.is_some() {
         ctx.forget_launch(&pass.uid);
     } else if deleting.is_none()
-        && let Some(launched) = ctx.launched(&pass.uid)
+        && let Some(instance) = ctx.launched_instance(&pass.uid)
     {
-        if launched
-            .recorded_at
-            .is_some_and(|t| t.elapsed() < CACHE_CATCH_UP)
-        {
-            // The cache has not caught up with our own providerID write (its watch event
-            // is on the way): writing it again would be a wasted write.
-            return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
-        }
-        let instance = launched.instance;
         let created = instance
             .created_unix
             .and_then(|s| Timestamp::from_second(s).ok());
@@ -335,9 +355,9 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
             }
         }
         (None, true) if never_launched => MachineObs::Gone,
-        (None, true) if let Some(l) = ctx.launched(&pass.uid) => {
+        (None, true) if let Some(known) = ctx.launched_instance(&pass.uid) => {
             // This process made the machine and knows it: no list, whose lag could hide it.
-            match provider.get(&l.instance.provider_id).await {
+            match provider.get(&known.provider_id).await {
                 Ok(i) => {
                     let s = i.state;
                     adopted_pid = Some(i.provider_id.clone());
@@ -599,9 +619,10 @@ async fn act(
             // The condition says Deleting: no event.
             set_condition(pass, ctx, MachinePhase::Deleting, DELETING_MESSAGE).await?;
             let patch = serde_json::json!({"spec": {"unschedulable": true}});
-            pass.node = node_api(ctx)
+            let written = node_api(ctx)
                 .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
+            pass.wrote(written);
             tracing::info!("node cordoned");
             Ok(Requeue::requeue(Duration::ZERO))
         }
@@ -723,6 +744,13 @@ async fn create(
             message: c.message.clone(),
         });
     }
+    // A NodeSet's creates in flight go first: on a small API server the launch's writes (its
+    // token, then its kubelet's registration) would slow them down (see
+    // `kube_node_runtime::scale_up`).
+    let held = ctx.config.scale_ups.settle(crate::SCALE_UP_MAX_WAIT).await;
+    if !held.is_zero() {
+        tracing::debug!(?held, "launch held behind a scale-up's Node creates");
+    }
     // Everything the join payload needs, before anything is created.
     let endpoint = class
         .spec
@@ -809,9 +837,9 @@ async fn create(
 /// launched: the reconcile workers and the client's tokens go to launches first, so a
 /// scale-up's last machine is not created behind the first ones' bookkeeping.
 const BOOKKEEPING_WAIT: Duration = Duration::from_millis(500);
-/// How long after its providerID write a Node cache that still shows no providerID is taken
-/// to be behind that write, rather than the providerID to have been removed since.
-const CACHE_CATCH_UP: Duration = Duration::from_secs(30);
+/// The safety net when a pass finds the cache behind the controller's own write: normally the
+/// write's watch event comes first.
+const STALE_RECHECK: Duration = Duration::from_secs(1);
 /// The longest bookkeeping waits for launches: a Node whose kubelet is Ready must not keep its
 /// unregistered taint (and take no pods) through a long run of launches.
 const BOOKKEEPING_MAX_WAIT: Duration = Duration::from_secs(10);
@@ -893,7 +921,6 @@ async fn record_machine(
         }
         return Err(e);
     }
-    ctx.launch_recorded(&pass.uid);
     ctx.metrics.set_phase(&pass.uid, pass.phase);
     Ok(())
 }
@@ -966,9 +993,10 @@ async fn ensure_token(
         // Recorded first: a restart between this write and the create leaves a name to
         // delete (a 404 then), never a token nobody knows of.
         let patch = serde_json::json!({"metadata": {"annotations": {BOOTSTRAP_TOKEN_ANNOTATION: token.secret_name()}}});
-        pass.node = node_api(ctx)
+        let written = node_api(ctx)
             .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
+        pass.wrote(written);
         let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
         match api.create(&PostParams::default(), &secret).await {
             Ok(_) => {
@@ -1007,9 +1035,10 @@ async fn cleanup_tokens(pass: &mut Pass, ctx: &Context) -> Result<(), Error> {
     delete_tokens(ctx, &pass.node).await?;
     let patch =
         serde_json::json!({"metadata": {"annotations": {BOOTSTRAP_TOKEN_ANNOTATION: null}}});
-    pass.node = node_api(ctx)
+    let written = node_api(ctx)
         .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
+    pass.wrote(written);
     tracing::info!("deleted bootstrap token");
     Ok(())
 }
@@ -1066,6 +1095,8 @@ async fn finalize(pass: &mut Pass, ctx: &Context, had_machine: bool) -> Result<R
                 &Patch::Json::<()>(patch),
             )
             .await?;
+        // The Node is gone: no later pass needs to know what this one replaced.
+        pass.superseded.clear();
         tracing::info!("removed finalizer");
     }
     ctx.metrics.set_phase(&pass.uid, None);
@@ -1085,13 +1116,14 @@ async fn add_finalizer(pass: &mut Pass, ctx: &Context) -> Result<(), Error> {
             {"op": "add", "path": "/metadata/finalizers/-", "value": MACHINE_FINALIZER},
         ])
     };
-    pass.node = node_api(ctx)
+    let written = node_api(ctx)
         .patch(
             &pass.name,
             &PatchParams::default(),
             &Patch::Json::<()>(json_patch(ops)?),
         )
         .await?;
+    pass.wrote(written);
     Ok(())
 }
 
@@ -1460,13 +1492,14 @@ async fn apply_ops(
         return Ok(());
     }
     let patch = json_patch(serde_json::Value::Array(ops))?;
-    pass.node = node_api(ctx)
+    let written = node_api(ctx)
         .patch(
             &pass.name,
             &PatchParams::default(),
             &Patch::Json::<()>(patch),
         )
         .await?;
+    pass.wrote(written);
     Ok(())
 }
 
@@ -1506,13 +1539,14 @@ async fn set_condition(
         last_transition_time: Some(transition),
     };
     let patch = condition_patch(&pass.node, phase, cond, &now);
-    pass.node = node_api(ctx)
+    let written = node_api(ctx)
         .patch_status(
             &pass.name,
             &PatchParams::default(),
             &Patch::Strategic(&patch),
         )
         .await?;
+    pass.wrote(written);
     pass.phase = Some(phase);
     ctx.metrics.set_phase(&pass.uid, Some(phase));
     Ok(())

@@ -34,6 +34,7 @@ fn pass(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pass {
         uid: "uid-1".into(),
         phase: None,
         want_key: None,
+        superseded: Vec::new(),
     }
 }
 
@@ -229,4 +230,25 @@ fn pure_taint_removals_are_found_by_index() {
     assert_eq!(removed_indices(&cur, &cur), None);
     assert_eq!(removed_indices(&cur, &[c.clone(), a.clone()]), None);
     assert_eq!(removed_indices(&cur, &[taint("other", "NoSchedule")]), None);
+}
+
+fn at_version(p: &Pass, rv: &str) -> Node {
+    let mut n = p.node.clone();
+    n.metadata.resource_version = Some(rv.into());
+    n
+}
+
+#[test]
+fn a_pass_records_the_versions_its_writes_replaced_but_not_a_write_that_changed_nothing() {
+    let mut p = pass(&[], &[]);
+    // Made on version 7, the server answers 8 then 9.
+    let n = at_version(&p, "8");
+    p.wrote(n);
+    let n = at_version(&p, "9");
+    p.wrote(n);
+    // A patch that changed nothing: the same version back, and no watch event to wait for.
+    let n = at_version(&p, "9");
+    p.wrote(n);
+    assert_eq!(p.superseded, vec!["7".to_string(), "8".to_string()]);
+    assert_eq!(p.node.metadata.resource_version.as_deref(), Some("9"));
 }

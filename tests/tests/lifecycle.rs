@@ -52,6 +52,13 @@ impl Harness {
     }
 
     async fn new_with(config: Config, start: bool) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let builder = kube_node::harness::Harness::builder()
             .node_config(config)
             .without_nodeset_controller()
