@@ -370,10 +370,6 @@ impl Harness {
         if let Some(c) = self.nodeset_config.as_mut() {
             c.groups.get_or_insert_with(|| groups.clone());
         }
-        // Launches wait for the Node creates in flight, as under `kube-node run`.
-        if let (Some(n), Some(s)) = (self.node_config.as_ref(), self.nodeset_config.as_mut()) {
-            s.scale_ups = n.scale_ups.clone();
-        }
         if let Some(config) = self.node_config.clone() {
             let run = node_controller::run_shared(
                 self.node_client.clone(),

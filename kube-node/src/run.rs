@@ -97,8 +97,6 @@ pub fn controller_configs(
     args: &ControllerArgs,
     default_endpoint: Option<String>,
 ) -> (node_controller::Config, nodeset_controller::Config) {
-    // Launches wait for the Node creates in flight (see `kube_node_runtime::scale_up`).
-    let scale_ups = kube_node_runtime::ScaleUps::default();
     let node = node_controller::Config {
         cluster_name: cluster_name.to_string(),
         api_server_endpoint: args.api_server_endpoint.clone().or(default_endpoint),
@@ -109,11 +107,9 @@ pub fn controller_configs(
         synced: None,
         claim_namespace: "kube-node-system".to_string(),
         groups: None,
-        scale_ups: scale_ups.clone(),
     };
     let nodeset = nodeset_controller::Config {
         concurrency: args.nodeset_concurrency,
-        scale_ups,
         ..nodeset_controller::Config::default()
     };
     (node, nodeset)

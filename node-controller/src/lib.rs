@@ -71,17 +71,11 @@ pub struct Config {
     /// The group locks shared with the nodeset-controller: a machine of a group is deleted
     /// under its group's lock (see [`kube_node_runtime::GroupAccess`]).
     pub groups: Option<Arc<kube_node_runtime::GroupAccess>>,
-    /// The nodeset-controller's Node creates in flight (shared when both run in one process):
-    /// a launch waits for them, up to [`SCALE_UP_MAX_WAIT`].
-    pub scale_ups: kube_node_runtime::ScaleUps,
 }
 
 /// How long a record of the versions a pass's writes replaced is trusted (see
 /// `OwnWrites::stale`).
 const STALE_LIMIT: Duration = Duration::from_secs(60);
-
-/// The longest a launch waits for a NodeSet's Node creates in flight.
-pub const SCALE_UP_MAX_WAIT: Duration = Duration::from_secs(10);
 
 impl Default for Config {
     fn default() -> Self {
@@ -95,7 +89,6 @@ impl Default for Config {
             synced: None,
             claim_namespace: "kube-node-system".to_string(),
             groups: None,
-            scale_ups: kube_node_runtime::ScaleUps::default(),
         }
     }
 }
@@ -371,7 +364,6 @@ impl Context {
     /// reconcile workers and the client's tokens go to launches first.
     pub(crate) fn launches_in_flight(&self) -> bool {
         self.launches.load(std::sync::atomic::Ordering::Acquire) > 0
-            || self.config.scale_ups.in_flight()
     }
 
     pub(crate) fn remember_launch(&self, uid: &str, instance: kube_node_provider::Instance) {

@@ -744,13 +744,6 @@ async fn create(
             message: c.message.clone(),
         });
     }
-    // A NodeSet's creates in flight go first: on a small API server the launch's writes (its
-    // token, then its kubelet's registration) would slow them down (see
-    // `kube_node_runtime::scale_up`).
-    let held = ctx.config.scale_ups.settle(crate::SCALE_UP_MAX_WAIT).await;
-    if !held.is_zero() {
-        tracing::debug!(?held, "launch held behind a scale-up's Node creates");
-    }
     // Everything the join payload needs, before anything is created.
     let endpoint = class
         .spec

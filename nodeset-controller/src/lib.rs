@@ -75,8 +75,6 @@ pub struct Config {
     /// The providers and locks of group-backed NodeClasses, shared with the node-controller.
     /// Without it, a NodeSet of a group-backed class reports that it cannot size the group.
     pub groups: Option<Arc<kube_node_runtime::GroupAccess>>,
-    /// Marks the Node creates in flight, for the node-controller of the same process.
-    pub scale_ups: kube_node_runtime::ScaleUps,
 }
 
 impl Default for Config {
@@ -86,7 +84,6 @@ impl Default for Config {
             max_create_batch: 500,
             synced: None,
             groups: None,
-            scale_ups: kube_node_runtime::ScaleUps::default(),
         }
     }
 }

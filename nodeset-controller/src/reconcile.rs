@@ -906,8 +906,6 @@ async fn create_nodes(
     );
     let template = build_node(ns, class, &name, labels, class_generation, build)?;
     let cap = ctx.config.max_create_batch.max(1);
-    // The node-controller of this process holds its launches until these creates are done.
-    let scaling = ctx.config.scale_ups.begin();
     let mut remaining = count;
     let mut batch = 1usize;
     let mut created: Vec<String> = Vec::new();
@@ -937,7 +935,6 @@ async fn create_nodes(
         }
         batch = batch.saturating_mul(2);
     }
-    drop(scaling);
     ctx.metrics.creates.inc_by(created.len() as u64);
     if !created.is_empty() {
         tracing::info!(count = created.len(), "created nodes");

@@ -18,9 +18,7 @@
 //!   aside (and reporting on itself) any object the types cannot hold;
 //! - [`node_status`]: the `Ready=Unknown` condition a Node carries until its kubelet posts;
 //! - [`groups`]: the providers of group-backed NodeClasses and the per-group lock both
-//!   controllers hold around a group's size;
-//! - [`scale_up`]: the NodeSet scale-ups in flight, which the node-controller's launches let
-//!   go first.
+//!   controllers hold around a group's size.
 
 pub mod backoff;
 pub mod cached_node;
@@ -30,7 +28,6 @@ pub mod groups;
 mod intern;
 pub mod metrics;
 pub mod node_status;
-pub mod scale_up;
 pub mod shared;
 pub mod tolerant;
 
@@ -40,5 +37,4 @@ pub use client::{RateLimitLayer, TokenBucket, limited_client, urgent};
 pub use events::{EventSink, publish_transition};
 pub use groups::GroupAccess;
 pub use metrics::{ReconcileFamilies, WorkQueue};
-pub use scale_up::{ScaleUp, ScaleUps};
 pub use shared::{Fanout, Shared, WatchSource};
