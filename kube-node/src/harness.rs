@@ -454,6 +454,17 @@ impl Drop for Harness {
     }
 }
 
+/// Logs to the test's captured output, filtered by `RUST_LOG` (default `warn`); once per test
+/// process, later calls do nothing.
+pub fn init_test_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// A NodeSet `name` of `replicas` Nodes of `class`, selected by the `kube-node.io/nodeset` label.
 pub fn node_set(name: &str, class: &str, replicas: i32) -> anyhow::Result<NodeSet> {
     serde_json::from_value(serde_json::json!({

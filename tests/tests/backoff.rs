@@ -36,13 +36,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        kube_node::harness::init_test_logging();
         let harness = Harness::builder()
             .node_config(node_controller::Config {
                 cluster_name: "backoff".into(),

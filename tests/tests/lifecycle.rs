@@ -52,13 +52,7 @@ impl Harness {
     }
 
     async fn new_with(config: Config, start: bool) -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        kube_node::harness::init_test_logging();
         let builder = kube_node::harness::Harness::builder()
             .node_config(config)
             .without_nodeset_controller()

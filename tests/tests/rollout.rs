@@ -27,12 +27,7 @@ use kube_node_crds::{NodeClass, NodeSet};
 use serde_json::json;
 
 async fn harness() -> Harness {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    kube_node::harness::init_test_logging();
     Harness::builder()
         .node_config(node_controller::Config {
             cluster_name: "rollout".into(),
