@@ -411,13 +411,8 @@ impl Context {
                         namespace: r.namespace.clone(),
                         name: r.name.clone(),
                     })?;
-                let data = secret
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.0))
-                    .collect();
-                (Some(Credentials(data)), secret.metadata.resource_version)
+                let version = secret.metadata.resource_version.clone();
+                (Some(Credentials::from_secret(secret)), version)
             }
         };
         // A referenced inventory is read like the credentials, and its version is part of the

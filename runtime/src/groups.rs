@@ -91,13 +91,8 @@ impl GroupAccess {
                             r.namespace, r.name
                         ))
                     })?;
-                let data = secret
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.0))
-                    .collect();
-                (Some(Credentials(data)), secret.metadata.resource_version)
+                let version = secret.metadata.resource_version.clone();
+                (Some(Credentials::from_secret(secret)), version)
             }
         };
         if let Some(b) = self

@@ -46,6 +46,18 @@ impl fmt::Debug for ResolvedClass {
 pub struct Credentials(pub BTreeMap<String, Vec<u8>>);
 
 impl Credentials {
+    /// The data of a Secret (the API server folds `stringData` into `data`).
+    pub fn from_secret(secret: k8s_openapi::api::core::v1::Secret) -> Self {
+        Self(
+            secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect(),
+        )
+    }
+
     /// One value as UTF-8 text.
     pub fn get_str(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| std::str::from_utf8(v).ok())
@@ -200,4 +212,30 @@ pub struct Capabilities {
     pub group_sized: bool,
     /// `list` may briefly miss a machine just created (eventual consistency).
     pub eventually_consistent_list: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Credentials;
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+
+    #[test]
+    fn credentials_of_a_secret_keep_its_data_and_never_print_it() {
+        let secret = Secret {
+            data: Some(
+                [("key".to_string(), ByteString(b"s3cr3t".to_vec()))]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..Secret::default()
+        };
+        let c = Credentials::from_secret(secret);
+        assert_eq!(c.get_str("key"), Some("s3cr3t"));
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        assert_eq!(
+            Credentials::from_secret(Secret::default()),
+            Credentials::default()
+        );
+    }
 }
