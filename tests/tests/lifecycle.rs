@@ -218,6 +218,14 @@ async fn wait_phase(h: &Harness, name: &str, phase: &str, secs: u64) -> Node {
     .await
 }
 
+/// Waits until the Node `name` is gone from the API server.
+async fn wait_gone(h: &Harness, name: &str, secs: u64) {
+    eventually(secs, &format!("{name} gone"), || async {
+        h.nodes().get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
 fn sim_spec(extra: serde_json::Value) -> serde_json::Value {
     let mut spec = json!({
         "provider": {"type": "simulated", "simulated": {"zones": ["zone-a"], "instanceType": "sim.small"}},
@@ -346,15 +354,7 @@ async fn node_becomes_ready_then_drains_and_goes() {
     );
 
     // Then the drain timeout (3s) passes: the machine goes, and so does the Node.
-    eventually(20, "node gone", || async {
-        h.nodes()
-            .get_opt("worker-1")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&h, "worker-1", 20).await;
     assert!(!h.events("DrainTimeout").await.is_empty());
     assert!(!h.events("MachineDeleted").await.is_empty());
     assert!(h.cloud.machines().iter().all(|m| m.provider_id != pid));
@@ -421,15 +421,7 @@ async fn a_cache_behind_the_provider_id_write_repeats_no_create() {
         .delete("worker-late", &DeleteParams::default())
         .await
         .expect("delete");
-    eventually(30, "worker-late gone", || async {
-        h.nodes()
-            .get_opt("worker-late")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&h, "worker-late", 30).await;
     h.api.set_watch_lag(Duration::ZERO);
     assert_eq!(
         h.cloud.machine_count(),
@@ -478,15 +470,7 @@ async fn deleting_after_a_crash_finds_the_machine_by_its_tag() {
         .expect("delete");
 
     h.start();
-    eventually(15, "node gone", || async {
-        h.nodes()
-            .get_opt("worker-1")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&h, "worker-1", 15).await;
     assert_eq!(h.cloud.machine_count(), 0);
 }
 
