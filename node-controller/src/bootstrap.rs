@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use hmac::{Hmac, Mac};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
@@ -31,6 +32,69 @@ pub const CA_KEY: &str = "ca.crt";
 pub const JOIN_CONFIG_PATH: &str = "/etc/kubernetes/kubeadm-join.yaml";
 
 const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// The Secret (in kube-node's own namespace) holding the key bootstrap tokens are derived
+/// from; kube-node creates it on first use.
+pub const TOKEN_KEY_SECRET: &str = "kube-node-bootstrap-token-key";
+/// The data key of the key in [`TOKEN_KEY_SECRET`].
+pub const TOKEN_KEY_DATA: &str = "key";
+
+/// The key a Node's bootstrap token is derived from (with the Node's UID and the token's
+/// public id). Derivation is what lets a machine be launched before its token's Secret
+/// exists: a successor after a restart derives the very token the machine's user-data holds
+/// and creates its Secret, where a random token would be lost with the process that drew it.
+/// `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenKey([u8; 32]);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(<redacted>)")
+    }
+}
+
+impl TokenKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        Self(rand::random())
+    }
+
+    /// The key stored in a Secret's data, when it is one (32 bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Self)
+    }
+
+    /// The key as stored in its Secret.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.to_vec()
+    }
+
+    /// The Secret holding this key.
+    pub fn secret(&self, namespace: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(TOKEN_KEY_SECRET.to_string()),
+                namespace: Some(namespace.to_string()),
+                labels: Some(BTreeMap::from([(
+                    tags::MANAGED_BY.to_string(),
+                    tags::MANAGED_BY_VALUE.to_string(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".to_string()),
+            data: Some(BTreeMap::from([(
+                TOKEN_KEY_DATA.to_string(),
+                ByteString(self.to_bytes()),
+            )])),
+            ..Secret::default()
+        }
+    }
+
+    /// The key in a Secret made by [`TokenKey::secret`].
+    pub fn from_secret(secret: &Secret) -> Option<Self> {
+        Self::from_bytes(&secret.data.as_ref()?.get(TOKEN_KEY_DATA)?.0)
+    }
+}
 
 /// A kubeadm bootstrap token (`<id>.<secret>`). `Debug` hides the secret part.
 #[derive(Clone, PartialEq, Eq)]
@@ -61,14 +125,40 @@ impl BootstrapToken {
         Self { id, secret }
     }
 
-    /// A new token under the public id `id` (a fresh secret half), when `id` is a valid one:
-    /// the id a NodeSet recorded on the Node when it created it.
-    pub fn with_id(id: &str) -> Option<Self> {
+    /// The token of Node `node_uid` under the public id `id` (when `id` is a valid one): its
+    /// secret half is HMAC-SHA256(key, id, UID), mapped onto the token alphabet without bias.
+    /// The same inputs give the same token in any process holding the key.
+    pub fn derive(key: &TokenKey, id: &str, node_uid: &str) -> Option<Self> {
         let valid = id.len() == 6 && id.bytes().all(|b| ALPHABET.contains(&b));
-        valid.then(|| Self {
+        if !valid {
+            return None;
+        }
+        let mut secret = String::with_capacity(16);
+        let mut block: u32 = 0;
+        while secret.len() < 16 {
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.0).ok()?;
+            mac.update(b"kube-node bootstrap token v1\0");
+            mac.update(id.as_bytes());
+            mac.update(b"\0");
+            mac.update(node_uid.as_bytes());
+            mac.update(&block.to_be_bytes());
+            // Rejection sampling: 252 = 7 * 36, so the bytes kept are uniform over the alphabet.
+            for b in mac.finalize().into_bytes() {
+                if b < 252 && secret.len() < 16 {
+                    secret.push(char::from(ALPHABET[usize::from(b % 36)]));
+                }
+            }
+            block += 1;
+        }
+        Some(Self {
             id: id.to_string(),
-            secret: Self::generate().secret,
+            secret: Sensitive(secret),
         })
+    }
+
+    /// A fresh random public id.
+    pub fn generate_id() -> String {
+        Self::generate().id
     }
 
     /// The name of the Secret holding this token.
@@ -270,6 +360,56 @@ mod tests {
         assert_eq!(data["auth-extra-groups"].0, TOKEN_GROUP.as_bytes());
         // The Secret's name and labels never carry the secret part.
         assert!(!s.metadata.name.expect("name").contains(&t.secret.0));
+    }
+
+    #[test]
+    fn a_derived_token_depends_on_key_id_and_uid_and_nothing_else() {
+        let key = TokenKey::generate();
+        let t = BootstrapToken::derive(&key, "abc123", "uid-1").expect("valid id");
+        assert_eq!(t.id, "abc123");
+        assert_eq!(t.secret.0.len(), 16);
+        assert!(t.secret.0.bytes().all(|b| ALPHABET.contains(&b)));
+        // Another process holding the key (a successor after a restart) derives the same.
+        let same = TokenKey::from_secret(&key.secret("kube-node-system")).expect("key back");
+        assert_eq!(
+            BootstrapToken::derive(&same, "abc123", "uid-1"),
+            Some(t.clone())
+        );
+        for other in [
+            BootstrapToken::derive(&TokenKey::generate(), "abc123", "uid-1"),
+            BootstrapToken::derive(&key, "abc124", "uid-1"),
+            BootstrapToken::derive(&key, "abc123", "uid-2"),
+        ] {
+            assert_ne!(other.expect("valid").secret, t.secret);
+        }
+        // A malformed id (from an annotation anyone can write) derives nothing.
+        for bad in ["", "abc", "ABC123", "abc1234", "abc-12"] {
+            assert_eq!(BootstrapToken::derive(&key, bad, "uid-1"), None, "{bad}");
+        }
+        assert!(TokenKey::from_bytes(b"short").is_none());
+        assert_eq!(format!("{key:?}"), "TokenKey(<redacted>)");
+    }
+
+    #[test]
+    fn derived_secrets_spread_over_the_alphabet() {
+        let key = TokenKey::generate();
+        let mut seen = [0u32; 36];
+        for i in 0..2000 {
+            let t = BootstrapToken::derive(&key, "abc123", &format!("uid-{i}")).expect("valid");
+            for b in t.secret.0.bytes() {
+                let at = ALPHABET
+                    .iter()
+                    .position(|a| *a == b)
+                    .expect("in the alphabet");
+                seen[at] += 1;
+            }
+        }
+        // 32000 characters, ~889 each: every one appears, none twice as often as another.
+        let (lo, hi) = (seen.iter().min().copied(), seen.iter().max().copied());
+        assert!(
+            lo.is_some_and(|l| l > 700) && hi.is_some_and(|h| h < 1100),
+            "{seen:?}"
+        );
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub enum Error {
     /// No API server endpoint to join (neither the NodeClass nor the controller has one).
     #[error("no API server endpoint: set spec.bootstrap.apiServerEndpoint on the NodeClass")]
     NoApiServerEndpoint,
+    /// The key bootstrap tokens are derived from cannot be read or made (its Secret in
+    /// kube-node's namespace is malformed, or kube-node may not read or create it).
+    #[error("bootstrap token key: {0}")]
+    TokenKey(String),
     /// The Node object is unusable (no name or UID).
     #[error("invalid Node: {0}")]
     InvalidNode(String),
@@ -107,6 +111,7 @@ impl Error {
             Self::NoApiServerEndpoint => "NoApiServerEndpoint",
             Self::InvalidNode(_) => "InvalidNode",
             Self::Render(_) => "RenderFailed",
+            Self::TokenKey(_) => "TokenKeyUnavailable",
         }
     }
 

@@ -149,6 +149,8 @@ pub(crate) struct Context {
     /// Bootstrap tokens this process created, by Node UID, with their expiry: the only place a
     /// token's secret half is kept outside its Secret and the machine's user-data.
     tokens: Mutex<HashMap<String, (bootstrap::BootstrapToken, jiff::Timestamp)>>,
+    /// The key bootstrap tokens are derived from, once read (or made).
+    token_key: tokio::sync::OnceCell<bootstrap::TokenKey>,
     /// Machines created whose providerID is not in the Node cache yet, by Node UID: recorded
     /// by a later pass once no launch is in flight, and kept until the cache shows the write.
     launched: Mutex<HashMap<String, kube_node_provider::Instance>>,
@@ -275,6 +277,47 @@ impl Context {
             *c = Some((hash.clone(), std::time::Instant::now()));
         }
         Ok(hash)
+    }
+
+    /// The key bootstrap tokens are derived from: read from its Secret in kube-node's own
+    /// namespace, or made there on first use (two processes racing to make it settle on the
+    /// create that won: the loser's create is a 409 and it reads the winner's).
+    pub(crate) async fn token_key(&self) -> Result<bootstrap::TokenKey, Error> {
+        let namespace = self.config.claim_namespace.as_str();
+        let name = bootstrap::TOKEN_KEY_SECRET;
+        let key = self
+            .token_key
+            .get_or_try_init(|| async {
+                let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+                let unusable = |e: &dyn std::fmt::Display| {
+                    Error::TokenKey(format!("Secret {namespace}/{name}: {e}"))
+                };
+                for _ in 0..3 {
+                    if let Some(s) = api.get_opt(name).await.map_err(|e| unusable(&e))? {
+                        return bootstrap::TokenKey::from_secret(&s).ok_or_else(|| {
+                            unusable(&format_args!(
+                                "data.{} is not a 32-byte key",
+                                bootstrap::TOKEN_KEY_DATA
+                            ))
+                        });
+                    }
+                    let key = bootstrap::TokenKey::generate();
+                    match api
+                        .create(&kube::api::PostParams::default(), &key.secret(namespace))
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!(secret = %format!("{namespace}/{name}"), "created the bootstrap token key");
+                            return Ok(key);
+                        }
+                        Err(kube::Error::Api(e)) if crate::error::is_conflict(&e) => continue,
+                        Err(e) => return Err(unusable(&e)),
+                    }
+                }
+                Err(unusable(&"created and deleted again while being read"))
+            })
+            .await?;
+        Ok(key.clone())
     }
 
     /// The NodeClass `name` from the cache.
@@ -655,6 +698,7 @@ pub async fn run_shared(
         inventory: Mutex::default(),
         attempts: Mutex::default(),
         tokens: Mutex::default(),
+        token_key: tokio::sync::OnceCell::new(),
         launched: Mutex::default(),
         own_writes: OwnWrites::default(),
         launches: std::sync::atomic::AtomicUsize::new(0),

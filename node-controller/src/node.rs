@@ -312,6 +312,9 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
         if defer_bookkeeping(ctx, created) {
             return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
         }
+        // The token's Secret before the providerID: once a pass sees the providerID, the
+        // machine's token exists.
+        ensure_token_secret(pass, ctx, &class).await?;
         let want = wanted_meta(
             pass,
             Some(&class),
@@ -752,11 +755,12 @@ async fn create(
         .and_then(|b| b.api_server_endpoint.clone())
         .or_else(|| ctx.config.api_server_endpoint.clone())
         .ok_or(Error::NoApiServerEndpoint)?;
-    // The writes this machine's launch waits for go ahead of every bookkeeping write of the
-    // controller (see `kube_node_runtime::urgent`).
+    // What this machine's launch waits for goes ahead of every bookkeeping write of the
+    // controller (see `kube_node_runtime::urgent`): the CA (read once) and, for a Node made by
+    // hand, its token's name. A NodeSet's Node needs no API call here.
     let (hash, token) = kube_node_runtime::urgent(async {
         let hash = ctx.ca_cert_hash().await?;
-        let token = ensure_token(pass, ctx, class).await?;
+        let token = node_token(pass, ctx).await?;
         Ok::<_, Error>((hash, token))
     })
     .await?;
@@ -815,10 +819,12 @@ async fn create(
     drop(launching);
     ctx.remember_launch(&pass.uid, instance.clone());
     if ctx.launches_in_flight() {
-        // Other machines wait for their create: the providerID is written by a later pass
-        // (see `BOOKKEEPING_WAIT`), and this worker goes to the next launch.
+        // Other machines wait for their create: the token's Secret and the providerID are
+        // written by a later pass (see `BOOKKEEPING_WAIT`), and this worker goes to the next
+        // launch.
         return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
     }
+    ensure_token_secret(pass, ctx, class).await?;
     let mut want = want.clone();
     want.labels.extend(instance_labels(&instance));
     want.machine_labels(&pass.node, &instance.labels);
@@ -918,93 +924,95 @@ async fn record_machine(
     Ok(())
 }
 
-/// The Node's bootstrap token: the one this process created for it while still valid for a
-/// while (a retry after a failed create must not pile up tokens), else a new one.
+/// The public id of the bootstrap token recorded on the Node, when it is one.
+fn recorded_token_id(node: &Node) -> Option<&str> {
+    node.annotations()
+        .get(BOOTSTRAP_TOKEN_ANNOTATION)?
+        .strip_prefix("bootstrap-token-")
+}
+
+/// The Node's bootstrap token, for the machine about to be launched: derived from the token
+/// key, the Node's UID and the public id recorded on the Node (see [`BootstrapToken::derive`]).
+/// Nothing is written for a NodeSet's Node, which carries an id from its create; a Node made
+/// by hand gets one recorded first. Its Secret is made after the launch
+/// ([`ensure_token_secret`]): kubeadm's discovery retries until the token works, and a
+/// successor after a restart derives the very token the machine's user-data holds.
 ///
 /// Tokens are never read back from the API: reading or listing Secrets in kube-system would
-/// let kube-node read every Secret there, so its RBAC allows only create and delete. Instead
-/// the token's public half is recorded on the Node (the Secret's name, in
-/// `kube-node.io/bootstrap-token`) *before* the Secret is created, so a successor after a
-/// restart — which cannot use a token whose secret half it never saw — deletes its
-/// predecessor's token by name, here or when the Node joins or goes. The secret half never
-/// leaves the Secret and the machine's user-data.
-async fn ensure_token(
+/// let kube-node read every Secret there, so its RBAC allows only create and delete. The token's
+/// public half is recorded on the Node *before* its Secret can exist, so a successor deletes
+/// it by name when the Node joins or goes. The secret half never leaves the Secret and the
+/// machine's user-data.
+async fn node_token(pass: &mut Pass, ctx: &Context) -> Result<BootstrapToken, Error> {
+    let key = ctx.token_key().await?;
+    let recorded = recorded_token_id(&pass.node).map(str::to_string);
+    if let Some(token) = recorded
+        .as_deref()
+        .and_then(|id| BootstrapToken::derive(&key, id, &pass.uid))
+    {
+        // A Secret this process made for this token that is about to expire: the machine it
+        // was made for is gone without joining, and the next one gets a fresh token.
+        let expiring = ctx.cached_token(&pass.uid).is_some_and(|(t, expires)| {
+            t.id == token.id
+                && expires.duration_since(Timestamp::now()) <= jiff::SignedDuration::from_secs(300)
+        });
+        if !expiring {
+            return Ok(token);
+        }
+        let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
+        delete_secret(&api, &token.secret_name()).await?;
+        tracing::info!(secret = %token.secret_name(), "deleted an expiring bootstrap token");
+        ctx.forget_token(&pass.uid);
+    }
+    // Recorded first: a restart after this write leaves a name to delete (a 404 then), never
+    // a token nobody knows of.
+    let id = BootstrapToken::generate_id();
+    let patch = serde_json::json!({"metadata": {"annotations": {BOOTSTRAP_TOKEN_ANNOTATION: bootstrap::secret_name(&id)}}});
+    let written = node_api(ctx)
+        .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    pass.wrote(written);
+    BootstrapToken::derive(&key, &id, &pass.uid)
+        .ok_or_else(|| Error::Render(format!("bootstrap token id {id:?} is malformed")))
+}
+
+/// The Secret of the token a launched machine joins with. Nothing is made once the kubelet is
+/// Ready (the machine joined), when the Node records no token, or when this process made
+/// it already. A Secret of that name that exists already (409) is this very token, made
+/// before a restart: derived tokens are the same in every process.
+async fn ensure_token_secret(
     pass: &mut Pass,
     ctx: &Context,
     class: &NodeClass,
-) -> Result<BootstrapToken, Error> {
-    let now = Timestamp::now();
-    let margin = jiff::SignedDuration::from_secs(300);
-    let recorded = pass
-        .node
-        .annotations()
-        .get(BOOTSTRAP_TOKEN_ANNOTATION)
-        .filter(|n| n.starts_with("bootstrap-token-"))
-        .cloned();
-    if let Some((token, expires)) = ctx.cached_token(&pass.uid)
-        && expires.duration_since(now) > margin
-        && recorded.as_deref() == Some(token.secret_name().as_str())
-    {
-        return Ok(token);
+) -> Result<(), Error> {
+    if kubelet_ready(&pass.node) {
+        return Ok(());
     }
-    let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
+    let Some(id) = recorded_token_id(&pass.node).map(str::to_string) else {
+        return Ok(());
+    };
+    if ctx.cached_token(&pass.uid).is_some_and(|(t, _)| t.id == id) {
+        return Ok(());
+    }
+    let key = ctx.token_key().await?;
+    let Some(token) = BootstrapToken::derive(&key, &id, &pass.uid) else {
+        return Ok(());
+    };
+    let now = Timestamp::now();
     let ttl = jiff::SignedDuration::try_from(class.spec.token_ttl())
         .unwrap_or(jiff::SignedDuration::from_secs(3600));
     let expiration = now.checked_add(ttl).unwrap_or(now);
-    if ctx.cached_token(&pass.uid).is_none()
-        && let Some(token) = recorded
-            .as_deref()
-            .and_then(|n| n.strip_prefix("bootstrap-token-"))
-            .and_then(BootstrapToken::with_id)
-    {
-        // A name recorded before this process knew the Node: the nodeset-controller records
-        // one in the Node it creates (avoiding every name recorded on a Node it knows), so
-        // the machine's only write before its launch is the Secret. Free: it is ours now.
-        // Taken (409): a predecessor's token, deleted below like any recorded token this
-        // process cannot reuse, and a new one is recorded first.
-        let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
-        match api.create(&PostParams::default(), &secret).await {
-            Ok(_) => {
-                tracing::info!(secret = %token.secret_name(), "created bootstrap token");
-                ctx.cache_token(&pass.uid, token.clone(), expiration);
-                return Ok(token);
-            }
-            Err(kube::Error::Api(e)) if crate::error::is_conflict(&e) => {}
-            Err(e) => return Err(e.into()),
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), bootstrap::TOKEN_NAMESPACE);
+    let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
+    match kube_node_runtime::urgent(api.create(&PostParams::default(), &secret)).await {
+        Ok(_) => tracing::info!(secret = %token.secret_name(), "created bootstrap token"),
+        Err(kube::Error::Api(e)) if crate::error::is_conflict(&e) => {
+            tracing::info!(secret = %token.secret_name(), "bootstrap token made before a restart");
         }
+        Err(e) => return Err(e.into()),
     }
-    // A token recorded on the Node that this process cannot reuse (a predecessor's, or one
-    // about to expire): it would stay valid until its TTL.
-    if let Some(old) = &recorded {
-        delete_secret(&api, old).await?;
-        tracing::info!(secret = %old, "deleted a bootstrap token this process cannot reuse");
-    }
-    ctx.forget_token(&pass.uid);
-    let mut attempt = 0;
-    loop {
-        let token = BootstrapToken::generate();
-        // Recorded first: a restart between this write and the create leaves a name to
-        // delete (a 404 then), never a token nobody knows of.
-        let patch = serde_json::json!({"metadata": {"annotations": {BOOTSTRAP_TOKEN_ANNOTATION: token.secret_name()}}});
-        let written = node_api(ctx)
-            .patch(&pass.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        pass.wrote(written);
-        let secret = bootstrap::token_secret(&token, &pass.name, &pass.uid, expiration);
-        match api.create(&PostParams::default(), &secret).await {
-            Ok(_) => {
-                tracing::info!(secret = %token.secret_name(), "created bootstrap token");
-                ctx.cache_token(&pass.uid, token.clone(), expiration);
-                return Ok(token);
-            }
-            // A token id collision (36^6 ids) with another Node's token: draw another (the
-            // next record replaces this one, which named a Secret that is not ours).
-            Err(kube::Error::Api(e)) if crate::error::is_conflict(&e) && attempt < 3 => {
-                attempt += 1
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    ctx.cache_token(&pass.uid, token, expiration);
+    Ok(())
 }
 
 /// Deletes a Secret in kube-system by name; a missing one is fine.

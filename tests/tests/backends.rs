@@ -956,3 +956,260 @@ async fn aws_restart_between_run_instances_and_provider_id_write_launches_no_sec
     .await;
     h.shutdown().await;
 }
+
+/// The `<id>.<secret>` token of the kubeadm JoinConfiguration in a machine's user-data.
+fn join_token(user_data: &str) -> String {
+    let body = user_data
+        .strip_prefix("#cloud-config\n")
+        .unwrap_or_else(|| panic!("user-data is not a cloud-config document"));
+    let doc: serde_yaml::Value = serde_yaml::from_str(body).expect("cloud-config is YAML");
+    doc["write_files"]
+        .as_sequence()
+        .expect("write_files")
+        .iter()
+        .filter_map(|f| f["content"].as_str())
+        .filter_map(|c| serde_yaml::from_str::<serde_yaml::Value>(c).ok())
+        .find(|c| c["kind"].as_str() == Some("JoinConfiguration"))
+        .and_then(|c| {
+            c["discovery"]["bootstrapToken"]["token"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .expect("a JoinConfiguration with a bootstrap token")
+}
+
+/// The `<id>.<secret>` token of the bootstrap token Secrets of one Node UID.
+async fn secret_tokens(client: &Client, uid: &str) -> Result<Vec<String>, String> {
+    let list = Api::<Secret>::namespaced(client.clone(), "kube-system")
+        .list(&ListParams::default().labels(&format!("{}={uid}", tags::NODE_UID)))
+        .await
+        .map_err(|e| format!("listing token Secrets: {e}"))?;
+    Ok(list
+        .items
+        .iter()
+        .filter_map(|s| {
+            let data = s.data.as_ref()?;
+            let part = |k: &str| String::from_utf8(data.get(k)?.0.clone()).ok();
+            Some(format!("{}.{}", part("token-id")?, part("token-secret")?))
+        })
+        .collect())
+}
+
+/// A machine is launched before its bootstrap token's Secret is made, and the Secret holds the
+/// token of the instance's user-data in moto. If the node-controller stops in between (the
+/// crashed controller is played here: RunInstances for a Node that records its token's name,
+/// with the token derived from the installation's key), the successor makes the Secret of the
+/// very token the instance holds, so the machine can still join, and launches nothing new.
+#[tokio::test]
+async fn aws_restart_between_run_instances_and_the_token_secret_makes_the_token_the_machine_holds()
+{
+    let aws = Aws::new().await;
+    let cluster = unique("aws-token");
+    let class = "general";
+    let counter = CallCounter::new();
+    let mut h = Harness::new(
+        &cluster,
+        Arc::new(AwsFactory::new().with_call_counter(counter.clone())),
+    )
+    .await;
+    h.aws_credentials().await;
+    h.create_node_class(class, aws.class_spec()).await;
+    // No kubelet: the machines never join, so their tokens stay.
+    h.cluster.start_controllers();
+
+    // 1. The normal order: launch, then the token's Secret, which is the token launched with.
+    let first: Node = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "worker-first", "annotations": {NODE_CLASS_ANNOTATION: class}},
+    }))
+    .expect("Node");
+    let first_uid = h
+        .nodes()
+        .create(&PostParams::default(), &first)
+        .await
+        .expect("create Node")
+        .uid()
+        .expect("uid");
+    let (first_pid, made) = eventually("launched, its token made", STEP_TIMEOUT, || async {
+        let n = h
+            .nodes()
+            .get("worker-first")
+            .await
+            .map_err(|e| e.to_string())?;
+        let pid = provider_id(&n).ok_or("no providerID yet")?;
+        let tokens = secret_tokens(&h.client, &first_uid).await?;
+        (tokens.len() == 1)
+            .then(|| (pid, tokens[0].clone()))
+            .ok_or_else(|| format!("token Secrets: {}", tokens.len()))
+    })
+    .await;
+    let instance_id = first_pid.rsplit('/').next().unwrap_or_default().to_string();
+    let user_data = inspect::user_data(&aws.ec2, &instance_id)
+        .await
+        .expect("DescribeInstanceAttribute")
+        .expect("user-data");
+    assert_eq!(
+        made,
+        join_token(&user_data),
+        "the Secret is the token the machine holds"
+    );
+
+    // 2. The crash: a Node the controller had launched a machine for, then stopped before the
+    // token's Secret and the providerID write.
+    h.cluster
+        .stop_controllers()
+        .await
+        .expect("controllers stop");
+    let key = Api::<Secret>::namespaced(h.client.clone(), SECRET_NAMESPACE)
+        .get(node_controller::bootstrap::TOKEN_KEY_SECRET)
+        .await
+        .expect("the installation's token key, made on first use");
+    let key = node_controller::bootstrap::TokenKey::from_secret(&key).expect("a 32-byte key");
+    let node_name = "worker-crashed";
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node_name,
+            "annotations": {
+                NODE_CLASS_ANNOTATION: class,
+                BOOTSTRAP_TOKEN_ANNOTATION: "bootstrap-token-crash1",
+            },
+            "finalizers": [MACHINE_FINALIZER],
+        },
+    }))
+    .expect("Node");
+    let uid = h
+        .nodes()
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("create Node")
+        .uid()
+        .expect("uid");
+    h.nodes()
+        .patch_status(
+            node_name,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"status": {"conditions": [{
+                "type": MACHINE_READY_CONDITION,
+                "status": "False",
+                "reason": "Launching",
+                "message": "creating the machine",
+                "lastTransitionTime": jiff::Timestamp::now().to_string(),
+            }]}})),
+        )
+        .await
+        .expect("Launching condition");
+    let token = node_controller::bootstrap::BootstrapToken::derive(&key, "crash1", &uid)
+        .expect("a valid id");
+    let spec: NodeClassSpec = serde_json::from_value(aws.class_spec()).expect("spec");
+    let provider = AwsFactory::new()
+        .build_aws(&ResolvedClass {
+            name: class.into(),
+            generation: 1,
+            spec,
+            credentials: Some(Credentials(BTreeMap::from([
+                (
+                    "aws_access_key_id".to_string(),
+                    b"AKIAKUBENODETEST".to_vec(),
+                ),
+                (
+                    "aws_secret_access_key".to_string(),
+                    b"kube-node-test-secret".to_vec(),
+                ),
+            ]))),
+            cluster_name: cluster.clone(),
+            inventory: None,
+            claims: None,
+        })
+        .expect("provider");
+    let user_data =
+        node_controller::bootstrap::render_user_data(&node_controller::bootstrap::JoinParams {
+            node_name,
+            api_server_endpoint: API_SERVER_ENDPOINT,
+            token: &token,
+            ca_cert_hashes: &["sha256:00".to_string()],
+        })
+        .expect("user-data");
+    let held = join_token(&user_data.0);
+    let launched = kube_node_provider::Provider::create(
+        &provider,
+        &CreateRequest {
+            idempotency_key: uid.clone(),
+            node_name: node_name.into(),
+            tags: BTreeMap::from([
+                (tags::CLUSTER.to_string(), cluster.clone()),
+                (tags::NODE_NAME.to_string(), node_name.to_string()),
+                (tags::NODE_UID.to_string(), uid.clone()),
+                (tags::NODE_CLASS.to_string(), class.to_string()),
+                (
+                    tags::MANAGED_BY.to_string(),
+                    tags::MANAGED_BY_VALUE.to_string(),
+                ),
+            ]),
+            user_data: Some(user_data),
+        },
+    )
+    .await
+    .expect("RunInstances before the crash");
+    let runs = counter.get("RunInstances");
+
+    // The restart.
+    h.cluster.start_controllers();
+    let remade = eventually(
+        "the successor's token and providerID",
+        STEP_TIMEOUT,
+        || async {
+            let n = h.nodes().get(node_name).await.map_err(|e| e.to_string())?;
+            let again = provider_id(&n).ok_or("no providerID yet")?;
+            let tokens = secret_tokens(&h.client, &uid).await?;
+            (tokens.len() == 1)
+                .then(|| (again, tokens[0].clone()))
+                .ok_or_else(|| format!("token Secrets: {}", tokens.len()))
+        },
+    )
+    .await;
+    assert_eq!(
+        remade.0, launched.provider_id,
+        "the instance launched before the crash"
+    );
+    assert_eq!(
+        remade.1, held,
+        "the successor's Secret is the token the machine holds"
+    );
+    assert_eq!(aws.running(&cluster).await.expect("instances").len(), 2);
+    assert_eq!(
+        counter.get("RunInstances"),
+        runs,
+        "nothing launched after the restart: {:?}",
+        counter.snapshot()
+    );
+
+    for n in ["worker-first", node_name] {
+        h.nodes()
+            .delete(n, &DeleteParams::default())
+            .await
+            .expect("delete Node");
+    }
+    eventually(
+        "the Nodes, instances and tokens gone",
+        STEP_TIMEOUT,
+        || async {
+            let left = h
+                .nodes()
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+            let running = aws.running(&cluster).await?.len();
+            let tokens = h.all_token_secrets().await?;
+            (left == 0 && running == 0 && tokens == 0)
+                .then_some(())
+                .ok_or_else(|| format!("{left} Nodes, {running} instances, {tokens} tokens"))
+        },
+    )
+    .await;
+    h.shutdown().await;
+}

@@ -1809,6 +1809,8 @@ const NEEDED: &[Check] = &[
         Some("kube-node-system"),
         Some("credentials"),
     ),
+    // The bootstrap token key, made on first use.
+    ("create", "", "secrets", Some("kube-node-system"), None),
     (
         "get",
         "coordination.k8s.io",

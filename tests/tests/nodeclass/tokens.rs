@@ -1,6 +1,8 @@
 //! Bootstrap tokens survive a restart of kube-node: the token's public half (its Secret's
-//! name) is on the Node before the Secret exists, so a restarted controller deletes its
-//! predecessor's token by name, without reading or listing Secrets in kube-system.
+//! name) is on the Node before the Secret exists, and its secret half is derived from a key
+//! kube-node keeps, the Node's UID and that name, so a restarted controller makes (or finds)
+//! the very token a machine launched before the restart holds, and deletes it by name,
+//! without reading or listing Secrets in kube-system.
 
 use crate::common::{Harness, eventually, sim_spec};
 use kube::ResourceExt;
@@ -18,11 +20,10 @@ async fn recorded(h: &Harness, node: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_controller_deletes_its_predecessors_token() {
+async fn a_create_that_fails_makes_no_token_and_a_restart_keeps_the_recorded_one() {
     let mut h = Harness::new().await;
     h.node_class("sim", sim_spec()).await;
-    // Every create fails (retryably) after the token was made: the state a restart mid
-    // scale-up leaves behind.
+    // Every create fails (retryably): the state a restart mid scale-up can leave behind.
     h.cloud.set_faults(
         "sim",
         Some(SimulatedFaults {
@@ -31,34 +32,41 @@ async fn a_restarted_controller_deletes_its_predecessors_token() {
         }),
     );
     h.node("n1", "sim").await;
-    let first = eventually(30, "a token and a failed create", || async {
-        let tokens = h.token_secrets().await;
+    let first = eventually(30, "a recorded token name and failed creates", || async {
         let name = recorded(&h, "n1").await?;
-        (tokens == vec![name.clone()] && h.cloud.create_calls() >= 1).then_some(name)
+        (h.cloud.create_calls() >= 2).then_some(name)
     })
     .await;
-    // Only the public half is on the Node.
+    // Only the public half is on the Node, and no Secret is made for a machine that was
+    // never launched: the token's Secret follows the launch.
     assert_eq!(first.len(), "bootstrap-token-".len() + 6, "{first}");
-
-    h.stop().await;
-    h.start();
-    let second = eventually(30, "the successor's own token, and only it", || async {
-        let tokens = h.token_secrets().await;
-        let name = recorded(&h, "n1").await?;
-        (name != first && tokens == vec![name.clone()]).then_some(name)
-    })
-    .await;
     assert!(
-        !h.token_secrets().await.contains(&first),
-        "the predecessor's token is deleted"
+        h.token_secrets().await.is_empty(),
+        "no Secret without a machine"
     );
 
-    // Capacity comes back: the machine joins and its token goes too.
+    // A successor derives the same token from the same recorded name: nothing is rewritten.
+    h.stop().await;
+    let calls = h.cloud.create_calls();
+    h.start();
+    eventually(30, "the successor tries again", || async {
+        (h.cloud.create_calls() > calls).then_some(())
+    })
+    .await;
+    assert_eq!(
+        recorded(&h, "n1").await,
+        Some(first.clone()),
+        "the same name"
+    );
+    assert!(h.token_secrets().await.is_empty());
+
+    // Capacity comes back: the machine launches, its token's Secret is made under the recorded
+    // name, the machine joins and its token goes.
     h.cloud.set_faults("sim", Some(SimulatedFaults::default()));
     h.wait_ready("n1").await;
     eventually(30, "no token left", || async {
         h.token_secrets().await.is_empty().then_some(())
     })
     .await;
-    assert!(recorded(&h, "n1").await.is_none(), "{second} forgotten");
+    assert!(recorded(&h, "n1").await.is_none(), "{first} forgotten");
 }
