@@ -36,7 +36,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use kube_node_crds::NodeClass;
-use kube_node_crds::names::NODE_CLASS_ANNOTATION;
+use kube_node_crds::names::{MACHINE_READY_CONDITION, MachinePhase, NODE_CLASS_ANNOTATION};
 use kube_node_provider::{Credentials, Provider, ProviderError, ProviderRegistry, ResolvedClass};
 use kube_node_runtime::{Backoff, CachedNode, EventSink, Shared, cached_event};
 
@@ -76,6 +76,9 @@ pub struct Config {
 /// How long a record of the versions a pass's writes replaced is trusted (see
 /// `OwnWrites::stale`).
 const STALE_LIMIT: Duration = Duration::from_secs(60);
+
+/// How often the Nodes waiting for a launch are counted (see `Context::launches_pending`).
+const PENDING_RECOUNT: Duration = Duration::from_millis(100);
 
 impl Default for Config {
     fn default() -> Self {
@@ -156,6 +159,8 @@ pub(crate) struct Context {
     launched: Mutex<HashMap<String, kube_node_provider::Instance>>,
     /// Passes creating a machine right now.
     launches: std::sync::atomic::AtomicUsize,
+    /// Whether Nodes wait for their launch, as last counted, and when.
+    pending_launches: Mutex<Option<(std::time::Instant, bool)>>,
     /// What the controller's own writes replaced: a pass on an older copy waits for the watch.
     pub(crate) own_writes: OwnWrites,
 }
@@ -195,6 +200,20 @@ impl OwnWrites {
         s.remove(uid);
         false
     }
+}
+
+/// Whether a cached Node waits for its launch (see `Context::launches_pending`).
+fn awaits_launch(n: &CachedNode, launched: &HashSet<String>, failing: &HashSet<String>) -> bool {
+    let uid = kube::Resource::meta(n).uid.as_deref().unwrap_or_default();
+    n.annotations().contains_key(NODE_CLASS_ANNOTATION)
+        && n.deletion_timestamp().is_none()
+        && n.provider_id().is_none_or(str::is_empty)
+        && !launched.contains(uid)
+        && !failing.contains(uid)
+        && n.condition(MACHINE_READY_CONDITION)
+            .and_then(|c| c.reason())
+            .and_then(MachinePhase::parse)
+            != Some(MachinePhase::Failed)
 }
 
 /// Counts a launch in flight while it lives.
@@ -403,15 +422,56 @@ impl Context {
         Launching(self)
     }
 
-    /// Whether a pass is creating a machine: bookkeeping passes then wait, so that the
-    /// reconcile workers and the client's tokens go to launches first.
+    /// Whether a machine is being created, or a Node waits for its launch: bookkeeping passes
+    /// then wait, so that the reconcile workers and the client's tokens go to launches first.
+    /// On a busy API server a bookkeeping pass takes a worker for as long as its writes take;
+    /// with the workers in bookkeeping, the last Nodes of a scale-up waited 20 s in the queue
+    /// for their first pass.
     pub(crate) fn launches_in_flight(&self) -> bool {
-        self.launches.load(std::sync::atomic::Ordering::Acquire) > 0
+        self.launches.load(std::sync::atomic::Ordering::Acquire) > 0 || self.launches_pending()
+    }
+
+    /// Whether a Node in the cache waits for its launch: it names a NodeClass, is not being
+    /// deleted, has no providerID, was not launched by this process, has not failed, and
+    /// its last pass did not fail (a Node that cannot be launched, for a missing class or an
+    /// exhausted cloud, must not hold everyone's bookkeeping). Counted at most every
+    /// [`PENDING_RECOUNT`].
+    fn launches_pending(&self) -> bool {
+        let now = std::time::Instant::now();
+        if let Ok(c) = self.pending_launches.lock()
+            && let Some((at, pending)) = *c
+            && now.duration_since(at) < PENDING_RECOUNT
+        {
+            return pending;
+        }
+        let launched: HashSet<String> = self
+            .launched
+            .lock()
+            .map(|l| l.keys().cloned().collect())
+            .unwrap_or_default();
+        let failing: HashSet<String> = self
+            .attempts
+            .lock()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default();
+        let pending = self
+            .nodes
+            .state()
+            .iter()
+            .any(|n| awaits_launch(n, &launched, &failing));
+        if let Ok(mut c) = self.pending_launches.lock() {
+            *c = Some((now, pending));
+        }
+        pending
     }
 
     pub(crate) fn remember_launch(&self, uid: &str, instance: kube_node_provider::Instance) {
         if let Ok(mut l) = self.launched.lock() {
             l.insert(uid.to_string(), instance);
+        }
+        // It may have been the last Node waiting: counted again on the next question.
+        if let Ok(mut c) = self.pending_launches.lock() {
+            *c = None;
         }
     }
 
@@ -702,6 +762,7 @@ pub async fn run_shared(
         launched: Mutex::default(),
         own_writes: OwnWrites::default(),
         launches: std::sync::atomic::AtomicUsize::new(0),
+        pending_launches: Mutex::default(),
         capacity_checks: capacity_tx,
     });
 
@@ -811,6 +872,39 @@ pub async fn run_shared(
 #[cfg(test)]
 mod own_writes_tests {
     use super::OwnWrites;
+
+    #[test]
+    fn only_a_node_that_can_still_be_launched_holds_bookkeeping() {
+        use super::awaits_launch;
+        use k8s_openapi::api::core::v1::Node;
+        use kube_node_runtime::CachedNode;
+        use std::collections::HashSet;
+        let node = |extra: serde_json::Value| -> CachedNode {
+            let mut v = serde_json::json!({
+                "metadata": {"name": "n", "uid": "u1",
+                    "annotations": {"kube-node.io/node-class": "sim"}},
+            });
+            json_patch::merge(&mut v, &extra);
+            CachedNode::from(serde_json::from_value::<Node>(v).expect("Node"))
+        };
+        let none = HashSet::new();
+        let of = |u: &str| HashSet::from([u.to_string()]);
+        assert!(awaits_launch(&node(serde_json::json!({})), &none, &none));
+        let launching = node(serde_json::json!({"status": {"conditions": [
+            {"type": "MachineReady", "status": "False", "reason": "Launching"}]}}));
+        assert!(awaits_launch(&launching, &none, &none), "not launched yet");
+        assert!(!awaits_launch(&launching, &of("u1"), &none), "launched here");
+        assert!(!awaits_launch(&launching, &none, &of("u1")), "its last pass failed");
+        for done in [
+            serde_json::json!({"spec": {"providerID": "sim:///z/m-1"}}),
+            serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+            serde_json::json!({"metadata": {"annotations": {"kube-node.io/node-class": null}}}),
+            serde_json::json!({"status": {"conditions": [
+                {"type": "MachineReady", "status": "False", "reason": "Failed"}]}}),
+        ] {
+            assert!(!awaits_launch(&node(done.clone()), &none, &none), "{done}");
+        }
+    }
 
     #[test]
     fn a_replaced_version_is_stale_until_the_cache_shows_another() {
