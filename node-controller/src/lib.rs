@@ -157,6 +157,8 @@ pub(crate) struct Context {
     /// Machines created whose providerID is not in the Node cache yet, by Node UID: recorded
     /// by a later pass once no launch is in flight, and kept until the cache shows the write.
     launched: Mutex<HashMap<String, kube_node_provider::Instance>>,
+    /// The turns of Node passes: `Config::concurrency` of them, handed out in order.
+    pub(crate) passes: tokio::sync::Semaphore,
     /// Passes creating a machine right now.
     launches: std::sync::atomic::AtomicUsize,
     /// Whether Nodes wait for their launch, as last counted, and when.
@@ -703,8 +705,10 @@ pub async fn run_shared(
     let node_events = node_events
         .applied_objects()
         .inspect_ok(move |n| watched.add(&n.name_any()));
+    // No limit here: `node::reconcile` takes its turn on `Context::passes`, first come, first
+    // served (kube-runtime picks among the requests over its limit in hash order).
     let node_ctrl = Controller::for_stream(node_events, store.clone())
-        .with_config(controller::Config::default().concurrency(concurrency));
+        .with_config(controller::Config::default().concurrency(0));
     // NodeClasses are read one object at a time: a bad one is set aside and reported on
     // itself, and never keeps the others from being seen (see `tolerant`).
     let invalid_classes = InvalidObjects::new("NodeClass", metrics.invalid_objects("NodeClass"));
@@ -762,10 +766,22 @@ pub async fn run_shared(
         launched: Mutex::default(),
         own_writes: OwnWrites::default(),
         launches: std::sync::atomic::AtomicUsize::new(0),
+        passes: tokio::sync::Semaphore::new(usize::from(concurrency)),
         pending_launches: Mutex::default(),
         capacity_checks: capacity_tx,
     });
 
+    // At shutdown the passes still waiting for their turn end at once (the running ones
+    // finish): a leader that lost its Lease must stop acting, and a queue of thousands must not
+    // hold the shutdown up.
+    {
+        let ctx = ctx.clone();
+        let stop = stopped();
+        tokio::spawn(async move {
+            stop.await;
+            ctx.passes.close();
+        });
+    }
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<CachedNode>>();
     let sync_ctx = ctx.clone();
     let (sync_nodes, sync_classes) = (store.clone(), class_store.clone());
@@ -893,8 +909,14 @@ mod own_writes_tests {
         let launching = node(serde_json::json!({"status": {"conditions": [
             {"type": "MachineReady", "status": "False", "reason": "Launching"}]}}));
         assert!(awaits_launch(&launching, &none, &none), "not launched yet");
-        assert!(!awaits_launch(&launching, &of("u1"), &none), "launched here");
-        assert!(!awaits_launch(&launching, &none, &of("u1")), "its last pass failed");
+        assert!(
+            !awaits_launch(&launching, &of("u1"), &none),
+            "launched here"
+        );
+        assert!(
+            !awaits_launch(&launching, &none, &of("u1")),
+            "its last pass failed"
+        );
         for done in [
             serde_json::json!({"spec": {"providerID": "sim:///z/m-1"}}),
             serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),

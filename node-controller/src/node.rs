@@ -116,6 +116,20 @@ pub(crate) async fn reconcile(
     cached: Arc<CachedNode>,
     ctx: Arc<Context>,
 ) -> Result<Requeue, Error> {
+    // At most `concurrency` passes run; the others wait here in the order they were
+    // scheduled. kube-runtime's own limit keeps the requests it cannot start yet in a hash
+    // set and starts whichever it finds first there, so under a steady stream of requests
+    // (a scale-up's Nodes, their kubelets, kube-controller-manager) some Nodes waited 15-30 s
+    // for their first pass while others went round many times. Its limit is off (see `run`);
+    // this semaphore is first come, first served. The pass is boxed once it may start, so a
+    // waiting pass holds only its Node.
+    let Ok(_turn) = ctx.passes.acquire().await else {
+        return Ok(Requeue::await_change());
+    };
+    Box::pin(reconcile_node(cached, ctx.clone())).await
+}
+
+async fn reconcile_node(cached: Arc<CachedNode>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ctx.metrics.work_queue().done(&cached.name_any());
     if !is_managed(&cached) {
         // Not ours: cheap exit, no API calls, no metrics (and no copy out of the cache).
