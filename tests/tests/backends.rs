@@ -245,6 +245,47 @@ impl Harness {
             .map_err(|e| format!("listing token Secrets: {e}"))
     }
 
+    /// A Node as a node-controller that crashed mid-launch leaves it: finalizer on, phase
+    /// Launching, no providerID (and the name of its bootstrap token, when given). Its UID.
+    async fn crashed_node(&self, name: &str, class: &str, token: Option<&str>) -> String {
+        let mut annotations = BTreeMap::from([(NODE_CLASS_ANNOTATION, class)]);
+        if let Some(t) = token {
+            annotations.insert(BOOTSTRAP_TOKEN_ANNOTATION, t);
+        }
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": annotations,
+                "finalizers": [MACHINE_FINALIZER],
+            },
+        }))
+        .expect("Node");
+        let uid = self
+            .nodes()
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("create Node")
+            .uid()
+            .expect("uid");
+        self.nodes()
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"status": {"conditions": [{
+                    "type": MACHINE_READY_CONDITION,
+                    "status": "False",
+                    "reason": "Launching",
+                    "message": "creating the machine",
+                    "lastTransitionTime": jiff::Timestamp::now().to_string(),
+                }]}})),
+            )
+            .await
+            .expect("Launching condition");
+        uid
+    }
+
     /// Every bootstrap token Secret kube-node made.
     async fn all_token_secrets(&self) -> Result<usize, String> {
         Api::<Secret>::namespaced(self.client.clone(), "kube-system")
@@ -540,6 +581,60 @@ impl Aws {
 }
 
 /// `aws:///<zone>/<instance-id>`.
+impl Aws {
+    /// RunInstances for Node `node_name` (UID `uid`) as kube-node makes it (keyed by the UID,
+    /// tagged), outside the controllers: what a node-controller did before it crashed.
+    async fn launch_as_kube_node(
+        &self,
+        cluster: &str,
+        class: &str,
+        node_name: &str,
+        uid: &str,
+        user_data: Sensitive,
+    ) -> Result<kube_node_provider::Instance, kube_node_provider::ProviderError> {
+        let spec: NodeClassSpec = serde_json::from_value(self.class_spec()).expect("spec");
+        let provider = AwsFactory::new()
+            .build_aws(&ResolvedClass {
+                name: class.into(),
+                generation: 1,
+                spec,
+                credentials: Some(Credentials(BTreeMap::from([
+                    (
+                        "aws_access_key_id".to_string(),
+                        b"AKIAKUBENODETEST".to_vec(),
+                    ),
+                    (
+                        "aws_secret_access_key".to_string(),
+                        b"kube-node-test-secret".to_vec(),
+                    ),
+                ]))),
+                cluster_name: cluster.to_string(),
+                inventory: None,
+                claims: None,
+            })
+            .expect("provider");
+        kube_node_provider::Provider::create(
+            &provider,
+            &CreateRequest {
+                idempotency_key: uid.to_string(),
+                node_name: node_name.into(),
+                tags: BTreeMap::from([
+                    (tags::CLUSTER.to_string(), cluster.to_string()),
+                    (tags::NODE_NAME.to_string(), node_name.to_string()),
+                    (tags::NODE_UID.to_string(), uid.to_string()),
+                    (tags::NODE_CLASS.to_string(), class.to_string()),
+                    (
+                        tags::MANAGED_BY.to_string(),
+                        tags::MANAGED_BY_VALUE.to_string(),
+                    ),
+                ]),
+                user_data: Some(user_data),
+            },
+        )
+        .await
+    }
+}
+
 fn aws_provider_id(i: &aws_sdk_ec2::types::Instance) -> String {
     let zone = i
         .placement()
@@ -820,81 +915,20 @@ async fn aws_restart_between_run_instances_and_provider_id_write_launches_no_sec
     h.aws_credentials().await;
     h.create_node_class(class, aws.class_spec()).await;
     // The Node as the crashed controller left it: finalizer on, phase Launching, no providerID.
-    let node: Node = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": node_name,
-            "annotations": {NODE_CLASS_ANNOTATION: class},
-            "finalizers": [MACHINE_FINALIZER],
-        },
-    }))
-    .expect("Node");
-    let node = h
-        .nodes()
-        .create(&PostParams::default(), &node)
-        .await
-        .expect("create Node");
-    let uid = node.uid().expect("uid");
-    h.nodes()
-        .patch_status(
+    let uid = h.crashed_node(node_name, class, None).await;
+    // What the crashed controller did: RunInstances for the Node, keyed by its UID.
+    let launched = aws
+        .launch_as_kube_node(
+            &cluster,
+            class,
             node_name,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"status": {"conditions": [{
-                "type": MACHINE_READY_CONDITION,
-                "status": "False",
-                "reason": "Launching",
-                "message": "creating the machine",
-                "lastTransitionTime": jiff::Timestamp::now().to_string(),
-            }]}})),
+            &uid,
+            Sensitive(format!(
+                "#cloud-config\nruncmd:\n  - [kubeadm, join, --node-name, {node_name}]\n"
+            )),
         )
         .await
-        .expect("Launching condition");
-
-    // What the crashed controller did: RunInstances for the Node, keyed by its UID.
-    let spec: NodeClassSpec = serde_json::from_value(aws.class_spec()).expect("spec");
-    let provider = AwsFactory::new()
-        .build_aws(&ResolvedClass {
-            name: class.into(),
-            generation: 1,
-            spec,
-            credentials: Some(Credentials(BTreeMap::from([
-                (
-                    "aws_access_key_id".to_string(),
-                    b"AKIAKUBENODETEST".to_vec(),
-                ),
-                (
-                    "aws_secret_access_key".to_string(),
-                    b"kube-node-test-secret".to_vec(),
-                ),
-            ]))),
-            cluster_name: cluster.clone(),
-            inventory: None,
-            claims: None,
-        })
-        .expect("provider");
-    let launched = kube_node_provider::Provider::create(
-        &provider,
-        &CreateRequest {
-            idempotency_key: uid.clone(),
-            node_name: node_name.into(),
-            tags: BTreeMap::from([
-                (tags::CLUSTER.to_string(), cluster.clone()),
-                (tags::NODE_NAME.to_string(), node_name.to_string()),
-                (tags::NODE_UID.to_string(), uid.clone()),
-                (tags::NODE_CLASS.to_string(), class.to_string()),
-                (
-                    tags::MANAGED_BY.to_string(),
-                    tags::MANAGED_BY_VALUE.to_string(),
-                ),
-            ]),
-            user_data: Some(Sensitive(format!(
-                "#cloud-config\nruncmd:\n  - [kubeadm, join, --node-name, {node_name}]\n"
-            ))),
-        },
-    )
-    .await
-    .expect("RunInstances before the crash");
+        .expect("RunInstances before the crash");
     assert_eq!(aws.running(&cluster).await.expect("instances").len(), 1);
 
     // The restart.
@@ -1067,63 +1101,11 @@ async fn aws_restart_between_run_instances_and_the_token_secret_makes_the_token_
         .expect("the installation's token key, made on first use");
     let key = node_controller::bootstrap::TokenKey::from_secret(&key).expect("a 32-byte key");
     let node_name = "worker-crashed";
-    let node: Node = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": node_name,
-            "annotations": {
-                NODE_CLASS_ANNOTATION: class,
-                BOOTSTRAP_TOKEN_ANNOTATION: "bootstrap-token-crash1",
-            },
-            "finalizers": [MACHINE_FINALIZER],
-        },
-    }))
-    .expect("Node");
     let uid = h
-        .nodes()
-        .create(&PostParams::default(), &node)
-        .await
-        .expect("create Node")
-        .uid()
-        .expect("uid");
-    h.nodes()
-        .patch_status(
-            node_name,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"status": {"conditions": [{
-                "type": MACHINE_READY_CONDITION,
-                "status": "False",
-                "reason": "Launching",
-                "message": "creating the machine",
-                "lastTransitionTime": jiff::Timestamp::now().to_string(),
-            }]}})),
-        )
-        .await
-        .expect("Launching condition");
+        .crashed_node(node_name, class, Some("bootstrap-token-crash1"))
+        .await;
     let token = node_controller::bootstrap::BootstrapToken::derive(&key, "crash1", &uid)
         .expect("a valid id");
-    let spec: NodeClassSpec = serde_json::from_value(aws.class_spec()).expect("spec");
-    let provider = AwsFactory::new()
-        .build_aws(&ResolvedClass {
-            name: class.into(),
-            generation: 1,
-            spec,
-            credentials: Some(Credentials(BTreeMap::from([
-                (
-                    "aws_access_key_id".to_string(),
-                    b"AKIAKUBENODETEST".to_vec(),
-                ),
-                (
-                    "aws_secret_access_key".to_string(),
-                    b"kube-node-test-secret".to_vec(),
-                ),
-            ]))),
-            cluster_name: cluster.clone(),
-            inventory: None,
-            claims: None,
-        })
-        .expect("provider");
     let user_data =
         node_controller::bootstrap::render_user_data(&node_controller::bootstrap::JoinParams {
             node_name,
@@ -1133,26 +1115,10 @@ async fn aws_restart_between_run_instances_and_the_token_secret_makes_the_token_
         })
         .expect("user-data");
     let held = join_token(&user_data.0);
-    let launched = kube_node_provider::Provider::create(
-        &provider,
-        &CreateRequest {
-            idempotency_key: uid.clone(),
-            node_name: node_name.into(),
-            tags: BTreeMap::from([
-                (tags::CLUSTER.to_string(), cluster.clone()),
-                (tags::NODE_NAME.to_string(), node_name.to_string()),
-                (tags::NODE_UID.to_string(), uid.clone()),
-                (tags::NODE_CLASS.to_string(), class.to_string()),
-                (
-                    tags::MANAGED_BY.to_string(),
-                    tags::MANAGED_BY_VALUE.to_string(),
-                ),
-            ]),
-            user_data: Some(user_data),
-        },
-    )
-    .await
-    .expect("RunInstances before the crash");
+    let launched = aws
+        .launch_as_kube_node(&cluster, class, node_name, &uid, user_data)
+        .await
+        .expect("RunInstances before the crash");
     let runs = counter.get("RunInstances");
 
     // The restart.
