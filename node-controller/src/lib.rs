@@ -212,10 +212,12 @@ fn awaits_launch(n: &CachedNode, launched: &HashSet<String>, failing: &HashSet<S
         && n.provider_id().is_none_or(str::is_empty)
         && !launched.contains(uid)
         && !failing.contains(uid)
-        && n.condition(MACHINE_READY_CONDITION)
-            .and_then(|c| c.reason())
-            .and_then(MachinePhase::parse)
-            != Some(MachinePhase::Failed)
+        // Launching (a NodeSet creates its Nodes so), or nothing yet (made by hand): a Node
+        // held Pending (its class is group-backed, a failure was recorded) or Failed waits
+        // for a change, not for a worker.
+        && n.condition(MACHINE_READY_CONDITION).is_none_or(|c| {
+            c.reason().and_then(MachinePhase::parse) == Some(MachinePhase::Launching)
+        })
 }
 
 /// Counts a launch in flight while it lives.
@@ -434,9 +436,9 @@ impl Context {
     }
 
     /// Whether a Node in the cache waits for its launch: it names a NodeClass, is not being
-    /// deleted, has no providerID, was not launched by this process, has not failed, and
-    /// its last pass did not fail (a Node that cannot be launched, for a missing class or an
-    /// exhausted cloud, must not hold everyone's bookkeeping). Counted at most every
+    /// deleted, has no providerID, was not launched by this process, is new or Launching,
+    /// and its last pass did not fail (a Node that cannot be launched, for a missing class or
+    /// an exhausted cloud, must not hold everyone's bookkeeping). Counted at most every
     /// [`PENDING_RECOUNT`].
     fn launches_pending(&self) -> bool {
         let now = std::time::Instant::now();
@@ -923,6 +925,10 @@ mod own_writes_tests {
             serde_json::json!({"metadata": {"annotations": {"kube-node.io/node-class": null}}}),
             serde_json::json!({"status": {"conditions": [
                 {"type": "MachineReady", "status": "False", "reason": "Failed"}]}}),
+            // Refused (a group-backed class), or a failure recorded before any launch.
+            serde_json::json!({"status": {"conditions": [
+                {"type": "MachineReady", "status": "False", "reason": "Pending",
+                 "message": "GroupBacked: NodeClass sim is group-backed"}]}}),
         ] {
             assert!(!awaits_launch(&node(done.clone()), &none, &none), "{done}");
         }
