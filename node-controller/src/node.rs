@@ -120,9 +120,9 @@ pub(crate) async fn reconcile(
     // scheduled. kube-runtime's own limit keeps the requests it cannot start yet in a hash
     // set and starts whichever it finds first there, so under a steady stream of requests
     // (a scale-up's Nodes, their kubelets, kube-controller-manager) some Nodes waited 15-30 s
-    // for their first pass while others went round many times. Its limit is off (see `run`);
-    // this semaphore is first come, first served. The pass is boxed once it may start, so a
-    // waiting pass holds only its Node.
+    // for their first pass while others went round many times. Its limit is set well above
+    // this one (see `run`); this semaphore is first come, first served. The pass is boxed
+    // once it may start, so a waiting pass holds only its Node.
     let Ok(_turn) = ctx.passes.acquire().await else {
         return Ok(Requeue::await_change());
     };
