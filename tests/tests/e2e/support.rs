@@ -130,7 +130,10 @@ pub fn kube_node_bin() -> PathBuf {
         // A prebuilt binary (e.g. a release build for the scale figures) instead of the debug
         // build.
         if let Some(bin) = std::env::var_os("KUBE_NODE_E2E_BIN") {
-            return PathBuf::from(bin);
+            // Absolute: the quick-start test links it into a PATH directory of its own, and
+            // a relative link would point nowhere.
+            let bin = PathBuf::from(bin);
+            return std::fs::canonicalize(&bin).unwrap_or(bin);
         }
         let profile = profile_dir();
         let target = profile.parent().expect("target dir").to_path_buf();
