@@ -990,18 +990,16 @@ async fn node_token(pass: &mut Pass, ctx: &Context) -> Result<BootstrapToken, Er
         .ok_or_else(|| Error::Render(format!("bootstrap token id {id:?} is malformed")))
 }
 
-/// The Secret of the token a launched machine joins with. Nothing is made once the kubelet is
-/// Ready (the machine joined), when the Node records no token, or when this process made
-/// it already. A Secret of that name that exists already (409) is this very token, made
-/// before a restart: derived tokens are the same in every process.
+/// The Secret of the token a launched machine joins with. Nothing is made when the Node
+/// records no token, or when this process made it already. A Secret of that name that exists
+/// already (409) is this very token, made before a restart: derived tokens are the same in
+/// every process. (A kubelet Ready before this runs joined with a token made before a
+/// restart, which this create finds; the Ready step deletes it.)
 async fn ensure_token_secret(
     pass: &mut Pass,
     ctx: &Context,
     class: &NodeClass,
 ) -> Result<(), Error> {
-    if kubelet_ready(&pass.node) {
-        return Ok(());
-    }
     let Some(id) = recorded_token_id(&pass.node).map(str::to_string) else {
         return Ok(());
     };
