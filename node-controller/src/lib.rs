@@ -207,6 +207,25 @@ impl OwnWrites {
     }
 }
 
+/// What of a NodeClass its Nodes' passes read: its spec (generation), its deletion, its Ready
+/// condition and a pool's free machines. The NodeClass watch triggers every Node of a class
+/// when this changes, and only then: a status write that changes nothing of it (the InUse
+/// condition's count, as Nodes come and go) used to send every Node of the class through a
+/// pass, 1000 passes per write in the middle of a scale-up.
+fn node_trigger_key(nc: &NodeClass) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    nc.metadata.generation.hash(&mut h);
+    nc.metadata.deletion_timestamp.is_some().hash(&mut h);
+    if let Some(status) = &nc.status {
+        status.free_machines.hash(&mut h);
+        if let Some(c) = kube_node_crds::v1alpha1::find_condition(&status.conditions, "Ready") {
+            (&c.status, &c.reason, &c.message, c.observed_generation).hash(&mut h);
+        }
+    }
+    Some(h.finish())
+}
+
 /// Whether a cached Node waits for its launch (see `Context::launches_pending`).
 fn awaits_launch(n: &CachedNode, launched: &HashSet<String>, failing: &HashSet<String>) -> bool {
     let uid = kube::Resource::meta(n).uid.as_deref().unwrap_or_default();
@@ -834,7 +853,8 @@ pub async fn run_shared(
         None,
     )
     .default_backoff()
-    .touched_objects();
+    .touched_objects()
+    .predicate_filter(node_trigger_key, kube::runtime::PredicateConfig::default());
     let nodes = node_ctrl
         .watches_stream(class_triggers, move |nc: NodeClass| {
             let name = nc.name_any();
@@ -897,6 +917,53 @@ pub async fn run_shared(
 #[cfg(test)]
 mod own_writes_tests {
     use super::OwnWrites;
+
+    #[test]
+    fn only_what_nodes_read_of_a_node_class_triggers_them() {
+        use super::node_trigger_key;
+        let class = |status: serde_json::Value| -> kube_node_crds::NodeClass {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "kube-node.io/v1alpha1",
+                "kind": "NodeClass",
+                "metadata": {"name": "c", "generation": 3},
+                "spec": {"provider": {"type": "simulated", "simulated": {}}},
+                "status": status,
+            }))
+            .expect("NodeClass")
+        };
+        let ready = |status: &str, message: &str| {
+            serde_json::json!({"type": "Ready", "status": status, "reason": "Validated",
+                "message": message, "observedGeneration": 3,
+                "lastTransitionTime": "2026-01-01T00:00:00Z"})
+        };
+        let in_use = |n: u32| {
+            serde_json::json!({"type": "InUse", "status": "True", "reason": "InUse",
+                "message": format!("{n} Nodes"), "lastTransitionTime": "2026-01-01T00:00:00Z"})
+        };
+        let base = class(serde_json::json!({"conditions": [ready("True", "ok"), in_use(1)]}));
+        // A count in another condition changes nothing the Nodes read.
+        assert_eq!(
+            node_trigger_key(&base),
+            node_trigger_key(&class(
+                serde_json::json!({"conditions": [ready("True", "ok"), in_use(900)]})
+            ))
+        );
+        for other in [
+            class(
+                serde_json::json!({"conditions": [ready("False", "bad credentials"), in_use(1)]}),
+            ),
+            class(
+                serde_json::json!({"conditions": [ready("True", "ok"), in_use(1)], "freeMachines": 2}),
+            ),
+            {
+                let mut c = base.clone();
+                c.metadata.generation = Some(4);
+                c
+            },
+        ] {
+            assert_ne!(node_trigger_key(&base), node_trigger_key(&other));
+        }
+    }
 
     #[test]
     fn only_a_node_that_can_still_be_launched_holds_bookkeeping() {
