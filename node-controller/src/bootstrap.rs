@@ -112,17 +112,13 @@ impl std::fmt::Debug for BootstrapToken {
 }
 
 impl BootstrapToken {
-    /// A fresh random token.
-    pub fn generate() -> Self {
+    /// A fresh random public id (6 of `[a-z0-9]`). Secret halves are never drawn: they are
+    /// derived ([`BootstrapToken::derive`]).
+    pub fn generate_id() -> String {
         let mut rng = rand::rng();
-        let mut pick = |n: usize| -> String {
-            (0..n)
-                .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
-                .collect()
-        };
-        let id = pick(6);
-        let secret = Sensitive(pick(16));
-        Self { id, secret }
+        (0..6)
+            .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+            .collect()
     }
 
     /// The token of Node `node_uid` under the public id `id` (when `id` is a valid one): its
@@ -154,11 +150,6 @@ impl BootstrapToken {
             id: id.to_string(),
             secret: Sensitive(secret),
         })
-    }
-
-    /// A fresh random public id.
-    pub fn generate_id() -> String {
-        Self::generate().id
     }
 
     /// The name of the Secret holding this token.
@@ -333,7 +324,8 @@ mod tests {
 
     #[test]
     fn token_shape() {
-        let t = BootstrapToken::generate();
+        let t = BootstrapToken::derive(&TokenKey::generate(), &BootstrapToken::generate_id(), "u")
+            .expect("a generated id is valid");
         assert_eq!(t.id.len(), 6);
         assert_eq!(t.secret.0.len(), 16);
         assert!(format!("{t:?}").contains("<redacted>"));
@@ -414,7 +406,7 @@ mod tests {
 
     #[test]
     fn user_data_parses_back() {
-        let token = BootstrapToken::generate();
+        let token = BootstrapToken::derive(&TokenKey::generate(), "abc123", "u").expect("valid");
         let hashes = vec![CA_HASH.to_string()];
         let ud = render_user_data(&JoinParams {
             node_name: "worker-a",
