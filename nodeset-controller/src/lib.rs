@@ -13,8 +13,9 @@
 //! * the controller records the names it is about to create or delete ([`expectations`]) and
 //!   does not scale a NodeSet again until its watch has seen them, as kube-controller-manager's
 //!   ReplicaSet controller does;
-//! * creates go in slow-start batches (1, 2, 4, …, at most [`Config::max_create_batch`] per
-//!   pass) and stop at the first failure.
+//! * creates go in slow-start batches (1, 2, 4, …, at most [`Config::max_create_batch`] at
+//!   once) and stop at the first failure; a pass creates all it planned (its own answered
+//!   creates are known without the watch) unless the NodeSet's spec changes meanwhile.
 //!
 //! A healthy Node costs this controller exactly two writes over its life: its create (with the
 //! finalizer, taints, labels, annotations and owner reference all in it) and its delete.
@@ -66,8 +67,9 @@ pub const REPORTER: &str = "kube-node-nodeset-controller";
 pub struct Config {
     /// How many NodeSets are reconciled at once.
     pub concurrency: u16,
-    /// The most Nodes one pass creates (the slow-start series 1, 2, 4, … stops there), like
-    /// the ReplicaSet controller's `burstReplicas`.
+    /// The largest batch of parallel Node creates: the slow-start series 1, 2, 4, … grows to
+    /// this and stays there. Unlike the ReplicaSet controller's `burstReplicas`, a pass does
+    /// not stop at it to wait for its watch (see `create_nodes`).
     pub max_create_batch: usize,
     /// Set to `true` once the NodeSet, Node and NodeClass caches have synced (for a readiness
     /// probe).

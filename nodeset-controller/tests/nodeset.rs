@@ -316,6 +316,37 @@ async fn scales_0_50_5_0_without_overshoot_under_watch_lag() {
     .await;
 }
 
+/// The ReplicaSet controller stops at `burstReplicas` and waits for its watch to show every
+/// create before it lists and creates again; under load that wait was seconds. A pass here
+/// creates all it planned from its one fresh list, in batches of at most the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pass_creates_past_the_batch_cap_from_one_list() {
+    let mut env = env().await;
+    env.api.set_watch_lag(Duration::from_millis(300));
+    env.start(Config {
+        max_create_batch: 4,
+        ..Config::default()
+    });
+    create_nodeset(&env.client, &nodeset("series", 0, json!({}))).await;
+    eventually("status", || async {
+        get_ns(&env.client, "series").await.status.is_some()
+    })
+    .await;
+    env.api.reset_stats();
+    scale(&env.client, "series", 20).await;
+    // Watched through the server's counts: the test's own lists would be counted too.
+    eventually("20 Node creates", || async {
+        env.api.stats().count("nodes", "create") >= 20
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let stats = env.api.stats();
+    assert_eq!(stats.count("nodes", "create"), 20);
+    // One consistent list decided all 20 (five passes of 4 would have listed five times).
+    assert_eq!(stats.count("nodes", "list"), 1, "Node lists");
+    assert_eq!(owned(&env.client, "series").await.len(), 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_in_the_middle_of_scale_up_ends_with_exactly_n() {
     let mut env = env().await;
