@@ -22,6 +22,7 @@ mod nodeclass;
 pub mod orphan;
 pub mod plan;
 mod protection;
+mod turns;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -81,7 +82,7 @@ const STALE_LIMIT: Duration = Duration::from_secs(60);
 const QUEUED_PER_TURN: u16 = 8;
 
 /// How often the Nodes waiting for a launch are counted (see `Context::launches_pending`).
-const PENDING_RECOUNT: Duration = Duration::from_millis(100);
+const PENDING_RECOUNT: Duration = turns::WAKE_INTERVAL;
 
 impl Default for Config {
     fn default() -> Self {
@@ -161,7 +162,12 @@ pub(crate) struct Context {
     /// by a later pass once no launch is in flight, and kept until the cache shows the write.
     launched: Mutex<HashMap<String, kube_node_provider::Instance>>,
     /// The turns of Node passes: `Config::concurrency` of them, handed out in order.
-    pub(crate) passes: tokio::sync::Semaphore,
+    pub(crate) passes: turns::Turns,
+    /// The turns of passes that may launch a machine, as many again and apart: a launch never
+    /// waits behind bookkeeping (see `turns`).
+    pub(crate) launch_turns: tokio::sync::Semaphore,
+    /// Bookkeeping passes set aside while launches are in flight.
+    pub(crate) deferred: turns::Deferred,
     /// Passes creating a machine right now.
     launches: std::sync::atomic::AtomicUsize,
     /// Whether Nodes wait for their launch, as last counted, and when.
@@ -439,6 +445,43 @@ impl Context {
         if let Ok(mut t) = self.tokens.lock() {
             t.insert(uid.to_string(), (token, expires));
         }
+    }
+
+    /// Which turn a pass on `node` takes: a launch's, or (a Node being deleted, or bookkeeping
+    /// with no launch in flight) any other's, or none yet (see `turns`).
+    pub(crate) fn turn(&self, node: &CachedNode) -> turns::Turn {
+        let uid = kube::Resource::meta(node)
+            .uid
+            .as_deref()
+            .unwrap_or_default();
+        if node.deletion_timestamp().is_some() {
+            self.deferred.forget(uid);
+            return turns::Turn::Other;
+        }
+        let launched = self.launched.lock().is_ok_and(|l| l.contains_key(uid));
+        if node.provider_id().is_none_or(str::is_empty) && !launched {
+            return turns::Turn::Launch;
+        }
+        match self.deferred.hold(
+            uid,
+            &node.name_any(),
+            self.launches_in_flight(),
+            std::time::Instant::now(),
+        ) {
+            Some(left) => turns::Turn::Wait(left),
+            None => turns::Turn::Other,
+        }
+    }
+
+    /// Sets the bookkeeping of a Node just launched aside while other launches are in flight:
+    /// how long at most, or `None` when it runs now.
+    pub(crate) fn defer_bookkeeping(&self, uid: &str, name: &str) -> Option<Duration> {
+        self.deferred.hold(
+            uid,
+            name,
+            self.launches_in_flight(),
+            std::time::Instant::now(),
+        )
     }
 
     /// Marks a launch in flight until the guard drops.
@@ -794,7 +837,9 @@ pub async fn run_shared(
         launched: Mutex::default(),
         own_writes: OwnWrites::default(),
         launches: std::sync::atomic::AtomicUsize::new(0),
-        passes: tokio::sync::Semaphore::new(usize::from(concurrency)),
+        passes: turns::Turns::new(usize::from(concurrency)),
+        launch_turns: tokio::sync::Semaphore::new(usize::from(concurrency)),
+        deferred: turns::Deferred::default(),
         pending_launches: Mutex::default(),
         capacity_checks: capacity_tx,
     });
@@ -808,6 +853,7 @@ pub async fn run_shared(
         tokio::spawn(async move {
             stop.await;
             ctx.passes.close();
+            ctx.launch_turns.close();
         });
     }
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<CachedNode>>();
@@ -893,6 +939,49 @@ pub async fn run_shared(
             }
         });
 
+    // Bookkeeping set aside for launches goes back to the queue once they are done (or it
+    // waited its longest).
+    let waker = {
+        let ctx = ctx.clone();
+        let tx = trigger_tx.clone();
+        let queue = queue.clone();
+        let stop = stopped();
+        async move {
+            let mut tick = tokio::time::interval(turns::WAKE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    _ = tick.tick() => {}
+                }
+                if ctx.deferred.is_empty() {
+                    continue;
+                }
+                let due = ctx
+                    .deferred
+                    .due(ctx.launches_in_flight(), std::time::Instant::now());
+                for node in due {
+                    queue.add(&node.name);
+                    let _ = tx.unbounded_send(node);
+                }
+            }
+        }
+    };
+    // Passes queued for a turn go back to the queue, in order, as turns free up.
+    let dispatcher = {
+        let ctx = ctx.clone();
+        let tx = trigger_tx.clone();
+        let queue = queue.clone();
+        async move {
+            ctx.passes
+                .dispatch(move |node| {
+                    queue.add(&node.name);
+                    let _ = tx.unbounded_send(node);
+                })
+                .await;
+        }
+    };
     let collector = gc::run(ctx.clone(), trigger_tx, stopped());
     let stop_reporter = stopped();
     let reporter = tolerant::run_reporter(
@@ -909,7 +998,9 @@ pub async fn run_shared(
         }
     };
     tracing::info!("node-controller started");
-    tokio::join!(nodes, classes, collector, synced, reporter);
+    tokio::join!(
+        nodes, classes, collector, synced, reporter, waker, dispatcher
+    );
     tracing::info!("node-controller stopped");
     Ok(())
 }

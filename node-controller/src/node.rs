@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::applied::{ClassMeta, MachineLabels};
 use crate::bootstrap::{self, BootstrapToken, JoinParams};
 use crate::plan::{self, Action, MachineObs, Observed};
+use crate::turns::{QUEUED_RECHECK, Turn, WAKE_INTERVAL};
 use crate::{Context, Error, error_delay};
 
 /// How long a Ready Node waits between looks when nothing happens.
@@ -116,25 +117,46 @@ pub(crate) async fn reconcile(
     cached: Arc<CachedNode>,
     ctx: Arc<Context>,
 ) -> Result<Requeue, Error> {
-    // At most `concurrency` passes run; the others wait here in the order they were
-    // scheduled. kube-runtime's own limit keeps the requests it cannot start yet in a hash
-    // set and starts whichever it finds first there, so under a steady stream of requests
-    // (a scale-up's Nodes, their kubelets, kube-controller-manager) some Nodes waited 15-30 s
-    // for their first pass while others went round many times. Its limit is set well above
-    // this one (see `run`); this semaphore is first come, first served. The pass is boxed
-    // once it may start, so a waiting pass holds only its Node.
-    let Ok(_turn) = ctx.passes.acquire().await else {
+    if !is_managed(&cached) {
+        // Not ours: cheap exit, no turn, no API calls, no metrics.
+        ctx.metrics.work_queue().done(&cached.name_any());
         return Ok(Requeue::await_change());
-    };
-    Box::pin(reconcile_node(cached, ctx.clone())).await
+    }
+    // At most `concurrency` passes run, and as many launches besides (see `turns`), first
+    // come, first served. kube-runtime's own limit keeps the requests it cannot start yet in
+    // a hash set and starts whichever it finds first there, so under a steady stream of
+    // requests (a scale-up's Nodes, their kubelets, kube-controller-manager) some Nodes
+    // waited 15-30 s for their first pass while others went round many times. Its limit is
+    // set well above these (see `run`), and a pass with no turn free is queued outside it.
+    // The pass is boxed once it may start, so a waiting launch holds only its Node.
+    match ctx.turn(&cached) {
+        Turn::Launch => {
+            let Ok(_turn) = ctx.launch_turns.acquire().await else {
+                return Ok(Requeue::await_change());
+            };
+            Box::pin(reconcile_node(cached, ctx.clone())).await
+        }
+        Turn::Other => {
+            let uid = cached.uid().unwrap_or_default();
+            let Some(_turn) = ctx.passes.enter(&uid, &cached.name_any()) else {
+                // Queued for a turn, holding no kube-runtime slot: the dispatcher sends it
+                // back (the requeue is the safety net).
+                ctx.metrics.work_queue().done(&cached.name_any());
+                return Ok(Requeue::requeue(QUEUED_RECHECK));
+            };
+            Box::pin(reconcile_node(cached, ctx.clone())).await
+        }
+        Turn::Wait(left) => {
+            // Set aside for the launches: the waker sends it back (the requeue is the
+            // safety net).
+            ctx.metrics.work_queue().done(&cached.name_any());
+            Ok(Requeue::requeue(left + WAKE_INTERVAL))
+        }
+    }
 }
 
 async fn reconcile_node(cached: Arc<CachedNode>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ctx.metrics.work_queue().done(&cached.name_any());
-    if !is_managed(&cached) {
-        // Not ours: cheap exit, no API calls, no metrics (and no copy out of the cache).
-        return Ok(Requeue::await_change());
-    }
     // The pass works on a whole Node (the trimmed one), rebuilt once from the cache.
     let node = cached.to_node();
     let started = std::time::Instant::now();
@@ -312,20 +334,14 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
         }
     };
 
-    // A machine this process created whose providerID is not on the Node yet: recorded now,
-    // unless other launches are in flight (they go first; a restart meanwhile finds the
-    // machine by the idempotent create, or by its tag when the Node goes).
+    // A machine this process created whose providerID is not on the Node yet: recorded now
+    // (this pass waited while other launches were in flight, see `turns`; a restart meanwhile
+    // finds the machine by the idempotent create, or by its tag when the Node goes).
     if pid.is_some() {
         ctx.forget_launch(&pass.uid);
     } else if deleting.is_none()
         && let Some(instance) = ctx.launched_instance(&pass.uid)
     {
-        let created = instance
-            .created_unix
-            .and_then(|s| Timestamp::from_second(s).ok());
-        if defer_bookkeeping(ctx, created) {
-            return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
-        }
         // The token's Secret before the providerID: once a pass sees the providerID, the
         // machine's token exists.
         ensure_token_secret(pass, ctx, &class).await?;
@@ -336,7 +352,7 @@ async fn reconcile_pass(pass: &mut Pass, ctx: &Context) -> Result<Requeue, Error
             kubelet_ready(&pass.node),
         );
         record_machine(pass, ctx, &class, &instance, &want).await?;
-        return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
+        return Ok(Requeue::requeue(AFTER_RECORD));
     }
 
     // Observe the machine.
@@ -573,12 +589,6 @@ async fn act(
             refuse_group_backed(pass, ctx, class, &step.want).await
         }
         Action::Create => create(pass, ctx, class, provider, &step.want).await,
-        Action::WaitForRegistration { .. } | Action::MarkReady
-            if defer_bookkeeping(ctx, kubelet_ready_since(&pass.node).or(step.launched_at)) =>
-        {
-            // Bookkeeping waits for the launches in flight (see `BOOKKEEPING_WAIT`).
-            Ok(Requeue::requeue(BOOKKEEPING_WAIT))
-        }
         Action::WaitForRegistration { phase, requeue } => {
             let since_launch = step
                 .launched_at
@@ -832,11 +842,10 @@ async fn create(
     ctx.metrics.set_phase(&pass.uid, pass.phase);
     drop(launching);
     ctx.remember_launch(&pass.uid, instance.clone());
-    if ctx.launches_in_flight() {
+    if let Some(left) = ctx.defer_bookkeeping(&pass.uid, &pass.name) {
         // Other machines wait for their create: the token's Secret and the providerID are
-        // written by a later pass (see `BOOKKEEPING_WAIT`), and this worker goes to the next
-        // launch.
-        return Ok(Requeue::requeue(BOOKKEEPING_WAIT));
+        // written by a later pass (see `turns`), and this turn goes to the next launch.
+        return Ok(Requeue::requeue(left + WAKE_INTERVAL));
     }
     ensure_token_secret(pass, ctx, class).await?;
     let mut want = want.clone();
@@ -846,38 +855,11 @@ async fn create(
     Ok(Requeue::requeue(Duration::from_millis(500)))
 }
 
-/// How long bookkeeping (a providerID, a Ready transition) waits while machines are being
-/// launched: the reconcile workers and the client's tokens go to launches first, so a
-/// scale-up's last machine is not created behind the first ones' bookkeeping.
-const BOOKKEEPING_WAIT: Duration = Duration::from_millis(500);
+/// The look after a providerID was recorded (its watch event normally comes first).
+const AFTER_RECORD: Duration = Duration::from_millis(500);
 /// The safety net when a pass finds the cache behind the controller's own write: normally the
 /// write's watch event comes first.
 const STALE_RECHECK: Duration = Duration::from_secs(1);
-/// The longest bookkeeping waits for launches: a Node whose kubelet is Ready must not keep its
-/// unregistered taint (and take no pods) through a long run of launches.
-const BOOKKEEPING_MAX_WAIT: Duration = Duration::from_secs(10);
-
-/// Whether bookkeeping due since `since` waits for the launches in flight.
-fn defer_bookkeeping(ctx: &Context, since: Option<Timestamp>) -> bool {
-    ctx.launches_in_flight()
-        && since.is_none_or(|t| {
-            Duration::try_from(Timestamp::now().duration_since(t))
-                .is_ok_and(|d| d < BOOKKEEPING_MAX_WAIT)
-        })
-}
-
-/// When the kubelet's Ready condition turned True.
-fn kubelet_ready_since(node: &Node) -> Option<Timestamp> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == READY_CONDITION && c.status == "True")?
-        .last_transition_time
-        .as_ref()
-        .map(|t| t.0)
-}
 
 /// Writes a created machine onto its Node in one write: providerID, the annotations, and the
 /// class's, template's and instance's labels and taints. The providerID and the instance-id
