@@ -711,6 +711,11 @@ pub async fn metric_at(addr: SocketAddr, name: &str, labels: &[&str]) -> Option<
     if status != 200 {
         return None;
     }
+    metric_in(&body, name, labels)
+}
+
+/// The sum of the series of `name` carrying all `labels` in a Prometheus text exposition.
+pub fn metric_in(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
     let mut found = None;
     for line in body.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
