@@ -69,6 +69,11 @@ async fn env() -> Env {
 impl Env {
     fn start(&mut self, config: Config) -> usize {
         let client = self.client.clone();
+        self.start_on(client, config)
+    }
+
+    /// Starts a controller on a client of its own (a rate-limited one, say).
+    fn start_on(&mut self, client: Client, config: Config) -> usize {
         self.tasks.push(tokio::spawn(async move {
             run(client, config, Metrics::default(), std::future::pending())
                 .await
@@ -354,21 +359,27 @@ async fn restart_in_the_middle_of_scale_up_ends_with_exactly_n() {
     let bound = Arc::new(AtomicUsize::new(40));
     let exceeded = Arc::new(AtomicBool::new(false));
     env.watch_bound(bound, exceeded.clone());
-    // Small passes so the restart lands mid-way.
+    // One pass creates the whole scale-up, here one Node at a time (a round trip each), and
+    // the restart comes as soon as the first Node is there.
     let config = Config {
-        max_create_batch: 8,
+        max_create_batch: 1,
         ..Config::default()
     };
     let first = env.start(config.clone());
     create_nodeset(&env.client, &nodeset("restart", 40, json!({}))).await;
-    eventually("some Nodes created", || async {
-        owned(&env.client, "restart").await.len() >= 8
-    })
-    .await;
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let listed = nodes.list(&ListParams::default()).await.expect("list");
+        if listed.items.iter().any(owned_by_nodeset) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no Node created");
+    }
     env.tasks[first].abort();
     let before = owned(&env.client, "restart").await.len();
     assert!(before < 40, "restart must happen mid scale-up ({before})");
-    env.start(config);
+    env.start(Config::default());
     wait_count(&env.client, "restart", 40).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(owned(&env.client, "restart").await.len(), 40);
