@@ -583,13 +583,7 @@ async fn act(
                 cleanup_tokens(pass, ctx).await?;
             }
             ctx.metrics.set_phase(&pass.uid, pass.phase);
-            match condition_taint_due(&pass.node, Timestamp::now()) {
-                // Looked at again when the leftover taint is due to come off.
-                Some(left) if !left.is_zero() => Ok(Requeue::requeue(
-                    left.saturating_add(Duration::from_secs(1)).min(RESYNC),
-                )),
-                _ => Ok(long),
-            }
+            Ok(long)
         }
         Action::Create if provider.capabilities().group_sized => {
             refuse_group_backed(pass, ctx, class, &step.want).await
@@ -859,46 +853,6 @@ async fn create(
     want.machine_labels(&pass.node, &instance.labels);
     record_machine(pass, ctx, class, &instance, &want).await?;
     Ok(Requeue::requeue(Duration::from_millis(500)))
-}
-
-/// How long a Node whose kubelet is Ready may keep the `Ready=Unknown` taint its NodeSet
-/// created it with (`kube_node_runtime::node_status::KUBELET_NOT_STARTED_TAINT`) before kube-node
-/// takes it off itself. kube-controller-manager's node lifecycle controller, whose taint it is,
-/// does within a second; this is for a cluster where that controller does not run (and for the
-/// embedded API server, which has none), so a Ready Node never keeps it.
-const CONDITION_TAINT_GRACE: Duration = Duration::from_secs(30);
-
-fn is_condition_taint(t: &Taint) -> bool {
-    t.key == kube_node_runtime::node_status::KUBELET_NOT_STARTED_TAINT && t.effect == "NoSchedule"
-}
-
-/// How long until the `Ready=Unknown` taint left on a Ready Node is due to come off (zero:
-/// now); `None` when there is no such taint or the kubelet is not Ready.
-fn condition_taint_due(node: &Node, now: Timestamp) -> Option<Duration> {
-    let tainted = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|ts| ts.iter().any(is_condition_taint));
-    if !tainted {
-        return None;
-    }
-    let since = kubelet_ready_since(node)?;
-    let ready_for = Duration::try_from(now.duration_since(since)).unwrap_or_default();
-    Some(CONDITION_TAINT_GRACE.saturating_sub(ready_for))
-}
-
-/// When the kubelet's Ready condition turned True.
-fn kubelet_ready_since(node: &Node) -> Option<Timestamp> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == READY_CONDITION && c.status == "True")?
-        .last_transition_time
-        .as_ref()
-        .map(|t| t.0)
 }
 
 /// The look after a providerID was recorded (its watch event normally comes first).
@@ -1186,7 +1140,6 @@ impl MetaWant {
             .unwrap_or_default()
             .hash(&mut h);
         self.remove_unregistered.hash(&mut h);
-        self.remove_condition_taint.hash(&mut h);
         h.finish()
     }
 
@@ -1218,9 +1171,6 @@ struct MetaWant {
     add_taints: Vec<Taint>,
     /// The kubelet reported Ready: the unregistered taint comes off.
     remove_unregistered: bool,
-    /// The `Ready=Unknown` taint the Node was created with is still on long after its
-    /// kubelet turned Ready (see [`condition_taint_due`]): it comes off.
-    remove_condition_taint: bool,
     /// Labels and taints kube-node applied from the NodeClass that it no longer lists.
     dropped: ClassMeta,
     /// The record of what is applied from the NodeClass now (annotations); `None` when the
@@ -1293,8 +1243,6 @@ fn wanted_meta(
         labels,
         add_taints,
         remove_unregistered: kubelet_ready,
-        remove_condition_taint: condition_taint_due(&pass.node, Timestamp::now())
-            == Some(Duration::ZERO),
         dropped,
         record,
     };
@@ -1452,16 +1400,12 @@ impl<'a> NodePatch<'a> {
         &mut self,
         add: &[Taint],
         remove_unregistered: bool,
-        remove_condition_taint: bool,
         dropped: &BTreeSet<(String, String)>,
     ) {
         let current = self.node.spec.as_ref().and_then(|s| s.taints.clone());
         let mut want = current.clone().unwrap_or_default();
         if remove_unregistered {
             want.retain(|t| t.key != UNREGISTERED_TAINT);
-        }
-        if remove_condition_taint {
-            want.retain(|t| !is_condition_taint(t));
         }
         want.retain(|t| {
             !dropped.contains(&(t.key.clone(), t.effect.clone()))
@@ -1524,7 +1468,6 @@ impl<'a> NodePatch<'a> {
         self.taints(
             &want.add_taints,
             want.remove_unregistered,
-            want.remove_condition_taint,
             &want.dropped.taints,
         );
         if let Some(record) = &want.record {

@@ -1,9 +1,6 @@
 //! Unit tests of the Node patches a pass builds (`node.rs`).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
-
-use jiff::Timestamp;
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::ObjectMeta;
@@ -12,10 +9,7 @@ use kube_node_crds::names::{APPLIED_MACHINE_LABELS_ANNOTATION, NODE_CLASS_LABEL}
 use kube_node_provider::{Instance, InstanceState};
 use serde_json::json;
 
-use super::{
-    CONDITION_TAINT_GRACE, NodePatch, Pass, condition_patch, condition_taint_due, meta_ops,
-    removed_indices, wanted_meta,
-};
+use super::{Pass, condition_patch, meta_ops, removed_indices, wanted_meta};
 
 fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
     kv.iter()
@@ -236,81 +230,6 @@ fn pure_taint_removals_are_found_by_index() {
     assert_eq!(removed_indices(&cur, &cur), None);
     assert_eq!(removed_indices(&cur, &[c.clone(), a.clone()]), None);
     assert_eq!(removed_indices(&cur, &[taint("other", "NoSchedule")]), None);
-}
-
-#[test]
-fn the_ready_unknown_taint_comes_off_only_when_the_controller_manager_left_it() {
-    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    let now = Timestamp::now();
-    let node = |taints: Vec<k8s_openapi::api::core::v1::Taint>, ready: Option<(&str, i64)>| Node {
-        spec: Some(NodeSpec {
-            taints: Some(taints),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            conditions: Some(
-                ready
-                    .map(|(status, ago)| NodeCondition {
-                        type_: "Ready".into(),
-                        status: status.into(),
-                        last_transition_time: Some(Time(
-                            now - jiff::SignedDuration::from_secs(ago),
-                        )),
-                        ..Default::default()
-                    })
-                    .into_iter()
-                    .collect(),
-            ),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let unreachable = taint("node.kubernetes.io/unreachable", "NoSchedule");
-    // Not Ready yet, or no such taint: nothing is due.
-    assert_eq!(
-        condition_taint_due(
-            &node(vec![unreachable.clone()], Some(("Unknown", 100))),
-            now
-        ),
-        None
-    );
-    assert_eq!(
-        condition_taint_due(&node(vec![], Some(("True", 100))), now),
-        None
-    );
-    // The same key with another effect is kube-controller-manager's NoExecute: never ours.
-    assert_eq!(
-        condition_taint_due(
-            &node(
-                vec![taint("node.kubernetes.io/unreachable", "NoExecute")],
-                Some(("True", 100))
-            ),
-            now
-        ),
-        None
-    );
-    // Ready for 10 s: kube-controller-manager's turn for 20 s more.
-    assert_eq!(
-        condition_taint_due(&node(vec![unreachable.clone()], Some(("True", 10))), now),
-        Some(CONDITION_TAINT_GRACE - Duration::from_secs(10))
-    );
-    // Ready for a minute and still there: it comes off, by itself.
-    let left = node(
-        vec![taint("team", "NoSchedule"), unreachable.clone()],
-        Some(("True", 60)),
-    );
-    assert_eq!(condition_taint_due(&left, now), Some(Duration::ZERO));
-    let mut b = NodePatch::new(&left);
-    b.taints(&[], true, true, &BTreeSet::new());
-    let ops = b.into_ops();
-    assert_eq!(
-        ops,
-        vec![
-            serde_json::json!({"op": "test", "path": "/spec/taints/1", "value": unreachable}),
-            serde_json::json!({"op": "remove", "path": "/spec/taints/1"}),
-        ]
-    );
 }
 
 fn at_version(p: &Pass, rv: &str) -> Node {

@@ -221,14 +221,6 @@ pub(crate) fn build_node(
             time_added: None,
         });
     }
-    // The taint kube-controller-manager would add for `Ready=Unknown` (below): one write and
-    // one read less per Node for the API server in the middle of a scale-up.
-    if !taints
-        .iter()
-        .any(|t| t.key == kube_node_runtime::node_status::KUBELET_NOT_STARTED_TAINT)
-    {
-        taints.push(kube_node_runtime::node_status::kubelet_not_started_taint());
-    }
     // The machine's first phase goes in the create (the API server keeps a Node's status on
     // create, as kubelets register): the node-controller then writes nothing to the Node before
     // its create call. So does `Ready=Unknown` until the kubelet posts (see
@@ -2013,20 +2005,11 @@ mod tests {
             && c.status == "Unknown"
             && c.reason.as_deref() == Some("NodeStatusNeverUpdated")));
         let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
-        assert_eq!(taints.len(), 4);
+        assert_eq!(taints.len(), 3);
         assert!(
             taints
                 .iter()
                 .any(|t| t.key == UNREGISTERED_TAINT && t.effect == "NoExecute")
-        );
-        // kube-controller-manager's own taint for `Ready=Unknown`: it has nothing to write.
-        assert!(
-            taints
-                .iter()
-                .any(|t| t.key == "node.kubernetes.io/unreachable"
-                    && t.effect == "NoSchedule"
-                    && t.value.is_none()
-                    && t.time_added.is_none())
         );
         // The autoscaler's marker comes with it, as a preference only.
         assert!(taints.iter().any(|t| t.key == AUTOSCALER_UNREGISTERED_TAINT

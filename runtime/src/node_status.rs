@@ -11,15 +11,8 @@
 //! carries `Ready=Unknown` from its creation never has a missing condition. It is the same
 //! condition kube-controller-manager would write, and every kubelet replaces it (its status
 //! patch merges conditions by type).
-//!
-//! The same controller taints a Node whose `Ready` is `Unknown` with
-//! [`KUBELET_NOT_STARTED_TAINT`] (`NoSchedule`), one GET and one write per Node, thousands in a
-//! scale-up on a server that has every one of them to spare. A Node created with the taint
-//! already gives it nothing to do (it compares key and effect); it still takes the taint off
-//! once the kubelet is Ready, as it would have. A kubelet registering a Node itself does the
-//! same with `node.kubernetes.io/not-ready`, its own initial status being `Ready=False`.
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, Taint};
+use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube_node_crds::names::{
     KUBELET_NOT_STARTED_MESSAGE, KUBELET_NOT_STARTED_REASON, READY_CONDITION,
@@ -34,20 +27,6 @@ pub fn kubelet_not_started(now: &Time) -> NodeCondition {
         message: Some(KUBELET_NOT_STARTED_MESSAGE.to_string()),
         last_heartbeat_time: Some(now.clone()),
         last_transition_time: Some(now.clone()),
-    }
-}
-
-/// The taint kube-controller-manager's node lifecycle controller keeps on a Node whose `Ready`
-/// is `Unknown` (`node.kubernetes.io/unreachable`).
-pub const KUBELET_NOT_STARTED_TAINT: &str = "node.kubernetes.io/unreachable";
-
-/// [`KUBELET_NOT_STARTED_TAINT`] as that controller writes it: `NoSchedule`, no value, no time.
-pub fn kubelet_not_started_taint() -> Taint {
-    Taint {
-        key: KUBELET_NOT_STARTED_TAINT.to_string(),
-        value: None,
-        effect: "NoSchedule".to_string(),
-        time_added: None,
     }
 }
 

@@ -687,36 +687,3 @@ async fn malformed_node_classes_leave_nodes_pending_without_a_hot_loop() {
         .expect("fix");
     wait_phase(&h, "bad-config", "Ready", 20).await;
 }
-
-/// A NodeSet creates its Nodes with the `Ready=Unknown` taint kube-controller-manager would
-/// add (it then has nothing to write); where nothing takes it off at Ready (no node lifecycle
-/// controller, as here), kube-node does, once the kubelet has been Ready for a while.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ready_unknown_taint_left_on_a_ready_node_comes_off() {
-    let h = Harness::new(config()).await;
-    h.node_class("general", sim_spec(json!({}))).await;
-    let node: Node = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": "worker-1", "annotations": {NODE_CLASS_ANNOTATION: "general"}},
-        "spec": {"taints": [
-            {"key": "team.example.com/own", "effect": "NoSchedule"},
-            {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"},
-        ]},
-    }))
-    .expect("node");
-    h.nodes()
-        .create(&PostParams::default(), &node)
-        .await
-        .expect("create node");
-    let n = wait_phase(&h, "worker-1", "Ready", 20).await;
-    // kube-controller-manager's to take off, and it would within a second: kept for now.
-    assert!(taint_keys(&n).contains(&"node.kubernetes.io/unreachable".to_string()));
-    eventually(60, "the Ready=Unknown taint off", || async {
-        let n = h.nodes().get("worker-1").await.ok()?;
-        (!taint_keys(&n).contains(&"node.kubernetes.io/unreachable".to_string())).then_some(n)
-    })
-    .await;
-    let n = h.nodes().get("worker-1").await.expect("node");
-    assert!(taint_keys(&n).contains(&"team.example.com/own".to_string()));
-}
