@@ -255,6 +255,25 @@ impl Turns {
 mod tests {
     use super::*;
 
+    /// Runs the dispatcher of `turns`; what it sends back arrives on the receiver.
+    fn dispatching(
+        turns: &Arc<Turns>,
+    ) -> (
+        tokio::sync::mpsc::UnboundedReceiver<ObjectRef<CachedNode>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let turns = turns.clone();
+        let dispatcher = tokio::spawn(async move {
+            turns
+                .dispatch(move |n| {
+                    let _ = tx.send(n);
+                })
+                .await;
+        });
+        (rx, dispatcher)
+    }
+
     #[tokio::test]
     async fn queued_passes_get_freed_turns_in_order_and_new_ones_do_not_overtake() {
         let turns = Arc::new(Turns::new(1));
@@ -265,17 +284,7 @@ mod tests {
         // Queued once, however often its pass comes.
         assert!(turns.enter("u1", "n1").is_none());
         assert_eq!(turns.queued(), 2);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let dispatcher = {
-            let turns = turns.clone();
-            tokio::spawn(async move {
-                turns
-                    .dispatch(move |n| {
-                        let _ = tx.send(n);
-                    })
-                    .await;
-            })
-        };
+        let (mut rx, dispatcher) = dispatching(&turns);
         drop(first);
         assert_eq!(rx.recv().await, Some(ObjectRef::new("n1")));
         // The freed turn is kept for n1: a newcomer does not get it, and queues behind n2.
@@ -295,17 +304,7 @@ mod tests {
         let turns = Arc::new(Turns::new(1));
         let first = turns.enter("u0", "n0").expect("a free turn");
         assert!(turns.enter("gone", "gone").is_none());
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let dispatcher = {
-            let turns = turns.clone();
-            tokio::spawn(async move {
-                turns
-                    .dispatch(move |n| {
-                        let _ = tx.send(n);
-                    })
-                    .await;
-            })
-        };
+        let (mut rx, dispatcher) = dispatching(&turns);
         drop(first);
         assert_eq!(rx.recv().await, Some(ObjectRef::new("gone")));
         // Its Node is gone and its pass never comes; the next one gets the turn in time.
