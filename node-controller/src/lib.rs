@@ -462,12 +462,7 @@ impl Context {
         if node.provider_id().is_none_or(str::is_empty) && !launched {
             return turns::Turn::Launch;
         }
-        match self.deferred.hold(
-            uid,
-            &node.name_any(),
-            self.launches_in_flight(),
-            std::time::Instant::now(),
-        ) {
+        match self.defer_bookkeeping(uid, &node.name_any()) {
             Some(left) => turns::Turn::Wait(left),
             None => turns::Turn::Other,
         }
@@ -949,10 +944,18 @@ pub async fn run_shared(
 
     // Bookkeeping set aside for launches goes back to the queue once they are done (or it
     // waited its longest).
-    let waker = {
-        let ctx = ctx.clone();
+    // How the waker and the dispatcher send a pass back: counted in the queue, then triggered.
+    let send_back = {
         let tx = trigger_tx.clone();
         let queue = queue.clone();
+        move |node: ObjectRef<CachedNode>| {
+            queue.add(&node.name);
+            let _ = tx.unbounded_send(node);
+        }
+    };
+    let waker = {
+        let ctx = ctx.clone();
+        let send_back = send_back.clone();
         let stop = stopped();
         async move {
             let mut tick = tokio::time::interval(turns::WAKE_INTERVAL);
@@ -969,26 +972,14 @@ pub async fn run_shared(
                 let due = ctx
                     .deferred
                     .due(ctx.launches_in_flight(), std::time::Instant::now());
-                for node in due {
-                    queue.add(&node.name);
-                    let _ = tx.unbounded_send(node);
-                }
+                due.into_iter().for_each(&send_back);
             }
         }
     };
     // Passes queued for a turn go back to the queue, in order, as turns free up.
     let dispatcher = {
         let ctx = ctx.clone();
-        let tx = trigger_tx.clone();
-        let queue = queue.clone();
-        async move {
-            ctx.passes
-                .dispatch(move |node| {
-                    queue.add(&node.name);
-                    let _ = tx.unbounded_send(node);
-                })
-                .await;
-        }
+        async move { ctx.passes.dispatch(send_back).await }
     };
     let collector = gc::run(ctx.clone(), trigger_tx, stopped());
     let stop_reporter = stopped();
